@@ -1,0 +1,33 @@
+"""flexmerge_jax: FlexMerge model merging of any size, in JAX.
+
+Typical use::
+
+    import flexmerge_jax as fm
+    plan = fm.plan(base, finetuned, blocks="vit", method=fm.methods.ties())
+    model = plan.at_size(2.0)          # a 2x model: routing tables + params
+    params = model.params_for_task(3)  # task 3's full params pytree
+    fm.save("out/model_2x", model)
+"""
+
+from . import blocks, kernels, methods, prep, tree
+from ._flexmodel import BlockModel, FlexModel
+from ._plan import Event, Plan, merge, plan
+from ._source import MemorySource, Source
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "blocks",
+    "kernels",
+    "methods",
+    "prep",
+    "tree",
+    "plan",
+    "merge",
+    "Plan",
+    "Event",
+    "FlexModel",
+    "BlockModel",
+    "Source",
+    "MemorySource",
+]

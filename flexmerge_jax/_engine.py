@@ -1,0 +1,262 @@
+"""Preprocessing, per-block statistics and materialization, block by block.
+
+:class:`Prepared` wraps a :class:`~._source.Source` with one method's global
+preprocessing (DARE, the whole-model TIES trim thresholds, PCB thresholds):
+it hands out the preprocessed task vectors of one block at a time. The
+statistics pass (:func:`grams`) and materialization (:func:`materialize_block`)
+both read one block at a time, so peak memory is one block of all tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import prep
+from .blocks import Partition
+from .methods import Method
+from ._schedule import canonical, named
+from ._source import Source
+
+
+class Prepared:
+    """A source of task vectors with a method's global preprocessing applied.
+
+    Global statistics are computed at construction, in one streaming pass
+    over all parameters (two histogram passes for thresholds), which also
+    checks every task vector for NaN/Inf.
+    """
+
+    def __init__(self, source: Source, partition: Partition, method: Method):
+        self.source = source
+        self.partition = partition
+        self.method = method
+        self.layout = source.layout
+        self._index = self.layout.index()
+        self._extra: dict[int, dict] = {}
+        self.trim_threshold = None
+        self.pcb_lohi = None
+        d = self.layout.total
+        names = list(self.layout.names)
+
+        def all_leaves():
+            # Every parameter, including unmatched ones: the reference trims
+            # (and computes PCB thresholds) before assigning blocks.
+            for chunk in _chunks(names, self.layout.sizes):
+                yield from self.source.task_vectors(chunk).values()
+
+        if method.trims:
+            self.trim_threshold = prep.ties_trim_thresholds(all_leaves, method.keep, d)
+        elif method.name == "pcb":
+            self.pcb_lohi = prep.pcb_thresholds(all_leaves, method.keep, d)
+        else:
+            # No global statistic: still check every task vector once.
+            for _ in all_leaves():
+                pass
+        self.key = jax.random.key(int(method.seed)) if method.drop is not None else None
+
+    @property
+    def n(self) -> int:
+        return self.source.n
+
+    def tau(self, b: int) -> dict[str, jax.Array]:
+        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b``."""
+        return self.source.task_vectors(self.partition.blocks[b].leaves)
+
+    def x(self, b: int, tau: dict | None = None) -> dict[str, jax.Array]:
+        """Preprocessed task vectors of block ``b`` (what merges and similarity use)."""
+        tau = self.tau(b) if tau is None else tau
+        return self.preprocess(tau)
+
+    def preprocess(self, tau: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        m = self.method
+        if self.trim_threshold is not None:
+            thr = jnp.asarray(self.trim_threshold)
+            return {k: prep.trim(v, thr) for k, v in tau.items()}
+        if m.drop is not None:
+            return {
+                k: prep.dare(v, self.key, m.drop, self._index[k]) for k, v in tau.items()
+            }
+        return tau
+
+    def extra(self, b: int, x: dict | None = None) -> dict | None:
+        """Per-block method state (PCB clip bounds and global thresholds)."""
+        if self.method.name != "pcb":
+            return None
+        if b not in self._extra:
+            x = self.x(b) if x is None else x
+            leaves = list(x.values())
+            clo, chi = prep.pcb_clip_bounds(leaves, self.partition.blocks[b].numel)
+            lo, hi = self.pcb_lohi
+            self._extra[b] = {
+                "clip_lo": jnp.asarray(clo),
+                "clip_hi": jnp.asarray(chi),
+                "lo": jnp.asarray(lo),
+                "hi": jnp.asarray(hi),
+            }
+        return self._extra[b]
+
+
+def _chunks(names: Sequence[str], sizes: Sequence[int], budget: int = 1 << 24):
+    """Groups consecutive parameters into reads of about ``budget`` entries."""
+    cur, total = [], 0
+    for name, size in zip(names, sizes):
+        cur.append(name)
+        total += size
+        if total >= budget:
+            yield cur
+            cur, total = [], 0
+    if cur:
+        yield cur
+
+
+@jax.jit
+def _gram(leaves: tuple) -> jax.Array:
+    g = None
+    for x in leaves:
+        f = x.reshape(x.shape[0], -1).astype(jnp.float64)
+        part = jax.lax.dot_general(
+            f, f, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+        )
+        g = part if g is None else g + part
+    return g
+
+
+def block_gram(x: dict[str, jax.Array]) -> np.ndarray:
+    """Gram matrix ``f64[n, n]`` of one block's (preprocessed) task vectors."""
+    with jax.enable_x64(True):
+        return np.asarray(_gram(tuple(x.values())), np.float64)
+
+
+def grams(prepared: Prepared, *, raw: bool = False) -> np.ndarray:
+    """Per-block Gram matrices ``f64[B, n, n]`` in one pass over the blocks.
+
+    Args:
+      prepared: the preprocessed source.
+      raw: use the raw task vectors instead of the preprocessed ones.
+    """
+    out = []
+    for b in range(len(prepared.partition)):
+        tau = prepared.tau(b)
+        out.append(block_gram(tau if raw else prepared.x(b, tau)))
+    return np.stack(out)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _merge_groups(x, members, extra, *, method: Method):
+    """``method.merge_group`` over a batch of groups ``members: bool[G, n]``."""
+    return jax.lax.map(lambda mb: method.merge_group(x, mb, extra), members)
+
+
+def merge_groups(x: dict, members: np.ndarray, extra, method: Method):
+    """Merges several groups of one block; pads G to a power of two.
+
+    Returns:
+      :class:`~.methods.GroupMerge` with a leading group axis ``[G, ...]``.
+    """
+    g = members.shape[0]
+    bucket = 1 << max(0, (g - 1).bit_length())
+    padded = np.zeros((bucket, members.shape[1]), bool)
+    padded[:g] = members
+    padded[g:, 0] = True  # dummy groups: harmless work, discarded below
+    names = list(x)
+    out = _merge_groups(canonical(x), jnp.asarray(padded), extra, method=method)
+    out = jax.tree.map(lambda a: a[:g], out)
+    return out._replace(
+        vector=named(out.vector, names),
+        masks=None if out.masks is None else named(out.masks, names),
+    )
+
+
+@jax.jit
+def _add_base(base, v):
+    return (base.astype(jnp.float32) + v).astype(base.dtype)
+
+
+def materialize(
+    prepared: Prepared,
+    groups_per_block: Sequence[Sequence[tuple[int, ...]]],
+    *,
+    n_models: float,
+    step: int | None,
+):
+    """Builds the :class:`~._flexmodel.FlexModel` of a given partition.
+
+    One vectorised merge per block (over that block's merged groups); tasks
+    in groups below the method's merge size keep their fine-tuned parameters.
+
+    Args:
+      prepared: the preprocessed source.
+      groups_per_block: for each block, its groups (sorted task tuples).
+      n_models: the size to record (from the schedule's accounting).
+      step: the schedule step, or ``None``.
+    """
+    from ._flexmodel import BlockModel, FlexModel
+
+    src, method, n = prepared.source, prepared.method, prepared.n
+    partition = prepared.partition
+    models = []
+    for b, block in enumerate(partition.blocks):
+        groups = sorted(tuple(sorted(g)) for g in groups_per_block[b])
+        merged = [g for g in groups if len(g) >= method.min_merged]
+        base = src.base(block.leaves)
+        fts = src.finetuned(block.leaves) if len(merged) < len(groups) else None
+        gm = None
+        if merged:
+            x = prepared.x(b)
+            members = np.zeros((len(merged), n), bool)
+            for i, g in enumerate(merged):
+                members[i, list(g)] = True
+            gm = merge_groups(x, members, prepared.extra(b, x), method)
+        sets, masked, masks = [], [], {}
+        routing = np.full((n,), -1, np.int32)
+        rescalers = np.ones((n,), np.float32)
+        gi = 0
+        for g in groups:
+            if len(g) >= method.min_merged:
+                w = {k: _add_base(jnp.asarray(base[k]), gm.vector[k][gi]) for k in block.leaves}
+                sets.append(w)
+                masked.append(method.uses_masks)
+                routing[list(g)] = len(sets) - 1
+                if method.uses_masks:
+                    resc = np.asarray(gm.rescalers[gi])
+                    for t in g:
+                        masks[t] = {k: gm.masks[k][gi, t] for k in block.leaves}
+                        rescalers[t] = resc[t]
+                gi += 1
+            else:
+                for t in g:
+                    sets.append(fts[t])
+                    masked.append(False)
+                    routing[t] = len(sets) - 1
+        any_masked = any(masked)
+        models.append(
+            BlockModel(
+                name=block.name,
+                leaves=block.leaves,
+                groups=tuple(groups),
+                routing=routing,
+                sets=sets,
+                masked=np.asarray(masked, bool),
+                base=base if any_masked else None,
+                masks=masks,
+                rescalers=rescalers,
+            )
+        )
+    unmatched = (
+        src.finetuned(partition.unmatched) if partition.unmatched else [{} for _ in range(n)]
+    )
+    return FlexModel(
+        layout=prepared.layout,
+        partition=partition,
+        method=method,
+        task_names=src.task_names,
+        blocks=models,
+        unmatched=unmatched,
+        n_models=n_models,
+        step=step,
+    )

@@ -1,0 +1,406 @@
+"""The FlexMerge schedule: per-block merge sequences and their interleaving.
+
+Why per block: a block's groups change only when that block is selected, and
+then the greedy merges that block's current best pair. So each block's
+sequence of merges (which pair, with which similarity) is fixed whatever
+the interleaving; the reference's global greedy loop (spec §4) is the
+interleaving that repeatedly takes the block whose *next* merge has the
+highest similarity (ties: first block in list order). This module computes
+
+1. per-block sequences, in one ``lax.scan`` of n-1 steps per block with
+   fixed shapes (roots indexed by task id, masks for live groups), in three
+   flavours: constituent linkage from the cosine matrix (spec §10.2),
+   merged-vector similarity of linear operators from the Gram matrix (§10.3)
+   and merged-vector similarity with materialized group vectors (§10.4);
+2. the interleaving, another ``lax.scan`` over (n-1)·B steps.
+
+For constituent linkage the per-block similarities are non-increasing, so
+the interleaving is a sort by (-similarity, block, sequence) (§10.2); the
+scan gives the same order without relying on it.
+
+Exact reference tie rules: pairs are enumerated in the order of
+``list(set(roots))`` (emulated by :mod:`._pyset`), ``A`` before ``B``,
+strict ``>`` (first pair wins); union by rank (ranks start at 1; equal ranks:
+``A`` survives and its rank grows). NaN similarities (e.g. a block that
+trimming made all-zero) rank below every real one and such pairs are merged
+last, first pair in enumeration order (the reference crashes there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._pyset import set_positions
+
+LINKAGES = ("min", "mean", "max")
+LINKAGE_ALIASES = {"single": "min", "average": "mean", "complete": "max"}
+SIMILARITIES = ("cosine", "euclidean", "sign")
+
+
+class BlockSequence(NamedTuple):
+    """The n-1 merges of one block, in order (numpy arrays, leading [n-1]).
+
+    ``a``/``b`` are the root ids (task indices) of the two merged groups, ``a``
+    being listed first by the reference; ``root`` is the surviving root;
+    ``members_a``/``members_b`` are ``bool[n-1, n]`` memberships before the
+    merge; ``sim`` the similarity (NaN allowed).
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    root: np.ndarray
+    sim: np.ndarray
+    members_a: np.ndarray
+    members_b: np.ndarray
+
+
+class _Core(NamedTuple):
+    root_of: jax.Array  # int32[n]
+    rank: jax.Array  # int32[n]
+    alive: jax.Array  # bool[n]
+    size: jax.Array  # int32[n]
+
+
+def _init_core(n: int) -> _Core:
+    return _Core(
+        jnp.arange(n, dtype=jnp.int32),
+        jnp.ones((n,), jnp.int32),
+        jnp.ones((n,), bool),
+        jnp.ones((n,), jnp.int32),
+    )
+
+
+def _select(core: _Core, sim: jax.Array):
+    """Best pair (A, B) among live roots with the reference's tie rules."""
+    n = core.root_of.shape[0]
+    if n <= 8:
+        # All roots are below the 8-slot table size, which only grows:
+        # CPython iterates them in ascending order (no collisions).
+        pos = jnp.cumsum(core.alive.astype(jnp.int32)) - 1
+    else:
+        pos = set_positions(core.root_of)
+    valid = core.alive[:, None] & core.alive[None, :] & (pos[:, None] < pos[None, :])
+    key = jnp.where(jnp.isnan(sim), -jnp.inf, sim)
+    best = jnp.max(jnp.where(valid, key, -jnp.inf))
+    cand = valid & (key == best)
+    order = pos[:, None] * n + pos[None, :]
+    idx = jnp.argmin(jnp.where(cand, order, n * n + 1))
+    a, b = idx // n, idx % n
+    return a.astype(jnp.int32), b.astype(jnp.int32), sim[a, b]
+
+
+def _union(core: _Core, a, b):
+    ra, rb = core.rank[a], core.rank[b]
+    root = jnp.where(ra >= rb, a, b)
+    loser = jnp.where(ra >= rb, b, a)
+    rank = core.rank.at[a].add(jnp.where(ra == rb, 1, 0))
+    root_of = jnp.where(core.root_of == loser, root, core.root_of)
+    size = core.size.at[root].set(core.size[a] + core.size[b]).at[loser].set(0)
+    alive = core.alive.at[loser].set(False)
+    return _Core(root_of, rank, alive, size), root, loser
+
+
+def _set_row(sim, r, row):
+    return sim.at[r, :].set(row).at[:, r].set(row)
+
+
+class Flavour:
+    """Similarity bookkeeping for one kind of per-block sequence."""
+
+    def init(self, inputs) -> tuple[object, jax.Array]:  # (state, sim [n, n])
+        raise NotImplementedError
+
+    def update(self, state, inputs, core: _Core, a, b, root, members):
+        """Returns (state, new similarity row of ``root`` against all roots)."""
+        raise NotImplementedError
+
+
+def _run(flavour: Flavour, inputs, n: int):
+    state, sim = flavour.init(inputs)
+    core = _init_core(n)
+
+    def step(carry, _):
+        core, state, sim = carry
+        a, b, s = _select(core, sim)
+        ma, mb = core.root_of == a, core.root_of == b
+        core, root, _ = _union(core, a, b)
+        state, row = flavour.update(state, inputs, core, a, b, root, ma | mb)
+        sim = _set_row(sim, root, row)
+        return (core, state, sim), (a, b, root, s, ma, mb)
+
+    _, out = jax.lax.scan(step, (core, state, sim), None, length=n - 1)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Flavour 1: constituent linkage on the cosine matrix (spec §4.2 (a), §10.2).
+
+
+def cosine_from_gram(g: jax.Array) -> jax.Array:
+    """The reference's constituent cosine ``<xi,xj>/(|xi||xj| + 1e-8)``."""
+    nrm = jnp.sqrt(jnp.clip(jnp.diagonal(g, axis1=-2, axis2=-1), 0, None))
+    return g / (nrm[..., :, None] * nrm[..., None, :] + 1e-8)
+
+
+class _MeanLinkage(Flavour):
+    """UPGMA on similarities: state holds the sum of pair cosines per group pair."""
+
+    def init(self, c):
+        return c, c
+
+    def update(self, total, c, core, a, b, root, members):
+        row_sum = total[a] + total[b]
+        total = _set_row(total, root, row_sum)
+        return total, row_sum / (core.size[root] * core.size).astype(row_sum.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MinMax(Flavour):
+    """Min (reference ``single``) or max (``complete``) pair cosine."""
+
+    fn: Callable
+
+    def init(self, c):
+        return c, c
+
+    def update(self, state, c, core, a, b, root, members):
+        row = self.fn(state[a], state[b])
+        return _set_row(state, root, row), row
+
+
+def _linkage_flavour(linkage: str) -> Flavour:
+    if linkage == "min":
+        return _MinMax(jnp.minimum)
+    if linkage == "max":
+        return _MinMax(jnp.maximum)
+    return _MeanLinkage()
+
+
+@functools.partial(jax.jit, static_argnames=("linkage",))
+def _linkage_sequences(gram: jax.Array, *, linkage: str):
+    n = gram.shape[-1]
+    flavour = _linkage_flavour(linkage)
+    c = cosine_from_gram(gram)
+    return jax.vmap(lambda cb: _run(flavour, cb, n))(c)
+
+
+# ----------------------------------------------------------------------------
+# Flavour 2: merged-vector similarity of linear operators, Gram only (§10.3).
+
+
+def _gram_sims(similarity: str, q, qr, qs, numel):
+    """Similarities from inner products ``q = <v_r, v_s>`` and squared norms."""
+    if similarity == "cosine":
+        return q / (jnp.sqrt(qr) * jnp.sqrt(qs))  # no eps: 0/0 -> NaN (ref)
+    return -jnp.sqrt(jnp.clip(qr - 2 * q + qs, 0, None)) / jnp.sqrt(numel)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearMerged(Flavour):
+    """Group vectors ``w_r^T X`` kept as weight rows ``w`` over tasks."""
+
+    similarity: str  # cosine | euclidean
+    scale: float  # factor of merged groups (lambda for ta / consensus_ta)
+    min_merged: int  # smaller groups keep their root's own vector
+
+    def init(self, inp):
+        g, numel = inp
+        dg = jnp.diagonal(g)
+        w = jnp.eye(g.shape[-1], dtype=g.dtype)
+        return w, _gram_sims(self.similarity, g, dg[:, None], dg[None, :], numel)
+
+    def update(self, w, inp, core, a, b, root, members):
+        g, numel = inp
+        size = core.size[root]
+        merged = members.astype(g.dtype) * (self.scale / size.astype(g.dtype))
+        new = jnp.where(size >= self.min_merged, merged, w[root])
+        w = w.at[root].set(new)
+        gn = g @ new
+        q = w @ gn
+        qd = jnp.einsum("rn,nm,rm->r", w, g, w)
+        return w, _gram_sims(self.similarity, q, new @ gn, qd, numel)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("similarity", "scale", "min_merged")
+)
+def _linear_sequences(gram, numel, *, similarity, scale, min_merged):
+    n = gram.shape[-1]
+    flavour = _LinearMerged(similarity, scale, min_merged)
+    return jax.vmap(lambda g, d: _run(flavour, (g, d), n))(gram, numel)
+
+
+# ----------------------------------------------------------------------------
+# Flavour 3: merged-vector similarity with materialized group vectors (§10.4).
+
+
+def _pair_sims(similarity: str, v: dict, numel: int) -> jax.Array:
+    """Similarities between all rows of the group vectors ``v`` (f64)."""
+    f = lambda x: x.reshape(x.shape[0], -1).astype(jnp.float64)
+    if similarity == "sign":
+        agree = 0
+        for x in v.values():
+            s = jnp.sign(x.reshape(x.shape[0], -1))
+            for val in (-1.0, 0.0, 1.0):
+                ind = (s == val).astype(jnp.float64)
+                agree = agree + ind @ ind.T
+        return agree / numel
+    g = sum(f(x) @ f(x).T for x in v.values())
+    dg = jnp.diagonal(g)
+    if similarity == "cosine":
+        return g / (jnp.sqrt(dg)[:, None] * jnp.sqrt(dg)[None, :])
+    return -jnp.sqrt(jnp.clip(dg[:, None] - 2 * g + dg[None, :], 0, None)) / jnp.sqrt(
+        jnp.float64(numel)
+    )
+
+
+def _row_sims(similarity: str, v: dict, r, numel: int) -> jax.Array:
+    """Similarities of row ``r`` of ``v`` against every row (f64)."""
+    f = lambda x: x.reshape(x.shape[0], -1).astype(jnp.float64)
+    if similarity == "sign":
+        agree = sum(
+            jnp.sum(jnp.sign(x[r])[None] == jnp.sign(x), axis=tuple(range(1, x.ndim)))
+            for x in v.values()
+        )
+        return agree.astype(jnp.float64) / numel
+    if similarity == "cosine":
+        dot = sum(f(x) @ f(x)[r] for x in v.values())
+        nrm = jnp.sqrt(sum(jnp.sum(f(x) ** 2, axis=1) for x in v.values()))
+        return dot / (nrm[r] * nrm)
+    dist2 = sum(jnp.sum((f(x) - f(x)[r][None]) ** 2, axis=1) for x in v.values())
+    return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Materialized(Flavour):
+    similarity: str
+    group_vector: Callable  # (x, members, extra) -> {name: f32[...]}
+    min_merged: int
+    numel: int
+
+    def init(self, inp):
+        x, singles, extra = inp
+        return dict(singles), _pair_sims(self.similarity, singles, self.numel)
+
+    def update(self, v, inp, core, a, b, root, members):
+        x, _, extra = inp
+        size = core.size[root]
+
+        def merged():
+            return self.group_vector(x, members, extra)
+
+        new = jax.lax.cond(
+            size >= self.min_merged, merged, lambda: {k: t[root] for k, t in v.items()}
+        )
+        v = {k: t.at[root].set(new[k]) for k, t in v.items()}
+        return v, _row_sims(self.similarity, v, root, self.numel)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("similarity", "group_vector", "min_merged", "numel")
+)
+def _materialized_sequence(x, singles, extra, *, similarity, group_vector, min_merged, numel):
+    n = next(iter(x.values())).shape[0]
+    flavour = _Materialized(similarity, group_vector, min_merged, numel)
+    return _run(flavour, (x, singles, extra), n)
+
+
+# ----------------------------------------------------------------------------
+# Public-in-package entry points.
+
+
+def canonical(x: dict) -> dict:
+    """Renames a block's leaves to positional keys for jitted code.
+
+    The jit cache is keyed by pytree structure, dict keys included: with
+    positional keys, blocks of identical shapes (every layer's attention,
+    every LayerNorm) share one compilation.
+    """
+    return {f"{i:05d}": v for i, v in enumerate(x.values())}
+
+
+def named(out: dict, names) -> dict:
+    """Inverse of :func:`canonical` for a dict produced from canonical keys."""
+    return dict(zip(names, (out[f"{i:05d}"] for i in range(len(names)))))
+
+
+def _to_sequences(out) -> list[BlockSequence]:
+    a, b, root, s, ma, mb = (np.asarray(t) for t in out)
+    if a.ndim == 1:
+        return [BlockSequence(a, b, root, s.astype(np.float64), ma, mb)]
+    return [
+        BlockSequence(a[i], b[i], root[i], s[i].astype(np.float64), ma[i], mb[i])
+        for i in range(a.shape[0])
+    ]
+
+
+def linkage_sequences(grams: np.ndarray, linkage: str) -> list[BlockSequence]:
+    """Per-block sequences for constituent linkage (``grams: f64[B, n, n]``)."""
+    with jax.enable_x64(True):
+        return _to_sequences(
+            _linkage_sequences(jnp.asarray(grams, jnp.float64), linkage=linkage)
+        )
+
+
+def linear_sequences(
+    grams: np.ndarray, numels: np.ndarray, similarity: str, scale: float, min_merged: int
+) -> list[BlockSequence]:
+    """Per-block sequences for merged-vector similarity of linear operators."""
+    with jax.enable_x64(True):
+        out = _linear_sequences(
+            jnp.asarray(grams, jnp.float64),
+            jnp.asarray(numels, jnp.float64),
+            similarity=similarity,
+            scale=float(scale),
+            min_merged=int(min_merged),
+        )
+        return _to_sequences(out)
+
+
+def materialized_sequence(
+    x: dict, singles: dict, extra, similarity: str, group_vector: Callable,
+    min_merged: int, numel: int,
+) -> BlockSequence:
+    """Per-block sequence with materialized group vectors (one block)."""
+    x, singles = canonical(x), canonical(singles)
+    with jax.enable_x64(True):
+        out = _materialized_sequence(
+            x, singles, extra, similarity=similarity, group_vector=group_vector,
+            min_merged=int(min_merged), numel=int(numel),
+        )
+        return _to_sequences(out)[0]
+
+
+@jax.jit
+def _interleave(sims: jax.Array):
+    nb, m = sims.shape
+    tier = jnp.where(jnp.isnan(sims), 1, 2)
+    val = jnp.where(jnp.isnan(sims), 0.0, sims)
+
+    def step(ptr, _):
+        live = ptr < m
+        p = jnp.minimum(ptr, m - 1)
+        ht = jnp.where(live, jnp.take_along_axis(tier, p[:, None], 1)[:, 0], 0)
+        hv = jnp.where(live, jnp.take_along_axis(val, p[:, None], 1)[:, 0], -jnp.inf)
+        cand = ht == jnp.max(ht)
+        best = jnp.max(jnp.where(cand, hv, -jnp.inf))
+        blk = jnp.argmax(cand & (hv == best)).astype(jnp.int32)
+        return ptr.at[blk].add(1), (blk, ptr[blk])
+
+    _, (blk, seq) = jax.lax.scan(step, jnp.zeros((nb,), jnp.int32), None, length=nb * m)
+    return blk, seq
+
+
+def interleave(seqs: list[BlockSequence]) -> tuple[np.ndarray, np.ndarray]:
+    """Global greedy order: ``(block index, within-block index)`` per step."""
+    with jax.enable_x64(True):
+        sims = jnp.asarray(np.stack([s.sim for s in seqs]), jnp.float64)
+        blk, seq = _interleave(sims)
+    return np.asarray(blk), np.asarray(seq)

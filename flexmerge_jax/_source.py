@@ -1,0 +1,121 @@
+"""Where parameters come from: a pytree in memory, or checkpoints on disk.
+
+The planner never holds all task vectors at once: it asks a :class:`Source`
+for the leaves of one block (base and the n fine-tuned models) at a time, so
+a disk-backed source keeps host memory at O(n x largest block).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .tree import Layout, check_finetuned, flatten
+
+PyTree = Any
+
+
+class Source(abc.ABC):
+    """Base params and n fine-tuned params, readable by parameter name."""
+
+    layout: Layout
+    task_names: tuple[str, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.task_names)
+
+    @abc.abstractmethod
+    def base(self, names: Sequence[str]) -> dict[str, Any]:
+        """``{name: array}`` of the base model (original dtype)."""
+
+    @abc.abstractmethod
+    def finetuned(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """For each task, ``{name: array}`` (original dtype)."""
+
+    def describe(self) -> dict:
+        """JSON description (used to record where a plan's inputs came from)."""
+        return {"kind": type(self).__name__}
+
+    def task_vectors(self, names: Sequence[str]) -> dict[str, jax.Array]:
+        """``{name: f32[n, ...]}`` task vectors, checked finite.
+
+        Raises:
+          ValueError: naming the first task and parameter with NaN/Inf.
+        """
+        base = self.base(names)
+        fts = self.finetuned(names)
+        out = {}
+        for name in names:
+            out[name] = _task_vector(
+                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
+            )
+        bad = _first_nonfinite(out)
+        if bad is not None:
+            i, name = bad
+            raise ValueError(
+                f"task {i} ({self.task_names[i]}): the task vector of parameter "
+                f"{name!r} has NaN or Inf entries"
+            )
+        return out
+
+
+@jax.jit
+def _task_vector(base, fts):
+    b = base.astype(jnp.float32)
+    return jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
+
+
+@jax.jit
+def _finite_rows(x):
+    return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+
+def _first_nonfinite(tvs: dict[str, jax.Array]):
+    for name, x in tvs.items():
+        ok = np.asarray(_finite_rows(x))
+        if not ok.all():
+            return int(np.argmin(ok)), name
+    return None
+
+
+def default_task_names(n: int) -> tuple[str, ...]:
+    return tuple(f"task{i}" for i in range(n))
+
+
+class MemorySource(Source):
+    """Params pytrees held in memory (numpy or jax arrays)."""
+
+    def __init__(
+        self,
+        base: PyTree,
+        finetuned: Sequence[PyTree],
+        task_names: Sequence[str] | None = None,
+    ):
+        self.layout = check_finetuned(base, finetuned)
+        names, leaves, _ = flatten(base)
+        self._base = dict(zip(names, leaves))
+        self._ft = [dict(zip(names, flatten(f)[1])) for f in finetuned]
+        self.task_names = _check_names(task_names, len(finetuned))
+
+    def base(self, names):
+        return {k: self._base[k] for k in names}
+
+    def finetuned(self, names):
+        return [{k: f[k] for k in names} for f in self._ft]
+
+
+def _check_names(task_names, n: int) -> tuple[str, ...]:
+    if task_names is None:
+        return default_task_names(n)
+    names = tuple(str(t) for t in task_names)
+    if len(names) != n:
+        raise ValueError(f"{len(names)} task names for {n} fine-tuned models")
+    if len(set(names)) != n:
+        raise ValueError(f"task names must be distinct, got {list(names)}")
+    return names

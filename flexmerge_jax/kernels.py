@@ -1,0 +1,290 @@
+r"""Pure merge kernels on the stacked task vectors of one block.
+
+Every kernel takes ``x``, a dict ``{parameter name: f32[n, ...]}`` holding the
+(preprocessed) task vectors of the n tasks restricted to one block, and
+``members``, a ``bool[n]`` mask selecting the group to merge (``None`` = all
+n tasks). Shapes never depend on the group, so one compilation serves every
+group of a block and the kernels ``vmap`` over groups. Kernels are plain
+functions (the caller jits them, so outer jits can fuse).
+
+The arithmetic mirrors the FlexMerge reference (spec §5) operation by
+operation in float32, including the summation order over tasks (sequential
+in ascending task index, as the reference's Python ``sum`` and torch
+reductions over the task axis do), so that discrete decisions (elected
+signs, masks on the consensus boundary) agree with it:
+
+* ``average``: :math:`v = \sum_k \mathrm{fl}(w x_k)` with
+  :math:`w = \mathrm{fl}_{32}(1/m)` — the reference's weighted mean.
+* ``task_arithmetic``: :math:`v = \lambda \cdot \mathrm{mean}` — note
+  :math:`\lambda` multiplies the **mean**; in the sum convention of
+  FusionBench/mergekit (``scaling_factor`` :math:`\alpha` on
+  :math:`\sum_k \tau_k`) this is :math:`\alpha = \lambda / m`.
+* ``ties_merge``: elect the sign of the column sum (zero signs take the sign
+  of the sum of signs over the whole block, +1 if that is 0), disjoint mean
+  over the entries with exactly the elected sign, times :math:`\lambda`. No
+  trimming here: TIES trims once per task over the whole model
+  (:func:`flexmerge_jax.prep.ties_trim`).
+* ``pcb_merge``: the reference's ``pcb_merging(trim=False)`` with its global
+  per-task thresholds.
+* ``consensus_masks``: TALL masks :math:`M_k = |x_k| > c\,|v - x_k|`.
+* ``emr``: EMR-Merging with the reference's per-block rescalers (sum over
+  the block's tensors of per-tensor means).
+
+References:
+  Ilharco et al., Editing Models with Task Arithmetic, 2023.
+  Yadav et al., TIES-Merging, 2023 (arXiv:2306.01708).
+  Du et al., Parameter Competition Balancing (PCB-Merging), 2024.
+  Wang et al., Localizing Task Information (TALL masks / Consensus), 2024.
+  Huang et al., EMR-Merging, 2024 (arXiv:2405.17461).
+  Dhasade et al., FlexMerge, 2025 (arXiv:2505.23209).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Block",
+    "average",
+    "task_arithmetic",
+    "ties_merge",
+    "pcb_merge",
+    "consensus_masks",
+    "emr",
+    "EmrResult",
+    "task_sum",
+]
+
+Block = dict  # {parameter name: f32[n, ...]}
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshapes a per-task vector ``[n]`` to broadcast against ``x [n, ...]``."""
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _members(x: Block, members) -> jax.Array:
+    n = next(iter(x.values())).shape[0]
+    if members is None:
+        return jnp.ones((n,), bool)
+    return jnp.asarray(members, bool)
+
+
+def task_sum(x: jax.Array) -> jax.Array:
+    """Sum over the leading task axis, sequentially in task order.
+
+    ``((x[0] + x[1]) + x[2]) + ...``: the order of the reference's Python
+    ``sum`` and torch's reductions over the task axis. XLA does not
+    reassociate float additions, so the result is reproducible.
+    """
+    acc = x[0]
+    for k in range(1, x.shape[0]):
+        acc = acc + x[k]
+    return acc
+
+
+def _masked(x: jax.Array, members: jax.Array) -> jax.Array:
+    return jnp.where(_bcast(members, x), x, jnp.zeros((), x.dtype))
+
+
+def _count(members: jax.Array) -> jax.Array:
+    return jnp.sum(members, dtype=jnp.int32).astype(jnp.float32)
+
+
+def average(x: Block, members=None) -> Block:
+    r"""Mean of the group's task vectors (reference ``state_dict_avg``).
+
+    Args:
+      x: ``{name: f32[n, ...]}`` task vectors of one block.
+      members: ``bool[n]`` group mask (``None``: all tasks).
+
+    Returns:
+      ``{name: f32[...]}`` — :math:`\sum_k \mathrm{fl}(w x_k)`,
+      :math:`w=\mathrm{fl}_{32}(1/m)`, summed in task order.
+    """
+    members = _members(x, members)
+    w = jnp.float32(1.0) / _count(members)
+    return {k: task_sum(_masked(v * w, members)) for k, v in x.items()}
+
+
+def task_arithmetic(x: Block, members=None, *, scale=1.0) -> Block:
+    r"""Task arithmetic as the reference implements it: :math:`\lambda\cdot` mean.
+
+    ``scale`` (:math:`\lambda`) multiplies the **mean** of the group's task
+    vectors. The sum convention (:math:`\alpha\sum_k\tau_k`) corresponds to
+    ``scale = alpha * m`` for a group of m tasks.
+
+    Returns:
+      ``{name: f32[...]}``.
+    """
+    s = jnp.asarray(scale, jnp.float32)
+    return {k: s * v for k, v in average(x, members).items()}
+
+
+def _elected_sign(x: Block, members: jax.Array) -> Block:
+    colsign = {k: jnp.sign(task_sum(_masked(v, members))) for k, v in x.items()}
+    total = sum(jnp.sum(s, dtype=jnp.float32) for s in colsign.values())
+    majority = jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
+    return {k: jnp.where(s == 0, majority, s) for k, s in colsign.items()}
+
+
+def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
+    r"""TIES elect + disjoint mean (no trim), times :math:`\lambda`.
+
+    Sign election :math:`s_j=\mathrm{sign}(\sum_k x_{kj})`; where
+    :math:`s_j = 0` it takes the sign of :math:`\sum_{j'} s_{j'}` over the
+    whole block (+1 if that is 0). The disjoint mean averages, per
+    coordinate, the entries with exactly the elected sign (:math:`x>0` for
+    :math:`s>0`, :math:`x<0` for :math:`s<0`) over their count (at least 1).
+
+    Returns:
+      ``{name: f32[...]}``.
+    """
+    members = _members(x, members)
+    signs = _elected_sign(x, members)
+    s = jnp.asarray(scale, jnp.float32)
+    out = {}
+    for k, v in x.items():
+        vm = _masked(v, members)
+        sg = signs[k][None]
+        keep = jnp.where(sg > 0, vm > 0, vm < 0)
+        sel = jnp.where(keep, vm, 0.0)
+        cnt = jnp.sum(keep, axis=0, dtype=jnp.int32).astype(jnp.float32)
+        out[k] = s * (task_sum(sel) / jnp.maximum(cnt, 1.0))
+    return out
+
+
+def consensus_masks(x: Block, merged: Block, members=None, *, consensus=0.3) -> Block:
+    r"""TALL masks :math:`M_k = |x_k| > c\,|v - x_k|` (strict), members only.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` task vectors.
+      merged: ``{name: f32[...]}`` the group's merged vector :math:`v`
+        (including :math:`\lambda`).
+      members: ``bool[n]``; non-members get all-False masks.
+      consensus: :math:`c` (the reference's ``--CONSENSUS_LAMBDA``).
+
+    Returns:
+      ``{name: bool[n, ...]}``.
+    """
+    members = _members(x, members)
+    c = jnp.asarray(consensus, jnp.float32)
+    return {
+        k: (jnp.abs(v) > c * jnp.abs(merged[k][None] - v)) & _bcast(members, v)
+        for k, v in x.items()
+    }
+
+
+class EmrResult(NamedTuple):
+    """EMR output: unified vector, per-task boolean masks and rescalers."""
+
+    unified: Block  # {name: f32[...]}
+    masks: Block  # {name: bool[n, ...]} (False for non-members)
+    rescalers: jax.Array  # f32[n] (1 for non-members)
+
+
+def emr(x: Block, members=None) -> EmrResult:
+    r"""EMR-Merging of a group, with the reference's per-block rescalers.
+
+    Per tensor :math:`\ell`: :math:`\mu=\mathrm{mean}_k x_k`, flag
+    :math:`=+1` where :math:`\mu>0` else :math:`-1`;
+    :math:`M_k=[x_k\cdot\mathrm{flag}>0]`;
+    :math:`v=\mathrm{flag}\cdot\max_k|M_k x_k|`. Rescaler
+    :math:`\gamma_k=\sum_\ell\mathrm{mean}|x_k[\ell]| /
+    \sum_\ell\mathrm{mean}|v[\ell]\odot M_k[\ell]|` — a sum over the block's
+    tensors of per-tensor means (the reference's quirk; the original EMR uses
+    whole-model sums). Deployed: :math:`\theta_0+\gamma_k M_k\odot v`.
+
+    Where the denominator is 0 (task vector zero on the block, e.g. a frozen
+    layer) the reference yields NaN parameters; the rescaler is 1 here.
+
+    Returns:
+      :class:`EmrResult` with ``unified`` ``{name: f32[...]}``, ``masks``
+      ``{name: bool[n, ...]}`` and ``rescalers`` ``f32[n]``.
+    """
+    members = _members(x, members)
+    m = _count(members)
+    unified, masks = {}, {}
+    num = None
+    den = None
+    for k, v in x.items():
+        vm = _masked(v, members)
+        mu = task_sum(vm) / m
+        flag = jnp.where(mu > 0, jnp.float32(1), jnp.float32(-1))
+        mk = ((v * flag[None]) > 0) & _bcast(members, v)
+        u = flag * jnp.max(jnp.abs(jnp.where(mk, v, 0.0)), axis=0)
+        unified[k], masks[k] = u, mk
+        red = tuple(range(1, v.ndim))
+        a = jnp.mean(jnp.abs(v), axis=red) if red else jnp.abs(v)
+        b = jnp.mean(jnp.abs(jnp.where(mk, u[None], 0.0)), axis=red) if red else jnp.abs(
+            jnp.where(mk, u[None], 0.0)
+        )
+        num = a if num is None else num + a
+        den = b if den is None else den + b
+    # den == 0 (the task's mask selects nothing, e.g. a frozen, all-zero
+    # block): the reference divides by zero and deploys NaN; M_k * v is 0
+    # there whatever the rescaler, so we use 1 (deliberate deviation).
+    ok = members & (den > 0)
+    rescalers = jnp.where(ok, num / jnp.where(ok, den, 1.0), jnp.float32(1))
+    return EmrResult(unified, masks, rescalers)
+
+
+def pcb_merge(
+    x: Block,
+    members=None,
+    *,
+    clip_lo: jax.Array,
+    clip_hi: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    scale=1.0,
+) -> Block:
+    r"""PCB-Merging as the reference's ``pcb_merging(trim=False)``.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` task vectors of one block.
+      members: ``bool[n]`` group mask.
+      clip_lo, clip_hi: ``f32[n]`` per-task order statistics of :math:`|x_k|`
+        over this block at indices ``int(d*1e-4)`` and
+        ``int(d*(1-1e-4)-1)`` (:func:`flexmerge_jax.prep.pcb_clip_bounds`);
+        they depend on the task only, not on the group.
+      lo, hi: ``f32[n]`` the global per-task thresholds of
+        :func:`flexmerge_jax.prep.pcb_thresholds` (whole model, all tasks).
+      scale: :math:`\lambda`.
+
+    With :math:`A_k=\mathrm{clip}(|x_k|, \mathrm{clip\_lo}_k,
+    \mathrm{clip\_hi}_k)`, self :math:`=\mathrm{minmax}(A_k)^2`,
+    :math:`P_k = e^{m\cdot\mathrm{self}}\tanh(x_k\odot\sum_{k'}x_{k'})`
+    (m = group size), :math:`s_k=\mathrm{minmax}(\mathrm{clip}(P_k, lo_k,
+    hi_k))` over the block, :math:`v=\lambda\sum_k s_k\,\mathrm{sign}(x_k)A_k
+    / \max(\sum_k s_k, 10^{-12})`. A constant clipped :math:`P_k` gives NaN,
+    as in the reference.
+
+    Returns:
+      ``{name: f32[...]}``.
+    """
+    members = _members(x, members)
+    m = _count(members)
+    colsum = {k: task_sum(_masked(v, members)) for k, v in x.items()}
+    P, Xc = {}, {}
+    for k, v in x.items():
+        cl, ch = _bcast(clip_lo, v), _bcast(clip_hi, v)
+        a = jnp.clip(jnp.abs(v), cl, ch)
+        Xc[k] = jnp.sign(v) * a
+        selfp = jnp.square((a - cl) / (ch - cl))
+        p = jnp.exp(m * selfp) * jnp.tanh(v * colsum[k][None])
+        P[k] = jnp.clip(p, _bcast(lo, v), _bcast(hi, v))
+    red = lambda t, f: f(t.reshape(t.shape[0], -1), axis=1)
+    pmin = jnp.min(jnp.stack([red(p, jnp.min) for p in P.values()]), axis=0)
+    pmax = jnp.max(jnp.stack([red(p, jnp.max) for p in P.values()]), axis=0)
+    s = jnp.asarray(scale, jnp.float32)
+    out = {}
+    for k, v in x.items():
+        sc = (P[k] - _bcast(pmin, v)) / (_bcast(pmax, v) - _bcast(pmin, v))
+        num = task_sum(_masked(Xc[k] * sc, members))
+        den = task_sum(_masked(sc, members))
+        out[k] = s * (num / jnp.maximum(den, jnp.float32(1e-12)))
+    return out

@@ -1,0 +1,260 @@
+r"""One-time preprocessing of task vectors (spec §3), sharding-friendly.
+
+* :func:`ties_trim_thresholds` / :func:`trim` — TIES trimming done **once
+  per task over the whole model**: keep fraction ``keep``,
+  ``k = d - int(d*keep)``, threshold :math:`t_i` = k-th smallest
+  :math:`|\tau_i|`, keep :math:`|\tau_i|\ge t_i` (``int(d*keep)+1`` entries
+  absent ties).
+* :func:`pcb_thresholds` — the reference's global per-task PCB thresholds
+  (note the quirk: index ``int(d*keep)`` treats ``keep`` as a drop fraction).
+* :func:`pcb_clip_bounds` — per-task order statistics used by the PCB kernel
+  on one block.
+* :func:`dare` — random drop with rescale by :math:`1/(1-p)` (explicit key).
+
+Order statistics are computed by :func:`kth_smallest`, an exact two-pass
+radix select (16-bit histograms of the float bit patterns) instead of a
+sort: it streams over any number of leaves (or blocks read from disk), only
+needs per-task histograms to be summed, and works on sharded arrays without
+gathering a task vector on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "kth_smallest",
+    "ties_keep_count",
+    "ties_trim_thresholds",
+    "trim",
+    "pcb_thresholds",
+    "pcb_clip_bounds",
+    "dare",
+]
+
+_BINS = 1 << 16
+_SIGN = np.uint32(0x80000000)
+
+Leaves = Sequence[jax.Array] | Callable[[], Iterable[jax.Array]]
+
+
+def _iter(leaves: Leaves) -> Iterable[jax.Array]:
+    return leaves() if callable(leaves) else leaves
+
+
+def _keys(x: jax.Array, signed: bool) -> jax.Array:
+    """Order-preserving uint32 keys of float32 values (``[n, d]``)."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    if not signed:
+        return u  # non-negative floats: bit patterns are ordered
+    neg = (u >> 31) == 1
+    return jnp.where(neg, ~u, u | jnp.uint32(_SIGN))
+
+
+def _from_keys(keys: np.ndarray, signed: bool) -> np.ndarray:
+    keys = keys.astype(np.uint32)
+    if signed:
+        pos = (keys & _SIGN) != 0
+        keys = np.where(pos, keys & np.uint32(0x7FFFFFFF), ~keys)
+    return keys.astype(np.uint32).view(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("signed",))
+def _hist_hi(x: jax.Array, *, signed: bool) -> jax.Array:
+    n = x.shape[0]
+    key = _keys(x.reshape(n, -1), signed)
+    idx = (key >> 16).astype(jnp.int32) + (jnp.arange(n, dtype=jnp.int32) * _BINS)[:, None]
+    return jnp.bincount(idx.ravel(), length=n * _BINS).reshape(n, _BINS)
+
+
+@functools.partial(jax.jit, static_argnames=("signed",))
+def _hist_lo(x: jax.Array, prefix: jax.Array, *, signed: bool) -> jax.Array:
+    n = x.shape[0]
+    key = _keys(x.reshape(n, -1), signed)
+    match = (key >> 16).astype(jnp.int32) == prefix[:, None]
+    low = (key & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    idx = jnp.where(match, low + (jnp.arange(n, dtype=jnp.int32) * _BINS)[:, None], n * _BINS)
+    return jnp.bincount(idx.ravel(), length=n * _BINS + 1)[:-1].reshape(n, _BINS)
+
+
+def kth_smallest(
+    leaves: Leaves,
+    k: Sequence[int] | np.ndarray,
+    *,
+    signed: bool = True,
+    transform: Callable[[jax.Array], jax.Array] | None = None,
+) -> np.ndarray:
+    """Exact per-task k-th smallest value over many leaves (radix select).
+
+    Args:
+      leaves: arrays ``f32[n, ...]`` (task axis first), or a zero-argument
+        callable returning a fresh iterable of them (read twice, e.g. block
+        by block from disk). Values must be finite.
+      k: ``int[n]`` 1-based rank per task (``1`` = minimum).
+      signed: values may be negative (``False``: all values are >= 0).
+      transform: optional elementwise function applied to each leaf first
+        (e.g. ``jnp.abs``), fused into both passes.
+
+    Returns:
+      ``np.float32[n]``, the k-th smallest value of each task (as
+      ``torch.kthvalue``), exact (no sort, two passes of 16-bit histograms).
+
+    Raises:
+      ValueError: if some ``k`` is outside ``[1, number of values]``.
+    """
+    k = np.asarray(k, np.int64)
+    tf = transform or (lambda a: a)
+    hist = None
+    for x in _iter(leaves):
+        h = np.asarray(_hist_hi(tf(x), signed=signed), np.int64)
+        hist = h if hist is None else hist + h
+    if hist is None:
+        raise ValueError("kth_smallest needs at least one leaf")
+    total = hist.sum(axis=1)
+    if np.any(k < 1) or np.any(k > total):
+        raise ValueError(f"rank k={k.tolist()} outside [1, {int(total[0])}]")
+    cum = np.cumsum(hist, axis=1)
+    hi = np.argmax(cum >= k[:, None], axis=1)
+    below = np.where(hi > 0, cum[np.arange(len(k)), np.maximum(hi - 1, 0)], 0)
+    prefix = jnp.asarray(hi.astype(np.int32))
+    hist2 = None
+    for x in _iter(leaves):
+        h = np.asarray(_hist_lo(tf(x), prefix, signed=signed), np.int64)
+        hist2 = h if hist2 is None else hist2 + h
+    cum2 = below[:, None] + np.cumsum(hist2, axis=1)
+    lo = np.argmax(cum2 >= k[:, None], axis=1)
+    keys = (hi.astype(np.uint64) << 16) | lo.astype(np.uint64)
+    return _from_keys(keys, signed)
+
+
+def ties_keep_count(d: int, keep: float) -> int:
+    """The reference's rank ``k = d - int(d*keep)`` (at least 1)."""
+    if keep > 1:
+        keep = keep / 100
+    k = d - int(d * keep)
+    return max(k, 1)
+
+
+def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
+    r"""Per-task TIES thresholds over the whole model.
+
+    Args:
+      leaves: every task-vector leaf ``f32[n, ...]`` of the model (all
+        parameters, as the reference trims before assigning blocks).
+      keep: fraction kept, in (0, 1).
+      d: number of parameters of one model (sum of leaf sizes).
+
+    Returns:
+      ``f32[n]``: :math:`t_i`, the ``d - int(d*keep)``-th smallest
+      :math:`|\tau_i|`; entries with :math:`|\tau_i|\ge t_i` are kept.
+    """
+    leaves_list = leaves
+    n = None
+    for x in _iter(leaves_list):
+        n = x.shape[0]
+        break
+    k = np.full((n,), ties_keep_count(d, keep), np.int64)
+    return kth_smallest(leaves_list, k, signed=False, transform=jnp.abs)
+
+
+@jax.jit
+def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Zeroes entries with ``|x[i]| < threshold[i]`` (``x: f32[n, ...]``)."""
+    t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
+
+
+def _pcb_indices(d: int) -> tuple[int, int]:
+    # The reference's clamp(x, min_ratio=0.0001, max_ratio=0.0001) indices,
+    # with its Python float arithmetic reproduced exactly.
+    return int(d * 0.0001), int(d * (1 - 0.0001) - 1)
+
+
+def pcb_clip_bounds(leaves: Leaves, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task order statistics of ``|x|`` used by PCB's clamp.
+
+    Args:
+      leaves: task-vector leaves ``f32[n, ...]`` (one block, or the model).
+      d: their total number of entries per task.
+
+    Returns:
+      ``(lo, hi)``, ``f32[n]`` each: the values at sorted indices
+      ``int(d*1e-4)`` and ``int(d*(1-1e-4)-1)`` of each task's ``|x|``.
+    """
+    i_lo, i_hi = _pcb_indices(d)
+    first = next(iter(_iter(leaves)))
+    n = first.shape[0]
+    lo = kth_smallest(leaves, np.full(n, i_lo + 1), signed=False, transform=jnp.abs)
+    hi = kth_smallest(leaves, np.full(n, i_hi + 1), signed=False, transform=jnp.abs)
+    return lo, hi
+
+
+@jax.jit
+def _pcb_scores(x, colsum, clip_lo, clip_hi):
+    n = x.shape[0]
+    b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))
+    a = jnp.clip(jnp.abs(x), b(clip_lo), b(clip_hi))
+    selfp = jnp.square((a - b(clip_lo)) / (b(clip_hi) - b(clip_lo)))
+    return jnp.exp(jnp.float32(n) * selfp) * jnp.tanh(x * colsum[None])
+
+
+def pcb_thresholds(leaves: Leaves, keep: float, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's global per-task PCB thresholds (``sparsify_pcb``).
+
+    Over the whole model and all n tasks: :math:`A` = ``|T|`` clipped per
+    task to :func:`pcb_clip_bounds`; self = minmax(A)^2; :math:`P =
+    e^{n\\cdot\\mathrm{self}}\\tanh(T\\odot\\mathrm{colsum}(T))`; per task
+    ``lo = sorted(P)[int(d*keep)]`` (``keep`` used as a *drop* fraction,
+    the reference's quirk) and ``hi = max(P)``.
+
+    Returns:
+      ``(lo, hi)``, ``f32[n]`` each.
+    """
+    from .kernels import task_sum
+
+    clip_lo, clip_hi = pcb_clip_bounds(leaves, d)
+    cl, ch = jnp.asarray(clip_lo), jnp.asarray(clip_hi)
+    colsum = jax.jit(task_sum)
+
+    def scores():
+        for x in _iter(leaves):
+            yield _pcb_scores(x, colsum(x), cl, ch)
+
+    first = next(iter(_iter(leaves)))
+    n = first.shape[0]
+    lo = kth_smallest(scores, np.full(n, int(d * keep) + 1), signed=True)
+    hi = kth_smallest(scores, np.full(n, d), signed=True)
+    return lo, hi
+
+
+@functools.partial(jax.jit, static_argnames=("drop",))
+def _dare_leaf(x, key, drop: float):
+    n = x.shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, x.shape[1:], jnp.float32))(keys)
+    keep = u > jnp.float32(drop)
+    return x * keep.astype(x.dtype) * jnp.float32(1.0 / (1.0 - drop))
+
+
+def dare(x: jax.Array, key: jax.Array, drop: float, leaf_index: int) -> jax.Array:
+    r"""DARE on one leaf: keep each entry iff :math:`U(0,1) > p`, rescale.
+
+    Args:
+      x: ``f32[n, ...]`` task vectors of one parameter.
+      key: the run's PRNG key (``jax.random.key(seed)``).
+      drop: :math:`p \in [0, 1)`.
+      leaf_index: the parameter's position in the layout; the per-task,
+        per-parameter key is ``fold_in(fold_in(key, leaf_index), task)``, so
+        the result does not depend on how the model is read (in memory,
+        block by block, sharded).
+
+    Returns:
+      ``f32[n, ...]``: ``x * mask * (1 / (1 - p))``. Matches the reference
+      (torch generator) in distribution only.
+    """
+    return _dare_leaf(x, jax.random.fold_in(key, leaf_index), float(drop))
