@@ -13,6 +13,7 @@ from . import blocks, kernels, methods, prep, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
+from .checkpointing import load, save
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "tree",
     "plan",
     "merge",
+    "save",
+    "load",
     "Plan",
     "Event",
     "FlexModel",

@@ -146,9 +146,10 @@ def grams(prepared: Prepared, *, raw: bool = False) -> np.ndarray:
     return np.stack(out)
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def _merge_groups(x, members, extra, *, method: Method):
+@functools.partial(jax.jit, static_argnames=("static",))
+def _merge_groups(x, members, extra, hp, *, static: Method):
     """``method.merge_group`` over a batch of groups ``members: bool[G, n]``."""
+    method = static.join(hp)
     return jax.lax.map(lambda mb: method.merge_group(x, mb, extra), members)
 
 
@@ -164,7 +165,8 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method):
     padded[:g] = members
     padded[g:, 0] = True  # dummy groups: harmless work, discarded below
     names = list(x)
-    out = _merge_groups(canonical(x), jnp.asarray(padded), extra, method=method)
+    static, hp = method.split()
+    out = _merge_groups(canonical(x), jnp.asarray(padded), extra, hp, static=static)
     out = jax.tree.map(lambda a: a[:g], out)
     return out._replace(
         vector=named(out.vector, names),

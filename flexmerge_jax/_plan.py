@@ -23,6 +23,7 @@ from ._schedule import (
     linear_sequences,
     linkage_sequences,
     materialized_sequence,
+    replay,
 )
 from ._source import MemorySource, Source
 
@@ -168,6 +169,7 @@ class Plan:
         self,
         *,
         prepared: Prepared | None,
+        layout,
         partition: blocks_lib.Partition,
         method: methods_lib.Method,
         task_names: Sequence[str],
@@ -177,6 +179,7 @@ class Plan:
         source_info: dict | None = None,
     ):
         self._prepared = prepared
+        self.layout = layout
         self.partition = partition
         self.method = method
         self.task_names = tuple(task_names)
@@ -284,11 +287,68 @@ class Plan:
         """The model at the first step whose ``n_models <= size``."""
         return self.at_step(self.step_for_size(size))
 
-    def attach(self, prepared: Prepared) -> None:
-        """Attaches inputs to a plan loaded from disk (checked to match)."""
-        if prepared.partition != self.partition or prepared.method != self.method:
-            raise ValueError("the given inputs do not match this plan's blocks/method")
-        self._prepared = prepared
+    @property
+    def has_inputs(self) -> bool:
+        """Whether models can be cut (the inputs are attached)."""
+        return self._prepared is not None
+
+    def attach(self, base, finetuned=None) -> None:
+        """Attaches the inputs (pytrees or checkpoint paths) to a loaded plan.
+
+        Raises:
+          ValueError: if their parameter names, shapes or dtypes differ from
+            the plan's.
+        """
+        source = as_source(base, finetuned, self.task_names)
+        lay = source.layout
+        if (lay.names, lay.shapes, lay.dtypes) != (
+            self.layout.names, self.layout.shapes, self.layout.dtypes
+        ):
+            diff = next(
+                (
+                    f"parameter {a!r}"
+                    for a, b in zip(lay.names, self.layout.names)
+                    if a != b
+                ),
+                "the parameter shapes or dtypes",
+            )
+            raise ValueError(f"the given inputs do not match this plan ({diff} differs)")
+        self._prepared = Prepared(source, self.partition, self.method)
+
+    def _layout_json(self) -> dict:
+        return self.layout.to_json()
+
+    @classmethod
+    def from_json(cls, meta: dict, *, base=None, finetuned=None) -> "Plan":
+        """Rebuilds a plan saved by :func:`flexmerge_jax.save`."""
+        from .tree import Layout
+
+        n = len(meta["task_names"])
+        seqs = []
+        for s in meta["sequences"]:
+            seq = replay(s["a"], s["b"], s["root"], n)
+            sim = np.array([np.nan if v is None else v for v in s["sim"]], np.float64)
+            seqs.append(seq._replace(sim=sim))
+        plan = cls(
+            prepared=None,
+            layout=Layout.from_json(meta["layout"]),
+            partition=blocks_lib.Partition.from_json(meta["partition"]),
+            method=methods_lib.Method.from_json(meta["method"]),
+            task_names=meta["task_names"],
+            sequences=seqs,
+            order=(np.asarray(meta["order"][0]), np.asarray(meta["order"][1])),
+            config=meta["config"],
+            source_info=meta.get("source"),
+        )
+        if base is not None or finetuned is not None:
+            plan.attach(base, finetuned)
+        else:
+            info = plan.source_info or {}
+            if info.get("kind") == "paths":
+                paths = [info["base"], *info["finetuned"]]
+                if all(os.path.exists(p) for p in paths):
+                    plan.attach(info["base"], info["finetuned"])
+        return plan
 
     def __repr__(self) -> str:
         return (
@@ -371,7 +431,7 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool):
         out.append(
             materialized_sequence(
                 x, tau if structured else x, prepared.extra(b, x), similarity,
-                method.group_vector, method.min_merged, block.numel,
+                method, block.numel,
             )
         )
     return out
@@ -451,6 +511,7 @@ def plan(
     }
     return Plan(
         prepared=prepared,
+        layout=source.layout,
         partition=partition,
         method=method,
         task_names=source.task_names,

@@ -207,19 +207,18 @@ class _LinearMerged(Flavour):
     """Group vectors ``w_r^T X`` kept as weight rows ``w`` over tasks."""
 
     similarity: str  # cosine | euclidean
-    scale: float  # factor of merged groups (lambda for ta / consensus_ta)
     min_merged: int  # smaller groups keep their root's own vector
 
     def init(self, inp):
-        g, numel = inp
+        g, numel, _ = inp
         dg = jnp.diagonal(g)
         w = jnp.eye(g.shape[-1], dtype=g.dtype)
         return w, _gram_sims(self.similarity, g, dg[:, None], dg[None, :], numel)
 
     def update(self, w, inp, core, a, b, root, members):
-        g, numel = inp
+        g, numel, scale = inp  # scale: factor of merged groups (lambda)
         size = core.size[root]
-        merged = members.astype(g.dtype) * (self.scale / size.astype(g.dtype))
+        merged = members.astype(g.dtype) * (scale / size.astype(g.dtype))
         new = jnp.where(size >= self.min_merged, merged, w[root])
         w = w.at[root].set(new)
         gn = g @ new
@@ -228,13 +227,11 @@ class _LinearMerged(Flavour):
         return w, _gram_sims(self.similarity, q, new @ gn, qd, numel)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("similarity", "scale", "min_merged")
-)
-def _linear_sequences(gram, numel, *, similarity, scale, min_merged):
+@functools.partial(jax.jit, static_argnames=("similarity", "min_merged"))
+def _linear_sequences(gram, numel, scale, *, similarity, min_merged):
     n = gram.shape[-1]
-    flavour = _LinearMerged(similarity, scale, min_merged)
-    return jax.vmap(lambda g, d: _run(flavour, (g, d), n))(gram, numel)
+    flavour = _LinearMerged(similarity, min_merged)
+    return jax.vmap(lambda g, d: _run(flavour, (g, d, scale), n))(gram, numel)
 
 
 # ----------------------------------------------------------------------------
@@ -281,20 +278,20 @@ def _row_sims(similarity: str, v: dict, r, numel: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Materialized(Flavour):
     similarity: str
-    group_vector: Callable  # (x, members, extra) -> {name: f32[...]}
+    method: object  # static part of a Method (see Method.split)
     min_merged: int
     numel: int
 
     def init(self, inp):
-        x, singles, extra = inp
+        x, singles, extra, hp = inp
         return dict(singles), _pair_sims(self.similarity, singles, self.numel)
 
     def update(self, v, inp, core, a, b, root, members):
-        x, _, extra = inp
+        x, _, extra, hp = inp
         size = core.size[root]
 
         def merged():
-            return self.group_vector(x, members, extra)
+            return self.method.join(hp).group_vector(x, members, extra)
 
         new = jax.lax.cond(
             size >= self.min_merged, merged, lambda: {k: t[root] for k, t in v.items()}
@@ -304,12 +301,12 @@ class _Materialized(Flavour):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("similarity", "group_vector", "min_merged", "numel")
+    jax.jit, static_argnames=("similarity", "method", "min_merged", "numel")
 )
-def _materialized_sequence(x, singles, extra, *, similarity, group_vector, min_merged, numel):
+def _materialized_sequence(x, singles, extra, hp, *, similarity, method, min_merged, numel):
     n = next(iter(x.values())).shape[0]
-    flavour = _Materialized(similarity, group_vector, min_merged, numel)
-    return _run(flavour, (x, singles, extra), n)
+    flavour = _Materialized(similarity, method, min_merged, numel)
+    return _run(flavour, (x, singles, extra, hp), n)
 
 
 # ----------------------------------------------------------------------------
@@ -357,25 +354,52 @@ def linear_sequences(
         out = _linear_sequences(
             jnp.asarray(grams, jnp.float64),
             jnp.asarray(numels, jnp.float64),
+            jnp.float64(scale),
             similarity=similarity,
-            scale=float(scale),
             min_merged=int(min_merged),
         )
         return _to_sequences(out)
 
 
 def materialized_sequence(
-    x: dict, singles: dict, extra, similarity: str, group_vector: Callable,
-    min_merged: int, numel: int,
+    x: dict, singles: dict, extra, similarity: str, method, numel: int
 ) -> BlockSequence:
-    """Per-block sequence with materialized group vectors (one block)."""
+    """Per-block sequence with materialized group vectors (one block).
+
+    Args:
+      x: ``{name: f32[n, ...]}`` preprocessed task vectors (merge inputs).
+      singles: the vectors singletons are compared with (``x``, or the raw
+        task vectors for structured orders).
+      extra: per-block method state (PCB), or ``None``.
+      similarity: ``cosine`` | ``euclidean`` | ``sign``.
+      method: the :class:`~flexmerge_jax.methods.Method`.
+      numel: the block's number of entries.
+    """
     x, singles = canonical(x), canonical(singles)
+    static, hp = method.split()
     with jax.enable_x64(True):
         out = _materialized_sequence(
-            x, singles, extra, similarity=similarity, group_vector=group_vector,
-            min_merged=int(min_merged), numel=int(numel),
+            x, singles, extra, hp, similarity=similarity, method=static,
+            min_merged=int(method.min_merged), numel=int(numel),
         )
         return _to_sequences(out)[0]
+
+
+def replay(a, b, root, n: int) -> BlockSequence:
+    """Rebuilds a block's sequence (memberships) from its merges alone."""
+    root_of = np.arange(n)
+    ma, mb = [], []
+    for x, y, r in zip(a, b, root):
+        ma.append(root_of == x)
+        mb.append(root_of == y)
+        loser = y if r == x else x
+        root_of = np.where(root_of == loser, r, root_of)
+    shape = (len(ma), n)
+    return BlockSequence(
+        np.asarray(a, np.int32), np.asarray(b, np.int32), np.asarray(root, np.int32),
+        np.zeros(len(ma)), np.stack(ma) if ma else np.zeros(shape, bool),
+        np.stack(mb) if mb else np.zeros(shape, bool),
+    )
 
 
 @jax.jit

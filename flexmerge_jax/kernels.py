@@ -232,6 +232,17 @@ def emr(x: Block, members=None) -> EmrResult:
     return EmrResult(unified, masks, rescalers)
 
 
+def _minmax(a, lo, hi):
+    """``(a - lo) / (hi - lo)``, 0 where ``hi == lo`` (the reference: NaN)."""
+    span = hi - lo
+    ok = span > 0
+    return jnp.where(ok, (a - lo) / jnp.where(ok, span, 1.0), 0.0)
+
+
+def _minmax_sq(a, lo, hi):
+    return jnp.square(_minmax(a, lo, hi))
+
+
 def pcb_merge(
     x: Block,
     members=None,
@@ -274,7 +285,7 @@ def pcb_merge(
         cl, ch = _bcast(clip_lo, v), _bcast(clip_hi, v)
         a = jnp.clip(jnp.abs(v), cl, ch)
         Xc[k] = jnp.sign(v) * a
-        selfp = jnp.square((a - cl) / (ch - cl))
+        selfp = _minmax_sq(a, cl, ch)
         p = jnp.exp(m * selfp) * jnp.tanh(v * colsum[k][None])
         P[k] = jnp.clip(p, _bcast(lo, v), _bcast(hi, v))
     red = lambda t, f: f(t.reshape(t.shape[0], -1), axis=1)
@@ -283,7 +294,7 @@ def pcb_merge(
     s = jnp.asarray(scale, jnp.float32)
     out = {}
     for k, v in x.items():
-        sc = (P[k] - _bcast(pmin, v)) / (_bcast(pmax, v) - _bcast(pmin, v))
+        sc = _minmax(P[k], _bcast(pmin, v), _bcast(pmax, v))
         num = task_sum(_masked(Xc[k] * sc, members))
         den = task_sum(_masked(sc, members))
         out[k] = s * (num / jnp.maximum(den, jnp.float32(1e-12)))

@@ -203,6 +203,24 @@ class Method:
         """The merged group vector only (what similarities compare)."""
         return self.merge_group(x, members, extra).vector
 
+    # -- jit plumbing ---------------------------------------------------------
+    def split(self) -> tuple["Method", dict]:
+        """``(static part, traced hyperparameters)`` for jitted callers.
+
+        The static part only carries the method's kind, so one compilation
+        serves every ``scale`` / ``consensus``; :meth:`join` rebuilds the
+        method from both inside the traced function.
+        """
+        hp = {
+            "scale": jnp.asarray(self.scale, jnp.float32),
+            "consensus": jnp.asarray(self.consensus, jnp.float32),
+        }
+        return Method(name=self.name), hp
+
+    def join(self, hp: dict) -> "Method":
+        """Inverse of :meth:`split` (``self`` is the static part)."""
+        return dataclasses.replace(self, scale=hp["scale"], consensus=hp["consensus"])
+
 
 def _finite(name: str, v) -> float:
     try:

@@ -198,8 +198,10 @@ def pcb_clip_bounds(leaves: Leaves, d: int) -> tuple[np.ndarray, np.ndarray]:
 def _pcb_scores(x, colsum, clip_lo, clip_hi):
     n = x.shape[0]
     b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))
+    from .kernels import _minmax_sq
+
     a = jnp.clip(jnp.abs(x), b(clip_lo), b(clip_hi))
-    selfp = jnp.square((a - b(clip_lo)) / (b(clip_hi) - b(clip_lo)))
+    selfp = _minmax_sq(a, b(clip_lo), b(clip_hi))  # 0 for a constant row (ref: NaN)
     return jnp.exp(jnp.float32(n) * selfp) * jnp.tanh(x * colsum[None])
 
 

@@ -265,7 +265,11 @@ def apply_task_vector(base: PyTree, tv: PyTree) -> PyTree:
     cast back to each leaf's dtype.
     """
     def add(b, t):
-        b = jnp.asarray(b)
+        b, t = jnp.asarray(b), jnp.asarray(t)
+        if t.ndim == b.ndim + 1:  # stacked task vectors [n, ...]
+            return (b.astype(jnp.float32)[None] + t).astype(b.dtype)
+        if t.shape != b.shape:
+            raise ValueError(f"task vector shape {t.shape} does not fit {b.shape}")
         return (b.astype(jnp.float32) + t).astype(b.dtype)
 
     return jax.tree.map(add, base, tv)

@@ -1,0 +1,301 @@
+"""Saving and loading FlexModels and Plans (the only module importing Orbax).
+
+A saved directory holds ``flexmerge.json`` — everything that is not a
+parameter array (format marker, task names, method and hyperparameters,
+blocks, routing tables, groups, sizes, the plan's schedule), readable
+without JAX — and ``arrays/``, an Orbax checkpoint of the parameter sets.
+Masks are stored bit-packed (``np.packbits``: 1 bit per parameter on disk).
+
+Saving is atomic: everything is written into a temporary sibling directory
+that is renamed into place only once complete, so a failure never leaves a
+directory that :func:`load` would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .blocks import Partition
+from ._flexmodel import BlockModel, FlexModel
+from .methods import Method
+from .tree import Layout
+
+__all__ = ["save", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
+
+FORMAT_MODEL = "flexmerge_jax/flexmodel"
+FORMAT_PLAN = "flexmerge_jax/plan"
+VERSION = 1
+_META = "flexmerge.json"
+
+
+def _key(prefix: str, i: int) -> str:
+    return f"{prefix}{i:05d}"
+
+
+def _pack(mask) -> np.ndarray:
+    return np.packbits(np.asarray(mask, bool).ravel())
+
+
+def _unpack(packed: np.ndarray, shape) -> np.ndarray:
+    size = int(np.prod(shape, dtype=np.int64))
+    return np.unpackbits(np.asarray(packed), count=size).astype(bool).reshape(shape)
+
+
+def _host(x):
+    return np.asarray(jax.device_get(x))
+
+
+def _model_payload(model: FlexModel) -> tuple[dict, dict]:
+    arrays: dict[str, Any] = {}
+    blocks_meta = []
+    for bi, (name, b) in enumerate(model.blocks.items()):
+        entry: dict[str, Any] = {}
+        for si, s in enumerate(b.sets):
+            entry[_key("s", si)] = {_key("", j): _host(s[k]) for j, k in enumerate(b.leaves)}
+        if b.base is not None:
+            entry["base"] = {_key("", j): _host(b.base[k]) for j, k in enumerate(b.leaves)}
+        for t, m in sorted(b.masks.items()):
+            entry[_key("m", t)] = {_key("", j): _pack(m[k]) for j, k in enumerate(b.leaves)}
+        arrays[_key("b", bi)] = entry
+        blocks_meta.append(
+            {
+                "name": name,
+                "groups": [list(g) for g in b.groups],
+                "routing": b.routing.tolist(),
+                "masked": b.masked.tolist(),
+                "has_base": b.base is not None,
+                "mask_tasks": sorted(int(t) for t in b.masks),
+                "rescalers": np.asarray(b.rescalers, np.float64).tolist(),
+            }
+        )
+    if model.partition.unmatched:
+        arrays["unmatched"] = {
+            _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(model.partition.unmatched)}
+            for i, u in enumerate(model.unmatched)
+        }
+    meta = {
+        "format": FORMAT_MODEL,
+        "version": VERSION,
+        "task_names": list(model.task_names),
+        "method": model.method.to_json(),
+        "n_models": model.n_models,
+        "step": model.step,
+        "layout": model.layout.to_json(),
+        "partition": model.partition.to_json(),
+        "blocks": blocks_meta,
+        "stored_parameters": model.stored_parameters(),
+    }
+    return meta, arrays
+
+
+def _plan_meta(plan) -> dict:
+    seqs = [
+        {
+            "a": s.a.tolist(),
+            "b": s.b.tolist(),
+            "root": s.root.tolist(),
+            "sim": [None if np.isnan(v) else float(v) for v in s.sim],
+        }
+        for s in plan.sequences
+    ]
+    return {
+        "format": FORMAT_PLAN,
+        "version": VERSION,
+        "task_names": list(plan.task_names),
+        "method": plan.method.to_json(),
+        "config": plan.config,
+        "layout": plan._layout_json(),
+        "partition": plan.partition.to_json(),
+        "sequences": seqs,
+        "order": [plan.order[0].tolist(), plan.order[1].tolist()],
+        "sizes": plan.sizes.tolist(),
+        "events": [e.to_json() for e in plan.events],
+        "source": plan.source_info,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def _write_arrays(path: Path, arrays: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path.absolute(), arrays)
+    ckpt.wait_until_finished()
+
+
+def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
+    """Saves a :class:`FlexModel` or a :class:`Plan` to a new directory.
+
+    Args:
+      path: target directory (must not exist unless ``overwrite``).
+      obj: a FlexModel (routing tables, parameter sets, bit-packed masks) or
+        a Plan (its schedule; a plan made from checkpoint files records their
+        paths, so :func:`load` reattaches them and any size can be cut later
+        without recomputing the schedule).
+      overwrite: replace an existing directory saved by this library.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: the path exists (and ``overwrite`` is false, or it is not a
+        flexmerge_jax directory), or ``obj`` has the wrong type.
+    """
+    from ._plan import Plan
+
+    path = Path(path)
+    if isinstance(obj, FlexModel):
+        meta, arrays = _model_payload(obj)
+    elif isinstance(obj, Plan):
+        meta, arrays = _plan_meta(obj), None
+    else:
+        raise ValueError(f"save() takes a FlexModel or a Plan, got {type(obj).__name__}")
+    if path.exists():
+        if not overwrite:
+            raise ValueError(f"{path} exists; pass overwrite=True to replace it")
+        _read_meta(path)  # refuse to delete a directory that is not ours
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        if arrays is not None:
+            _write_arrays(tmp / "arrays", arrays)
+        _write_json(tmp / _META, meta)  # last: marks the directory complete
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / _META
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory saved by flexmerge_jax")
+    if not meta_path.is_file():
+        raise ValueError(f"{path} is not a flexmerge_jax checkpoint (no {_META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if meta.get("format") not in (FORMAT_MODEL, FORMAT_PLAN):
+        raise ValueError(f"{meta_path} is not a flexmerge_jax file (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{meta_path}: unsupported version {meta.get('version')!r}")
+    return meta
+
+
+def _read_arrays(path: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    arr = path / "arrays"
+    if not arr.is_dir():
+        raise ValueError(f"{path} is incomplete: no arrays/ directory")
+    with warnings_quiet():
+        return ocp.StandardCheckpointer().restore(arr.absolute())
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _load_model(path: Path, meta: dict) -> FlexModel:
+    arrays = _read_arrays(path)
+    layout = Layout.from_json(meta["layout"])
+    partition = Partition.from_json(meta["partition"])
+    shapes = dict(zip(layout.names, layout.shapes))
+    n = len(meta["task_names"])
+    blocks = []
+    for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
+        entry = arrays[_key("b", bi)]
+        leaves = pb.leaves
+        named = lambda d: {k: d[_key("", j)] for j, k in enumerate(leaves)}
+        sets = [named(entry[_key("s", si)]) for si in range(len(bm["masked"]))]
+        masks = {
+            t: {k: _unpack(entry[_key("m", t)][_key("", j)], shapes[k]) for j, k in enumerate(leaves)}
+            for t in bm["mask_tasks"]
+        }
+        blocks.append(
+            BlockModel(
+                name=bm["name"],
+                leaves=leaves,
+                groups=tuple(tuple(g) for g in bm["groups"]),
+                routing=np.asarray(bm["routing"], np.int32),
+                sets=sets,
+                masked=np.asarray(bm["masked"], bool),
+                base=named(entry["base"]) if bm["has_base"] else None,
+                masks=masks,
+                rescalers=np.asarray(bm["rescalers"], np.float32),
+            )
+        )
+    if partition.unmatched:
+        um = arrays["unmatched"]
+        unmatched = [
+            {k: um[_key("t", i)][_key("", j)] for j, k in enumerate(partition.unmatched)}
+            for i in range(n)
+        ]
+    else:
+        unmatched = [{} for _ in range(n)]
+    return FlexModel(
+        layout=layout,
+        partition=partition,
+        method=Method.from_json(meta["method"]),
+        task_names=meta["task_names"],
+        blocks=blocks,
+        unmatched=unmatched,
+        n_models=meta["n_models"],
+        step=meta["step"],
+    )
+
+
+def load(path: str | os.PathLike, *, base=None, finetuned=None):
+    """Loads a :class:`FlexModel` or a :class:`Plan` saved by :func:`save`.
+
+    Args:
+      path: the directory.
+      base, finetuned: for a plan, the inputs to cut models from (pytrees or
+        checkpoint paths). A plan made from checkpoint files reattaches them
+        by itself when they still exist.
+
+    Returns:
+      The FlexModel (params rebuilt as nested dicts keyed by the saved
+      names) or the Plan.
+
+    Raises:
+      ValueError: not a flexmerge_jax directory, incomplete, or inputs that
+        do not match the plan.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta["format"] == FORMAT_MODEL:
+        if base is not None or finetuned is not None:
+            raise ValueError("base/finetuned are only used when loading a plan")
+        return _load_model(path, meta)
+    from ._plan import Plan
+
+    return Plan.from_json(meta, base=base, finetuned=finetuned)

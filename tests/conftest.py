@@ -1,0 +1,51 @@
+"""Test configuration: strict JAX numerics, shared fixtures."""
+
+import os
+import sys
+from pathlib import Path
+
+# Sharding tests need several CPU devices; must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "jit"])
+def maybe_jit(request):
+    """Runs a function eagerly or under ``jax.jit`` (static kwargs allowed)."""
+    if request.param:
+        return lambda f, **kw: jax.jit(f, **kw)
+    return lambda f, **kw: f
+
+
+def random_case(seed: int, n: int = 5, shapes=None, scale: float = 1e-2):
+    """A small random base + n fine-tuned one-level dicts (float32)."""
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {
+        "l1.attn.w": (6, 5),
+        "l1.attn.b": (5,),
+        "l1.mlp.w": (5, 7),
+        "l0.attn.w": (6, 5),
+        "l0.mlp.w": (5, 7),
+        "l0.mlp.b": (7,),
+        "emb": (4,),
+    }
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    common = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    fts = []
+    for i in range(n):
+        fts.append(
+            {
+                k: (base[k] + scale * (0.5 * common[k] + rng.standard_normal(s))).astype(
+                    np.float32
+                )
+                for k, s in shapes.items()
+            }
+        )
+    return base, fts

@@ -1,0 +1,121 @@
+"""save / load of FlexModels and Plans (Orbax + JSON), atomicity, bad paths."""
+
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import flexmerge_jax as fm
+from flexmerge_jax import checkpointing
+from conftest import random_case
+
+
+def same_params(a, b, n):
+    for i in range(n):
+        pa, pb = a.params_for_task(i), b.params_for_task(i)
+        assert set(pa) == set(pb)
+        for k in pa:
+            np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+
+
+@pytest.mark.parametrize(
+    "method", [fm.methods.task_arithmetic(1.5), fm.methods.emr(), fm.methods.consensus_ties()],
+    ids=lambda m: m.name,
+)
+def test_flexmodel_roundtrip(tmp_path, method):
+    base, fts = random_case(0, n=5)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        p = fm.plan(base, fts, blocks=["l1.", "l0."], method=method)
+    model = p.at_size(3.0)
+    fm.save(tmp_path / "m", model)
+    meta = json.loads((tmp_path / "m" / "flexmerge.json").read_text())
+    assert meta["format"] == "flexmerge_jax/flexmodel"
+    assert meta["n_models"] == model.n_models and meta["method"]["name"] == method.name
+    loaded = fm.load(tmp_path / "m")
+    assert loaded.task_names == model.task_names and loaded.n_models == model.n_models
+    assert {k: v.tolist() for k, v in loaded.routing.items()} == {
+        k: v.tolist() for k, v in model.routing.items()
+    }
+    same_params(model, loaded, 5)
+
+
+def test_masks_take_one_bit_per_parameter(tmp_path):
+    base, fts = random_case(1, n=4)
+    model = fm.merge(base, fts, fm.methods.emr())
+    fm.save(tmp_path / "m", model)
+    arrays = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays").absolute())
+    for bi, name in enumerate(model.blocks):
+        entry = arrays[f"b{bi:05d}"]
+        numel = int(np.prod(base[name].shape))
+        for t in range(4):
+            packed = entry[f"m{t:05d}"]["00000"]
+            assert packed.dtype == np.uint8 and packed.size == -(-numel // 8)
+
+
+def test_plan_roundtrip_and_later_cuts(tmp_path):
+    base, fts = random_case(2, n=4)
+    p = fm.plan(base, fts, blocks="by-layer", method=fm.methods.ties(keep=0.5),
+                linkage=None, similarity="sign")
+    fm.save(tmp_path / "plan", p)
+    meta = json.loads((tmp_path / "plan" / "flexmerge.json").read_text())
+    assert meta["format"] == "flexmerge_jax/plan" and len(meta["events"]) == p.num_steps
+    bare = fm.load(tmp_path / "plan")
+    assert [e.to_json() for e in bare.events] == [e.to_json() for e in p.events]
+    assert not bare.has_inputs
+    with pytest.raises(ValueError, match="no inputs attached"):
+        bare.at_size(2.0)
+    loaded = fm.load(tmp_path / "plan", base=base, finetuned=fts)
+    same_params(p.at_size(2.0), loaded.at_size(2.0), 4)
+    other = {**base, "emb": np.zeros(5, np.float32)}
+    with pytest.raises(ValueError, match="do not match"):
+        fm.load(tmp_path / "plan", base=other, finetuned=[{**f, "emb": np.zeros(5, np.float32)} for f in fts])
+
+
+def test_refuses_existing_and_foreign_directories(tmp_path):
+    base, fts = random_case(3, n=3)
+    model = fm.merge(base, fts, fm.methods.emr())
+    fm.save(tmp_path / "m", model)
+    with pytest.raises(ValueError, match="exists"):
+        fm.save(tmp_path / "m", model)
+    fm.save(tmp_path / "m", model, overwrite=True)
+    fm.load(tmp_path / "m")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a flexmerge_jax checkpoint"):
+        fm.load(foreign)
+    with pytest.raises(ValueError, match="not a flexmerge_jax checkpoint"):
+        fm.save(foreign, model, overwrite=True)  # never deletes what is not ours
+    assert (foreign / "data.bin").exists()
+    (foreign / "flexmerge.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a flexmerge_jax file"):
+        fm.load(foreign)
+    with pytest.raises(ValueError, match="not a directory"):
+        fm.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="FlexModel or a Plan"):
+        fm.save(tmp_path / "x", {"a": 1})
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    base, fts = random_case(4, n=3)
+    model = fm.merge(base, fts, fm.methods.emr())
+
+    def boom(path, arrays):
+        (path / "partial").mkdir(parents=True)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing, "_write_arrays", boom)
+    with pytest.raises(OSError, match="disk full"):
+        fm.save(tmp_path / "m", model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_directory_is_rejected(tmp_path):
+    base, fts = random_case(5, n=3)
+    fm.save(tmp_path / "m", fm.merge(base, fts, fm.methods.emr()))
+    import shutil
+
+    shutil.rmtree(tmp_path / "m" / "arrays")
+    with pytest.raises(ValueError, match="incomplete"):
+        fm.load(tmp_path / "m")
