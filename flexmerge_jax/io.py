@@ -1,0 +1,273 @@
+"""Params files on disk: ``.npz``, ``.safetensors`` and Orbax checkpoints.
+
+* :func:`load_params` / :func:`save_params` — whole pytrees (by file type).
+* :class:`PathSource` — a :class:`~flexmerge_jax.Source` over one base file
+  and n fine-tuned files that reads **only the parameters asked for**
+  (one block at a time), from headers/metadata without loading anything up
+  front: ``np.load`` members, ``safetensors.safe_open`` tensors and Orbax
+  partial restores. ``fm.plan(base_path, [paths...])`` uses it, so host
+  memory stays at one block of all tasks.
+
+Names: ``.npz`` and ``.safetensors`` keys are the parameter names (keys
+containing ``"/"`` are nested into dicts by :func:`load_params`, which gives
+the same ``"/"``-joined names); Orbax trees are named by their key paths.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._source import Source, _check_names
+from .tree import Layout, flatten, nest
+
+__all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path"]
+
+PyTree = Any
+
+
+def is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def detect_format(path) -> str:
+    """``"npz"``, ``"safetensors"`` or ``"orbax"``.
+
+    Raises:
+      ValueError: the path does not exist or is not a params file we read.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "_METADATA").exists() or (p / "_CHECKPOINT_METADATA").exists():
+            return "orbax"
+        if (p / "flexmerge.json").exists():
+            raise ValueError(
+                f"{p}: a flexmerge_jax output directory, not a params checkpoint "
+                "(load it with flexmerge_jax.load)"
+            )
+        raise ValueError(f"{p}: a directory that is not an Orbax checkpoint")
+    if p.suffix == ".npz":
+        return "npz"
+    if p.suffix == ".safetensors":
+        return "safetensors"
+    raise ValueError(f"{p}: unsupported params file (use .npz, .safetensors or an Orbax directory)")
+
+
+class _Reader:
+    """Lazy access to one params file: names/shapes/dtypes, then arrays."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.format = detect_format(path)
+        try:
+            self.names, self.shapes, self.dtypes = self._header()
+        except Exception as e:  # corrupt/foreign files: one clear line
+            raise ValueError(f"{self.path}: cannot read {self.format} params ({e})") from None
+        if not self.names:
+            raise ValueError(f"{self.path}: contains no parameters")
+
+    def _header(self):
+        if self.format == "npz":
+            out = []
+            with zipfile.ZipFile(self.path) as zf:
+                for member in zf.namelist():
+                    if not member.endswith(".npy"):
+                        continue
+                    with zf.open(member) as f:
+                        version = np.lib.format.read_magic(f)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        shape, _, dtype = read(f)
+                    out.append((member[:-4], tuple(shape), np.dtype(dtype).name))
+            out.sort()
+            return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+        if self.format == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="numpy") as f:
+                keys = sorted(f.keys())
+                shapes = [tuple(f.get_slice(k).get_shape()) for k in keys]
+                dtypes = [_st_dtype(f.get_slice(k).get_dtype()) for k in keys]
+            return keys, shapes, dtypes
+        import jax
+        import orbax.checkpoint as ocp
+
+        md = ocp.StandardCheckpointer().metadata(self.path.absolute()).item_metadata.tree
+        pairs = jax.tree_util.tree_flatten_with_path(
+            md, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+        )[0]
+        names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in pairs]
+        self._orbax_paths = {n: p for n, (p, _) in zip(names, pairs)}
+        return (
+            names,
+            [tuple(int(d) for d in m.shape) for _, m in pairs],
+            [np.dtype(m.dtype).name for _, m in pairs],
+        )
+
+    def layout(self) -> Layout:
+        return Layout(tuple(self.names), tuple(self.shapes), tuple(self.dtypes))
+
+    def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        names = list(names)
+        if self.format == "npz":
+            with np.load(self.path) as z:
+                return {k: z[k] for k in names}
+        if self.format == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="numpy") as f:
+                return {k: f.get_tensor(k) for k in names}
+        return self._read_orbax(names)
+
+    def _read_orbax(self, names):
+        import orbax.checkpoint as ocp
+
+        flat = {}
+        for k in names:
+            flat[k] = self._orbax_paths[k]
+        item: dict = {}
+        rargs: dict = {}
+        shapes = dict(zip(self.names, self.shapes))
+        dtypes = dict(zip(self.names, self.dtypes))
+        for k, path in flat.items():
+            node, rnode = item, rargs
+            keys = [getattr(e, "key", getattr(e, "idx", None)) for e in path]
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+                rnode = rnode.setdefault(key, {})
+            node[keys[-1]] = np.zeros(shapes[k], dtypes[k])
+            rnode[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        out = ocp.PyTreeCheckpointer().restore(
+            self.path.absolute(),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=rargs, partial_restore=True),
+        )
+        got_names, got_leaves, _ = flatten(out)
+        got = dict(zip(got_names, got_leaves))
+        return {k: got[k] for k in names}
+
+
+def _st_dtype(code: str) -> str:
+    table = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+             "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    return table.get(code, code.lower())
+
+
+def load_params(path) -> PyTree:
+    """Loads a whole params file into a pytree of numpy arrays.
+
+    ``.npz`` / ``.safetensors``: a dict keyed by the file's names (nested at
+    ``"/"``); Orbax: the saved tree.
+    """
+    r = _Reader(path)
+    if r.format == "orbax":
+        import orbax.checkpoint as ocp
+
+        return ocp.StandardCheckpointer().restore(r.path.absolute())
+    flat = r.read(r.names)
+    return nest(flat) if any("/" in k for k in flat) else flat
+
+
+def save_params(path, params: PyTree) -> Path:
+    """Saves a params pytree to ``.npz``, ``.safetensors`` or an Orbax dir.
+
+    The format follows the suffix (no suffix: Orbax). Names are the leaves'
+    ``"/"``-joined key paths. The write is atomic (temporary + rename).
+    """
+    import jax
+
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"{path} exists")
+    names, leaves, _ = flatten(params)
+    arrays = {n: np.asarray(jax.device_get(x)) for n, x in zip(names, leaves)}
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file(arrays, str(tmp))
+        else:
+            import orbax.checkpoint as ocp
+
+            ck = ocp.StandardCheckpointer()
+            ck.save(tmp.absolute(), params)
+            ck.wait_until_finished()
+        os.replace(tmp, path)
+    except BaseException:
+        import shutil
+
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+    return path
+
+
+class PathSource(Source):
+    """Base + n fine-tuned params files, read one set of parameters at a time.
+
+    Layouts are checked up front from headers (names, shapes, dtypes), naming
+    the file at fault.
+    """
+
+    def __init__(self, base, finetuned: Sequence, task_names=None):
+        if is_path(finetuned) or not isinstance(finetuned, Sequence):
+            raise ValueError("finetuned must be a list of paths")
+        if len(finetuned) < 2:
+            raise ValueError(f"FlexMerge needs at least 2 fine-tuned models, got {len(finetuned)}")
+        self._base = _Reader(base)
+        self._ft = [_Reader(p) for p in finetuned]
+        self.layout = self._base.layout()
+        for name, dt in zip(self.layout.names, self.layout.dtypes):
+            if dt != "bfloat16" and not np.issubdtype(np.dtype(dt), np.floating):
+                raise ValueError(f"{self._base.path}: parameter {name!r} has dtype {dt}; "
+                                 "FlexMerge merges floating-point parameters only")
+        for i, r in enumerate(self._ft):
+            lay = r.layout()
+            if lay.names != self.layout.names:
+                missing = sorted(set(self.layout.names) - set(lay.names))
+                extra = sorted(set(lay.names) - set(self.layout.names))
+                what = f"lacks {missing[0]!r}" if missing else f"has extra {extra[0]!r}"
+                raise ValueError(f"task {i} ({r.path}): parameter names differ from the base ({what})")
+            for name, s1, s0, d1, d0 in zip(lay.names, lay.shapes, self.layout.shapes,
+                                            lay.dtypes, self.layout.dtypes):
+                if s1 != s0:
+                    raise ValueError(f"task {i} ({r.path}): parameter {name!r} has shape {s1}, base has {s0}")
+                if d1 != d0:
+                    raise ValueError(f"task {i} ({r.path}): parameter {name!r} has dtype {d1}, base has {d0}")
+        default = [Path(p).stem if Path(p).suffix else Path(p).name for p in finetuned]
+        if task_names is None and len(set(default)) == len(default):
+            task_names = default
+        self.task_names = _check_names(task_names, len(finetuned))
+
+    def base(self, names):
+        return self._base.read(names)
+
+    def finetuned(self, names):
+        return [r.read(names) for r in self._ft]
+
+    def describe(self) -> dict:
+        return {
+            "kind": "paths",
+            "base": str(self._base.path.absolute()),
+            "finetuned": [str(r.path.absolute()) for r in self._ft],
+            "task_names": list(self.task_names),
+        }
+
+
+def path_source(base, finetuned, task_names=None) -> PathSource:
+    """A :class:`PathSource` (``finetuned``: list of paths)."""
+    return PathSource(base, finetuned, task_names)
