@@ -9,16 +9,22 @@ Typical use::
     fm.save("out/model_2x", model)
 """
 
-from . import blocks, kernels, methods, prep, tree
+from . import blocks, io, kernels, methods, prep, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
 from .checkpointing import load, save
+from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "blocks",
+    "io",
+    "sweep",
+    "SweepResult",
+    "SweepPoint",
+    "default_sizes",
     "kernels",
     "methods",
     "prep",

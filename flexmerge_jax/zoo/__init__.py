@@ -80,6 +80,34 @@ class Zoo:
         self.ft_accuracy = _acc_or_none(tasks, "ft_accuracy")
         self._eval = None
 
+    def subset(self, num_tasks: int | None = None, max_examples: int | None = None) -> "Zoo":
+        """A smaller zoo: the first ``num_tasks`` tasks, the first
+        ``max_examples`` test examples of each (for quick runs and tests).
+
+        The recorded accuracies are dropped (``None``) when ``max_examples``
+        changes the test sets, since they no longer apply.
+        """
+        import copy
+
+        k = self.num_tasks if num_tasks is None else int(num_tasks)
+        if not 2 <= k <= self.num_tasks:
+            raise ValueError(f"num_tasks must be in [2, {self.num_tasks}], got {k}")
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        z = copy.copy(self)
+        z.task_names, z.num_classes = self.task_names[:k], self.num_classes[:k]
+        z.class_names, z.finetuned, z.heads = self.class_names[:k], self.finetuned[:k], self.heads[:k]
+        z.test_sets = tuple(
+            TestSet(ts.images[:max_examples], ts.labels[:max_examples]) for ts in self.test_sets[:k]
+        )
+        cut = max_examples is not None and any(
+            len(ts.labels) > max_examples for ts in self.test_sets[:k]
+        )
+        z.base_accuracy = None if cut or self.base_accuracy is None else self.base_accuracy[:k]
+        z.ft_accuracy = None if cut or self.ft_accuracy is None else self.ft_accuracy[:k]
+        z._eval = None
+        return z
+
     # ------------------------------------------------------------------ basics
     @property
     def num_tasks(self) -> int:

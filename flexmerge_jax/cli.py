@@ -1,0 +1,297 @@
+"""The ``flexmerge`` command line (glue only: load -> plan -> cut -> save).
+
+    flexmerge demo                       # the main job on the bundled zoo
+    flexmerge merge --base B --finetuned F1 F2 ... --method ties --size 2 --out DIR
+    flexmerge plan  --base B --finetuned F1 F2 ... --method ties --out PLAN
+    flexmerge cut PLAN --size 2 --out DIR
+    flexmerge inspect DIR
+
+Params files: ``.npz``, ``.safetensors`` or Orbax checkpoint directories.
+User mistakes print one line ``flexmerge: error: ...`` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEMO_METHODS = "avg,ta,ties,emr"
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs (printed without traceback)."""
+
+
+def _method(args):
+    from . import methods
+
+    hp = {}
+    for k in ("scale", "keep", "consensus"):
+        v = getattr(args, k, None)
+        if v is not None:
+            hp[k] = v
+    if getattr(args, "drop", None) is not None:
+        hp["drop"] = args.drop
+        hp["seed"] = args.seed
+    return methods.get(args.method, **hp)
+
+
+def _blocks(spec: str | None):
+    from . import blocks
+
+    if spec is None:
+        return None
+    p = Path(spec)
+    if p.suffix == ".json" or p.is_file():
+        if not p.is_file():
+            raise UserError(f"{p}: block list file not found")
+        try:
+            names = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: not valid JSON ({e})") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise UserError(f"{p}: must hold a JSON list of block names (strings)")
+        return blocks.from_substrings(names)
+    return blocks.preset(spec)
+
+
+def _linkage(v: str):
+    return None if v.lower() == "none" else v
+
+
+def _names(v):
+    return None if v is None else [t for t in v.split(",") if t]
+
+
+def _plan(args):
+    from ._plan import plan
+
+    for f in [args.base, *args.finetuned]:
+        if not Path(f).exists():
+            raise UserError(f"{f}: no such file or directory")
+    return plan(
+        args.base,
+        args.finetuned,
+        blocks=_blocks(args.blocks),
+        method=_method(args),
+        linkage=_linkage(args.linkage),
+        similarity=args.similarity,
+        order=args.order,
+        seed=args.order_seed,
+        task_names=_names(args.task_names),
+    )
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_merge(args) -> int:
+    from .checkpointing import save
+
+    p = _plan(args)
+    model = p.at_size(args.size)
+    save(args.out, model, overwrite=args.overwrite)
+    _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .checkpointing import save
+
+    p = _plan(args)
+    save(args.out, p, overwrite=args.overwrite)
+    _say(f"{p}\nsizes {p.sizes[0]:.4g}x .. {p.min_size:.4g}x over {p.num_steps} steps; saved to {args.out}")
+    return 0
+
+
+def cmd_cut(args) -> int:
+    from .checkpointing import load, save
+    from ._plan import Plan
+
+    obj = load(args.plan) if args.base is None else load(args.plan, base=args.base, finetuned=args.finetuned)
+    if not isinstance(obj, Plan):
+        raise UserError(f"{args.plan}: a saved model, not a plan (use `flexmerge inspect`)")
+    if not obj.has_inputs:
+        raise UserError(
+            f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
+        )
+    model = obj.at_step(args.step) if args.step is not None else obj.at_size(args.size)
+    save(args.out, model, overwrite=args.overwrite)
+    _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpointing import load
+    from ._plan import Plan
+
+    obj = load(args.path)
+    if isinstance(obj, Plan):
+        _say(repr(obj))
+        _say(f"blocks ({len(obj.partition)}): {', '.join(obj.partition.names)}")
+        _say(f"tasks: {', '.join(obj.task_names)}")
+        _say(f"inputs attached: {obj.has_inputs}")
+        marks = sorted({round(float(s), 2) for s in (1.0, 1.5, 2.0, obj.n / 2, obj.n) if s >= obj.min_size})
+        for s in marks:
+            k = obj.step_for_size(s)
+            _say(f"  size <= {s:g}x: step {k} ({obj.sizes[k]:.4f}x)")
+        return 0
+    _say(obj.summary())
+    _say(f"tasks: {', '.join(f'{i}={t}' for i, t in enumerate(obj.task_names))}")
+    _say(f"stored parameters: {obj.stored_parameters():,.0f} "
+         f"({obj.n_models:.4f} models of {obj.partition.total:,})")
+    _say("routing (task -> parameter set per block):")
+    width = max(len(b) for b in obj.routing)
+    for b, r in obj.routing.items():
+        _say(f"  {b:<{width}}  {' '.join(str(int(g)) for g in r)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import methods as M
+    from ._plan import plan
+    from ._sweep import default_sizes, sweep
+    from . import zoo as zoo_lib
+
+    z = zoo_lib.load()
+    if args.tasks is not None or args.examples is not None:
+        z = z.subset(args.tasks, args.examples)
+    presets = {
+        "avg": M.average(),
+        "ta": M.task_arithmetic(1.5),  # the reference's vision setting
+        "ties": M.ties(1.0, keep=0.2),
+        "pcb": M.pcb(1.0, keep=0.2),
+        "emr": M.emr(),
+        "consensus_ta": M.consensus_ta(1.5, 0.3),
+        "consensus_ties": M.consensus_ties(1.0, 0.3),
+    }
+    names = _names(args.methods) or []
+    bad = [m for m in names if m not in presets]
+    if bad or not names:
+        raise UserError(f"--methods: choose from {','.join(presets)} (got {args.methods!r})")
+    n = z.num_tasks
+    sizes = [float(s) for s in _names(args.sizes)] if args.sizes else default_sizes(n)
+    _say(f"FlexMerge demo: {n} tasks ({', '.join(z.task_names)}), ViT with "
+         f"{z.meta.get('num_params', '?')} parameters, blocks 'vit', linkage 'min'")
+    t0 = time.time()
+    plans = {}
+    for m in names:
+        plans[m] = plan(z.base, z.finetuned, blocks="vit", method=presets[m],
+                        linkage="min", task_names=z.task_names)
+    _say(f"planned {len(plans)} method(s) in {time.time() - t0:.1f}s; evaluating {len(sizes)} sizes")
+    res = sweep(plans, z.evaluate, sizes, progress=None if not args.no_progress else False)
+    out = Path(args.out)
+    paths = res.write(out, plot=not args.no_plot)
+    _say("")
+    _say(res.table())
+    _say("")
+    _say("fine-tuned accuracy: " + ", ".join(f"{t} {a:.3f}" for t, a in zip(z.task_names, res.ft_accuracy)))
+    for m in names:
+        g = res.gap_recovered(m, 2.0) if 2.0 <= n else float("nan")
+        if g == g:
+            one, two = res.at(m, 1.0), res.at(m, 2.0)
+            _say(f"{m}: 1x {100 * one.avg_normalized:.1f}% -> {two.n_models:.2f}x "
+                 f"{100 * two.avg_normalized:.1f}%: {100 * g:.0f}% of the gap to the fine-tuned models recovered")
+    _say(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+def _add_inputs(p, required=True):
+    p.add_argument("--base", required=required, help="base params file (.npz/.safetensors/Orbax dir)")
+    p.add_argument("--finetuned", nargs="+", required=required, metavar="PATH",
+                   help="fine-tuned params files, one per task (same layout as --base)")
+
+
+def _add_plan_flags(p):
+    p.add_argument("--method", required=True,
+                   help="avg | ta | ties | pcb | consensus_ta | consensus_ties | emr")
+    g = p.add_argument_group("method hyperparameters (as the Python keyword arguments)")
+    g.add_argument("--scale", type=float, help="lambda (ta, ties, pcb, consensus_*)")
+    g.add_argument("--keep", type=float, help="TIES keep fraction / PCB threshold fraction")
+    g.add_argument("--consensus", type=float, help="TALL-mask lambda_c (consensus_*)")
+    g.add_argument("--drop", type=float, help="apply DARE first with this drop probability")
+    g.add_argument("--seed", type=int, default=43, help="DARE seed (default 43)")
+    g = p.add_argument_group("planner")
+    g.add_argument("--blocks", default=None,
+                   help="preset name (vit, clip-vit-b32, t5-base, by-layer, per-leaf, ...) or a JSON "
+                        "file with the ordered list of block names (substring rule); default per-leaf")
+    g.add_argument("--linkage", default="min",
+                   help="min | mean | max (aliases single | average | complete) | none "
+                        "(none: compare merged group vectors with --similarity)")
+    g.add_argument("--similarity", default="cosine", help="cosine | euclidean | sign")
+    g.add_argument("--order", default="greedy", help="greedy | right-left | left-right | random")
+    g.add_argument("--order-seed", type=int, default=0, help="seed of --order random")
+    g.add_argument("--task-names", help="comma-separated task names (default: file names)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flexmerge", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="plan and sweep sizes on the bundled model zoo")
+    p.add_argument("--out", default="flexmerge-demo", help="output directory (JSON, CSV, PNG)")
+    p.add_argument("--methods", default=DEMO_METHODS, help=f"comma-separated (default {DEMO_METHODS})")
+    p.add_argument("--sizes", help="comma-separated sizes in models (default 1,1.1,...,n)")
+    p.add_argument("--tasks", type=int, help="use only the first K tasks")
+    p.add_argument("--examples", type=int, help="use only the first N test examples per task")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("merge", help="plan and save the model at one size")
+    _add_inputs(p)
+    _add_plan_flags(p)
+    p.add_argument("--size", type=float, required=True, help="target size in models (1 .. n)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_merge)
+
+    p = sub.add_parser("plan", help="compute and save the whole schedule")
+    _add_inputs(p)
+    _add_plan_flags(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("cut", help="save the model at one size of a saved plan")
+    p.add_argument("plan")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size", type=float)
+    g.add_argument("--step", type=int)
+    _add_inputs(p, required=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_cut)
+
+    p = sub.add_parser("inspect", help="routing table, sizes and groups of a saved model or plan")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``flexmerge`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.fn(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"flexmerge: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexmerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The flexmerge command line, end to end on a tiny zoo (3 tasks, few examples)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import flexmerge_jax as fm
+from flexmerge_jax import io, zoo
+from flexmerge_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    z = zoo.load().subset(3, 64)
+    base = io.save_params(d / "base.npz", z.base)
+    fts = [io.save_params(d / f"{t}.safetensors", f) for t, f in zip(z.task_names, z.finetuned)]
+    return z, d, str(base), [str(f) for f in fts]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
+    z, d, base, fts = tiny
+    code, out, err = run(capsys, "merge", "--base", base, "--finetuned", *fts, "--method", "ties",
+                         "--keep", "0.2", "--blocks", "vit", "--size", "2", "--out", tmp_path / "m")
+    assert code == 0, err
+    model = fm.load(tmp_path / "m")
+    ref = fm.plan(z.base, z.finetuned, blocks="vit", method=fm.methods.ties(keep=0.2),
+                  task_names=z.task_names).at_size(2)
+    assert model.n_models == ref.n_models and model.task_names == z.task_names
+    for i in range(3):
+        a, b = fm.tree.flatten(model.params_for_task(i))[1], fm.tree.flatten(ref.params_for_task(i))[1]
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+    blocks_json = tmp_path / "blocks.json"
+    blocks_json.write_text(json.dumps(fm.blocks.vit().block_names(fm.tree.leaf_names(z.base))))
+    code, out, err = run(capsys, "plan", "--base", base, "--finetuned", *fts, "--method", "emr",
+                         "--blocks", blocks_json, "--linkage", "none", "--similarity", "sign",
+                         "--out", tmp_path / "plan")
+    assert code == 0, err
+    code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2.5", "--out", tmp_path / "c")
+    assert code == 0, err
+    cut = fm.load(tmp_path / "c")
+    direct = fm.plan(base, fts, blocks="vit", method="emr", linkage=None, similarity="sign").at_size(2.5)
+    assert cut.n_models == direct.n_models
+    code, out, err = run(capsys, "inspect", tmp_path / "c")
+    assert code == 0 and "routing" in out and "blocks/3/mlp" in out
+    code, out, err = run(capsys, "inspect", tmp_path / "plan")
+    assert code == 0 and "step" in out and "inputs attached: True" in out
+    # The plan's inputs moved: cut needs them again.
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    shutil.move(d / "base.npz", tmp_path / "base_gone.npz")
+    try:
+        code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "3", "--out", tmp_path / "c2")
+        assert code == 2 and "pass --base and --finetuned" in err
+        code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "3", "--out", tmp_path / "c2",
+                             "--base", moved / "base.npz", "--finetuned",
+                             *[moved / (t + ".safetensors") for t in z.task_names])
+        assert code == 0, err
+    finally:
+        shutil.move(tmp_path / "base_gone.npz", d / "base.npz")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["merge", "--base", "nope.npz", "--finetuned", "a.npz", "b.npz", "--method", "ta",
+          "--size", "1", "--out", "x"], "nope.npz: no such file"),
+        (["merge", "--method", "magic", "--size", "1", "--out", "x"], "unknown method 'magic'"),
+        (["merge", "--method", "ties", "--keep", "1.5", "--size", "1", "--out", "x"], "keep must be in"),
+        (["merge", "--method", "ta", "--size", "9", "--out", "x"], "size 9.0 outside"),
+        (["merge", "--method", "ta", "--blocks", "nosuchpreset", "--size", "1", "--out", "x"],
+         "unknown block preset"),
+        (["merge", "--method", "ta", "--linkage", "ward", "--size", "1", "--out", "x"], "linkage must be"),
+    ],
+)
+def test_user_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
+    z, d, base, fts = tiny
+    if "--base" not in argv:
+        argv = argv[:1] + ["--base", base, "--finetuned", *fts] + argv[1:]
+    argv = [a if a != "x" else str(tmp_path / "x") for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mismatched_file_is_named(tiny, capsys, tmp_path):
+    z, d, base, fts = tiny
+    bad = dict(z.finetuned[1])
+    bad["proj"] = {"kernel": np.zeros((64, 32), np.float32)}
+    path = io.save_params(tmp_path / "bad.npz", bad)
+    code, out, err = run(capsys, "plan", "--base", base, "--finetuned", fts[0], path, "--method", "ta",
+                         "--out", tmp_path / "p")
+    assert code == 2 and "bad.npz" in err and "proj/kernel" in err
+
+
+def test_inspect_foreign_directory(capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", tmp_path)
+    assert code == 2 and "not a flexmerge_jax checkpoint" in err
+
+
+def test_demo_on_tiny_zoo(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--tasks", "3", "--examples", "64", "--methods", "avg,emr",
+                         "--sizes", "1,2,2.5,3", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    res = fm.SweepResult.from_json(json.loads((tmp_path / "sweep.json").read_text()))
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (tmp_path / "sweep.csv").exists()
+    avg = res.curve("avg")
+    assert avg[0].n_models == 1.0 and avg[-1].n_models == 3.0
+    assert avg[-1].avg_normalized == 1.0  # size n: the fine-tuned models themselves
+    assert min(p.n_models for p in res.curve("emr")) == pytest.approx(2 + 3 / 32)
+    assert "normalized accuracy" in out
+
+
+def test_console_script_entry_point(tmp_path):
+    exe = shutil.which("flexmerge")
+    cmd = [exe] if exe else [sys.executable, "-m", "flexmerge_jax.cli"]
+    r = subprocess.run(cmd + ["inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("flexmerge: error:") and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout
