@@ -13,6 +13,7 @@ from . import blocks, io, kernels, methods, prep, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
+from ._tune import Tuning
 from .checkpointing import load, save
 from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "Plan",
     "Event",
+    "Tuning",
     "FlexModel",
     "BlockModel",
     "Source",

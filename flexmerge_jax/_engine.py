@@ -147,14 +147,26 @@ def grams(prepared: Prepared, *, raw: bool = False) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
-def _merge_groups(x, members, extra, hp, *, static: Method):
-    """``method.merge_group`` over a batch of groups ``members: bool[G, n]``."""
-    method = static.join(hp)
-    return jax.lax.map(lambda mb: method.merge_group(x, mb, extra), members)
+def _merge_groups(x, members, scales, extra, hp, *, static: Method):
+    """``method.merge_group`` over groups ``members: bool[G, n]``, ``scales: f32[G]``."""
+
+    def one(args):
+        mb, sc = args
+        return static.join({**hp, "scale": sc}).merge_group(x, mb, extra)
+
+    return jax.lax.map(one, (members, scales))
 
 
-def merge_groups(x: dict, members: np.ndarray, extra, method: Method):
+def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=None):
     """Merges several groups of one block; pads G to a power of two.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` preprocessed task vectors of the block.
+      members: ``bool[G, n]`` the groups.
+      extra: per-block method state.
+      method: the method.
+      scales: optional per-group :math:`\\lambda` (``f32[G]``, validation
+        tuning); default ``method.scale`` for every group.
 
     Returns:
       :class:`~.methods.GroupMerge` with a leading group axis ``[G, ...]``.
@@ -164,9 +176,12 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method):
     padded = np.zeros((bucket, members.shape[1]), bool)
     padded[:g] = members
     padded[g:, 0] = True  # dummy groups: harmless work, discarded below
+    sc = np.full((bucket,), method.scale, np.float32)
+    if scales is not None:
+        sc[:g] = scales
     names = list(x)
     static, hp = method.split()
-    out = _merge_groups(canonical(x), jnp.asarray(padded), extra, hp, static=static)
+    out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp, static=static)
     out = jax.tree.map(lambda a: a[:g], out)
     return out._replace(
         vector=named(out.vector, names),
@@ -185,6 +200,7 @@ def materialize(
     *,
     n_models: float,
     step: int | None,
+    scales: Sequence[dict] | None = None,
 ):
     """Builds the :class:`~._flexmodel.FlexModel` of a given partition.
 
@@ -196,6 +212,8 @@ def materialize(
       groups_per_block: for each block, its groups (sorted task tuples).
       n_models: the size to record (from the schedule's accounting).
       step: the schedule step, or ``None``.
+      scales: for each block, ``{group: lambda}`` for groups whose
+        :math:`\\lambda` was tuned (others use ``method.scale``).
     """
     from ._flexmodel import BlockModel, FlexModel
 
@@ -213,7 +231,9 @@ def materialize(
             members = np.zeros((len(merged), n), bool)
             for i, g in enumerate(merged):
                 members[i, list(g)] = True
-            gm = merge_groups(x, members, prepared.extra(b, x), method)
+            tuned = scales[b] if scales is not None else {}
+            sc = np.array([tuned.get(g, method.scale) for g in merged], np.float32)
+            gm = merge_groups(x, members, prepared.extra(b, x), method, sc)
         sets, masked, masks = [], [], {}
         routing = np.full((n,), -1, np.int32)
         rescalers = np.ones((n,), np.float32)

@@ -26,6 +26,7 @@ from ._schedule import (
     replay,
 )
 from ._source import MemorySource, Source
+from ._tune import Tuning, check_tunable, tune_scales
 
 PyTree = Any
 ORDERS = ("greedy", "left-right", "right-left", "random")
@@ -177,6 +178,7 @@ class Plan:
         order: tuple[np.ndarray, np.ndarray],
         config: dict,
         source_info: dict | None = None,
+        scales: Sequence[float | None] | None = None,
     ):
         self._prepared = prepared
         self.layout = layout
@@ -186,6 +188,7 @@ class Plan:
         self.sequences = list(sequences)
         self.order = (np.asarray(order[0], np.int64), np.asarray(order[1], np.int64))
         self.config = dict(config)
+        self.scales = None if scales is None else [None if v is None else float(v) for v in scales]
         self.source_info = source_info or (
             prepared.source.describe() if prepared is not None else None
         )
@@ -281,7 +284,19 @@ class Plan:
             [parts[b.name] for b in self.partition.blocks],
             n_models=float(self.sizes[step]),
             step=int(step),
+            scales=self._group_scales(step),
         )
+
+    def _group_scales(self, step: int):
+        """Per block, ``{group: tuned lambda}`` of the groups formed by step."""
+        if self.scales is None:
+            return None
+        index = {b: i for i, b in enumerate(self.partition.names)}
+        out: list[dict] = [{} for _ in self.partition.blocks]
+        for e, lam in zip(self.events[:step], self.scales[:step]):
+            if lam is not None:
+                out[index[e.block]][tuple(sorted(e.members_a + e.members_b))] = lam
+        return out
 
     def at_size(self, size: float) -> FlexModel:
         """The model at the first step whose ``n_models <= size``."""
@@ -339,6 +354,7 @@ class Plan:
             order=(np.asarray(meta["order"][0]), np.asarray(meta["order"][1])),
             config=meta["config"],
             source_info=meta.get("source"),
+            scales=meta.get("scales"),
         )
         if base is not None or finetuned is not None:
             plan.attach(base, finetuned)
@@ -448,6 +464,8 @@ def plan(
     order: str = "greedy",
     seed: int = 0,
     task_names: Sequence[str] | None = None,
+    tune: "Tuning | None" = None,
+    progress: bool | None = None,
 ) -> Plan:
     """Computes the FlexMerge schedule (every size from n down to the floor).
 
@@ -472,6 +490,10 @@ def plan(
       seed: seed of the ``random`` order (``np.random.default_rng``, the
         reference's calls: the same seed reproduces its order).
       task_names: names of the n tasks (default ``task0``...).
+      tune: a :class:`~flexmerge_jax.Tuning` to choose :math:`\\lambda` per
+        merge on validation data, as the reference's ``--USE_VAL`` (the
+        chosen values are in ``plan.scales`` and used by every cut).
+      progress: progress bar for tuning (default: when stderr is a terminal).
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
@@ -487,6 +509,8 @@ def plan(
         raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+    if tune is not None:
+        check_tunable(method, linkage if order != "random" else "random", similarity)
     source = as_source(base, finetuned, task_names)
     partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
     prepared = Prepared(source, partition, method)
@@ -509,7 +533,7 @@ def plan(
         "order": order,
         "seed": int(seed) if order == "random" else None,
     }
-    return Plan(
+    result = Plan(
         prepared=prepared,
         layout=source.layout,
         partition=partition,
@@ -519,6 +543,10 @@ def plan(
         order=ordr,
         config=config,
     )
+    if tune is not None:
+        result.scales = tune_scales(result, prepared, tune, progress)
+        result.config["tuned"] = {"lambdas": [float(v) for v in tune.lambdas], "start": tune.start}
+    return result
 
 
 def merge(

@@ -119,6 +119,7 @@ def _plan_meta(plan) -> dict:
         "order": [plan.order[0].tolist(), plan.order[1].tolist()],
         "sizes": plan.sizes.tolist(),
         "events": [e.to_json() for e in plan.events],
+        "scales": plan.scales,
         "source": plan.source_info,
     }
 
