@@ -14,7 +14,7 @@ from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
 from ._tune import Tuning
-from .checkpointing import load, save
+from .checkpointing import load, save, save_cut
 from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "merge",
     "save",
     "load",
+    "save_cut",
     "Plan",
     "Event",
     "Tuning",

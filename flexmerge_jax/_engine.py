@@ -194,6 +194,70 @@ def _add_base(base, v):
     return (base.astype(jnp.float32) + v).astype(base.dtype)
 
 
+def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
+    """The deployed :class:`~._flexmodel.BlockModel` of block ``b``.
+
+    One vectorised merge over the block's merged groups; tasks in groups
+    below the method's merge size keep their fine-tuned parameters.
+
+    Args:
+      prepared: the preprocessed source.
+      b: block index.
+      groups: the block's groups (task tuples).
+      scales: ``{group: lambda}`` for groups with a tuned lambda.
+    """
+    from ._flexmodel import BlockModel
+
+    src, method, n = prepared.source, prepared.method, prepared.n
+    block = prepared.partition.blocks[b]
+    groups = sorted(tuple(sorted(g)) for g in groups)
+    merged = [g for g in groups if len(g) >= method.min_merged]
+    base = src.base(block.leaves)
+    fts = src.finetuned(block.leaves) if len(merged) < len(groups) else None
+    gm = None
+    if merged:
+        x = prepared.x(b)
+        members = np.zeros((len(merged), n), bool)
+        for i, g in enumerate(merged):
+            members[i, list(g)] = True
+        tuned = scales or {}
+        sc = np.array([tuned.get(g, method.scale) for g in merged], np.float32)
+        gm = merge_groups(x, members, prepared.extra(b, x), method, sc)
+    sets, masked, masks = [], [], {}
+    routing = np.full((n,), -1, np.int32)
+    rescalers = np.ones((n,), np.float32)
+    gi = 0
+    for g in groups:
+        if len(g) >= method.min_merged:
+            w = {k: _add_base(jnp.asarray(base[k]), gm.vector[k][gi]) for k in block.leaves}
+            sets.append(w)
+            masked.append(method.uses_masks)
+            routing[list(g)] = len(sets) - 1
+            if method.uses_masks:
+                resc = np.asarray(gm.rescalers[gi])
+                for t in g:
+                    masks[t] = {k: gm.masks[k][gi, t] for k in block.leaves}
+                    rescalers[t] = resc[t]
+            gi += 1
+        else:
+            for t in g:
+                sets.append(fts[t])
+                masked.append(False)
+                routing[t] = len(sets) - 1
+    any_masked = any(masked)
+    return BlockModel(
+        name=block.name,
+        leaves=block.leaves,
+        groups=tuple(groups),
+        routing=routing,
+        sets=sets,
+        masked=np.asarray(masked, bool),
+        base=base if any_masked else None,
+        masks=masks,
+        rescalers=rescalers,
+    )
+
+
 def materialize(
     prepared: Prepared,
     groups_per_block: Sequence[Sequence[tuple[int, ...]]],
@@ -204,9 +268,6 @@ def materialize(
 ):
     """Builds the :class:`~._flexmodel.FlexModel` of a given partition.
 
-    One vectorised merge per block (over that block's merged groups); tasks
-    in groups below the method's merge size keep their fine-tuned parameters.
-
     Args:
       prepared: the preprocessed source.
       groups_per_block: for each block, its groups (sorted task tuples).
@@ -215,67 +276,20 @@ def materialize(
       scales: for each block, ``{group: lambda}`` for groups whose
         :math:`\\lambda` was tuned (others use ``method.scale``).
     """
-    from ._flexmodel import BlockModel, FlexModel
+    from ._flexmodel import FlexModel
 
-    src, method, n = prepared.source, prepared.method, prepared.n
-    partition = prepared.partition
-    models = []
-    for b, block in enumerate(partition.blocks):
-        groups = sorted(tuple(sorted(g)) for g in groups_per_block[b])
-        merged = [g for g in groups if len(g) >= method.min_merged]
-        base = src.base(block.leaves)
-        fts = src.finetuned(block.leaves) if len(merged) < len(groups) else None
-        gm = None
-        if merged:
-            x = prepared.x(b)
-            members = np.zeros((len(merged), n), bool)
-            for i, g in enumerate(merged):
-                members[i, list(g)] = True
-            tuned = scales[b] if scales is not None else {}
-            sc = np.array([tuned.get(g, method.scale) for g in merged], np.float32)
-            gm = merge_groups(x, members, prepared.extra(b, x), method, sc)
-        sets, masked, masks = [], [], {}
-        routing = np.full((n,), -1, np.int32)
-        rescalers = np.ones((n,), np.float32)
-        gi = 0
-        for g in groups:
-            if len(g) >= method.min_merged:
-                w = {k: _add_base(jnp.asarray(base[k]), gm.vector[k][gi]) for k in block.leaves}
-                sets.append(w)
-                masked.append(method.uses_masks)
-                routing[list(g)] = len(sets) - 1
-                if method.uses_masks:
-                    resc = np.asarray(gm.rescalers[gi])
-                    for t in g:
-                        masks[t] = {k: gm.masks[k][gi, t] for k in block.leaves}
-                        rescalers[t] = resc[t]
-                gi += 1
-            else:
-                for t in g:
-                    sets.append(fts[t])
-                    masked.append(False)
-                    routing[t] = len(sets) - 1
-        any_masked = any(masked)
-        models.append(
-            BlockModel(
-                name=block.name,
-                leaves=block.leaves,
-                groups=tuple(groups),
-                routing=routing,
-                sets=sets,
-                masked=np.asarray(masked, bool),
-                base=base if any_masked else None,
-                masks=masks,
-                rescalers=rescalers,
-            )
-        )
+    models = [
+        materialize_block(prepared, b, groups_per_block[b], None if scales is None else scales[b])
+        for b in range(len(prepared.partition))
+    ]
+    src, n, partition = prepared.source, prepared.n, prepared.partition
     unmatched = (
         src.finetuned(partition.unmatched) if partition.unmatched else [{} for _ in range(n)]
     )
     return FlexModel(
         layout=prepared.layout,
         partition=partition,
-        method=method,
+        method=prepared.method,
         task_names=src.task_names,
         blocks=models,
         unmatched=unmatched,

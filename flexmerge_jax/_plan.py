@@ -273,19 +273,23 @@ class Plan:
     def at_step(self, step: int) -> FlexModel:
         """The deployable model after ``step`` merges (0 = the n fine-tuned)."""
         self._check_step(step)
-        if self._prepared is None:
-            raise ValueError(
-                "this plan has no inputs attached (loaded without them); "
-                "use flexmerge_jax.load(path, base=..., finetuned=...)"
-            )
+        prepared = self._require_inputs()
         parts = self.partition_at(step)
         return materialize(
-            self._prepared,
+            prepared,
             [parts[b.name] for b in self.partition.blocks],
             n_models=float(self.sizes[step]),
             step=int(step),
             scales=self._group_scales(step),
         )
+
+    def _require_inputs(self) -> Prepared:
+        if self._prepared is None:
+            raise ValueError(
+                "this plan has no inputs attached (loaded without them); "
+                "use flexmerge_jax.load(path, base=..., finetuned=...)"
+            )
+        return self._prepared
 
     def _group_scales(self, step: int):
         """Per block, ``{group: tuned lambda}`` of the groups formed by step."""

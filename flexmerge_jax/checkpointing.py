@@ -3,7 +3,8 @@
 A saved directory holds ``flexmerge.json`` — everything that is not a
 parameter array (format marker, task names, method and hyperparameters,
 blocks, routing tables, groups, sizes, the plan's schedule), readable
-without JAX — and ``arrays/``, an Orbax checkpoint of the parameter sets.
+without JAX — and ``arrays/``, one Orbax checkpoint per block (``b00000``,
+...) plus ``unmatched``, so models are written and read block by block.
 Masks are stored bit-packed (``np.packbits``: 1 bit per parameter on disk).
 
 Saving is atomic: everything is written into a temporary sibling directory
@@ -29,7 +30,7 @@ from ._flexmodel import BlockModel, FlexModel
 from .methods import Method
 from .tree import Layout
 
-__all__ = ["save", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
+__all__ = ["save", "save_cut", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
 
 FORMAT_MODEL = "flexmerge_jax/flexmodel"
 FORMAT_PLAN = "flexmerge_jax/plan"
@@ -54,47 +55,61 @@ def _host(x):
     return np.asarray(jax.device_get(x))
 
 
-def _model_payload(model: FlexModel) -> tuple[dict, dict]:
-    arrays: dict[str, Any] = {}
-    blocks_meta = []
-    for bi, (name, b) in enumerate(model.blocks.items()):
-        entry: dict[str, Any] = {}
-        for si, s in enumerate(b.sets):
-            entry[_key("s", si)] = {_key("", j): _host(s[k]) for j, k in enumerate(b.leaves)}
-        if b.base is not None:
-            entry["base"] = {_key("", j): _host(b.base[k]) for j, k in enumerate(b.leaves)}
-        for t, m in sorted(b.masks.items()):
-            entry[_key("m", t)] = {_key("", j): _pack(m[k]) for j, k in enumerate(b.leaves)}
-        arrays[_key("b", bi)] = entry
-        blocks_meta.append(
-            {
-                "name": name,
-                "groups": [list(g) for g in b.groups],
-                "routing": b.routing.tolist(),
-                "masked": b.masked.tolist(),
-                "has_base": b.base is not None,
-                "mask_tasks": sorted(int(t) for t in b.masks),
-                "rescalers": np.asarray(b.rescalers, np.float64).tolist(),
-            }
-        )
-    if model.partition.unmatched:
-        arrays["unmatched"] = {
-            _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(model.partition.unmatched)}
-            for i, u in enumerate(model.unmatched)
-        }
-    meta = {
+def _block_arrays(b: BlockModel) -> dict:
+    entry: dict[str, Any] = {}
+    for si, st in enumerate(b.sets):
+        entry[_key("s", si)] = {_key("", j): _host(st[k]) for j, k in enumerate(b.leaves)}
+    if b.base is not None:
+        entry["base"] = {_key("", j): _host(b.base[k]) for j, k in enumerate(b.leaves)}
+    for t, m in sorted(b.masks.items()):
+        entry[_key("m", t)] = {_key("", j): _pack(m[k]) for j, k in enumerate(b.leaves)}
+    return entry
+
+
+def _block_meta(b: BlockModel) -> dict:
+    return {
+        "name": b.name,
+        "groups": [list(g) for g in b.groups],
+        "routing": b.routing.tolist(),
+        "masked": b.masked.tolist(),
+        "has_base": b.base is not None,
+        "mask_tasks": sorted(int(t) for t in b.masks),
+        "rescalers": np.asarray(b.rescalers, np.float64).tolist(),
+    }
+
+
+def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, step,
+                 blocks, unmatched) -> None:
+    """Writes a FlexModel directory block by block (``blocks``: an iterable).
+
+    Each block is its own Orbax item under ``arrays/``, so a block can be
+    written as soon as it is materialized and dropped (streaming cuts), and
+    read on its own.
+    """
+    metas = []
+    stored = 0.0
+    for bi, (blk, pb) in enumerate(zip(blocks, partition.blocks)):
+        _write_arrays(tmp / "arrays" / _key("b", bi), _block_arrays(blk))
+        metas.append(_block_meta(blk))
+        stored += blk.stored_parameters(pb.numel)
+    if partition.unmatched:
+        _write_arrays(tmp / "arrays" / "unmatched", {
+            _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(partition.unmatched)}
+            for i, u in enumerate(unmatched)
+        })
+    stored += len(task_names) * partition.unmatched_numel
+    _write_json(tmp / _META, {
         "format": FORMAT_MODEL,
         "version": VERSION,
-        "task_names": list(model.task_names),
-        "method": model.method.to_json(),
-        "n_models": model.n_models,
-        "step": model.step,
-        "layout": model.layout.to_json(),
-        "partition": model.partition.to_json(),
-        "blocks": blocks_meta,
-        "stored_parameters": model.stored_parameters(),
-    }
-    return meta, arrays
+        "task_names": list(task_names),
+        "method": method.to_json(),
+        "n_models": float(n_models),
+        "step": step,
+        "layout": layout.to_json(),
+        "partition": partition.to_json(),
+        "blocks": metas,
+        "stored_parameters": stored,
+    })
 
 
 def _plan_meta(plan) -> dict:
@@ -158,13 +173,53 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
     """
     from ._plan import Plan
 
-    path = Path(path)
     if isinstance(obj, FlexModel):
-        meta, arrays = _model_payload(obj)
+        def write(tmp):
+            _write_model(tmp, layout=obj.layout, partition=obj.partition, method=obj.method,
+                         task_names=obj.task_names, n_models=obj.n_models, step=obj.step,
+                         blocks=obj.blocks.values(), unmatched=obj.unmatched)
     elif isinstance(obj, Plan):
-        meta, arrays = _plan_meta(obj), None
+        def write(tmp):
+            _write_json(tmp / _META, _plan_meta(obj))
     else:
         raise ValueError(f"save() takes a FlexModel or a Plan, got {type(obj).__name__}")
+    return _atomic(Path(path), write, overwrite)
+
+
+def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: int | None = None,
+             overwrite: bool = False) -> Path:
+    """Cuts ``plan`` at a size (or step) and saves the model, block by block.
+
+    Equivalent to ``save(path, plan.at_size(size))`` but each block is
+    materialized, written and released in turn, so host memory holds one
+    block of all tasks at a time, never the whole output model.
+    """
+    from ._engine import materialize_block
+
+    if (size is None) == (step is None):
+        raise ValueError("give exactly one of size= or step=")
+    k = plan.step_for_size(size) if step is None else step
+    plan._check_step(k)
+    prepared = plan._require_inputs()
+    parts = plan.partition_at(k)
+    scales = plan._group_scales(k)
+
+    def blocks():
+        for b, pb in enumerate(plan.partition.blocks):
+            yield materialize_block(prepared, b, parts[pb.name], None if scales is None else scales[b])
+
+    def write(tmp):
+        src, part = prepared.source, plan.partition
+        unmatched = src.finetuned(part.unmatched) if part.unmatched else [{} for _ in range(plan.n)]
+        _write_model(tmp, layout=plan.layout, partition=part, method=plan.method,
+                     task_names=plan.task_names, n_models=float(plan.sizes[k]), step=int(k),
+                     blocks=blocks(), unmatched=unmatched)
+
+    return _atomic(Path(path), write, overwrite)
+
+
+def _atomic(path: Path, write, overwrite: bool) -> Path:
+    """Runs ``write(tmp_dir)`` then renames ``tmp_dir`` to ``path``."""
     if path.exists():
         if not overwrite:
             raise ValueError(f"{path} exists; pass overwrite=True to replace it")
@@ -173,9 +228,7 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.mkdir()
-        if arrays is not None:
-            _write_arrays(tmp / "arrays", arrays)
-        _write_json(tmp / _META, meta)  # last: marks the directory complete
+        write(tmp)  # writes flexmerge.json last: it marks the directory complete
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
@@ -206,12 +259,12 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_arrays(path: Path) -> dict:
+def _read_arrays(path: Path, item: str) -> dict:
     import orbax.checkpoint as ocp
 
-    arr = path / "arrays"
+    arr = path / "arrays" / item
     if not arr.is_dir():
-        raise ValueError(f"{path} is incomplete: no arrays/ directory")
+        raise ValueError(f"{path} is incomplete: no arrays/{item}")
     with warnings_quiet():
         return ocp.StandardCheckpointer().restore(arr.absolute())
 
@@ -226,14 +279,13 @@ def warnings_quiet():
 
 
 def _load_model(path: Path, meta: dict) -> FlexModel:
-    arrays = _read_arrays(path)
     layout = Layout.from_json(meta["layout"])
     partition = Partition.from_json(meta["partition"])
     shapes = dict(zip(layout.names, layout.shapes))
     n = len(meta["task_names"])
     blocks = []
     for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
-        entry = arrays[_key("b", bi)]
+        entry = _read_arrays(path, _key("b", bi))
         leaves = pb.leaves
         named = lambda d: {k: d[_key("", j)] for j, k in enumerate(leaves)}
         sets = [named(entry[_key("s", si)]) for si in range(len(bm["masked"]))]
@@ -255,7 +307,7 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
             )
         )
     if partition.unmatched:
-        um = arrays["unmatched"]
+        um = _read_arrays(path, "unmatched")
         unmatched = [
             {k: um[_key("t", i)][_key("", j)] for j, k in enumerate(partition.unmatched)}
             for i in range(n)

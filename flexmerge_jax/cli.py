@@ -93,11 +93,11 @@ def _say(msg: str) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .checkpointing import save
+    from .checkpointing import load, save_cut
 
     p = _plan(args)
-    model = p.at_size(args.size)
-    save(args.out, model, overwrite=args.overwrite)
+    save_cut(args.out, p, size=args.size, overwrite=args.overwrite)
+    model = load(args.out)
     _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
     return 0
 
@@ -112,7 +112,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .checkpointing import load, save
+    from .checkpointing import load, save_cut
     from ._plan import Plan
 
     obj = load(args.plan) if args.base is None else load(args.plan, base=args.base, finetuned=args.finetuned)
@@ -122,8 +122,8 @@ def cmd_cut(args) -> int:
         raise UserError(
             f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
         )
-    model = obj.at_step(args.step) if args.step is not None else obj.at_size(args.size)
-    save(args.out, model, overwrite=args.overwrite)
+    save_cut(args.out, obj, size=args.size, step=args.step, overwrite=args.overwrite)
+    model = load(args.out)
     _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
     return 0
 

@@ -44,9 +44,8 @@ def test_masks_take_one_bit_per_parameter(tmp_path):
     base, fts = random_case(1, n=4)
     model = fm.merge(base, fts, fm.methods.emr())
     fm.save(tmp_path / "m", model)
-    arrays = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays").absolute())
     for bi, name in enumerate(model.blocks):
-        entry = arrays[f"b{bi:05d}"]
+        entry = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays" / f"b{bi:05d}").absolute())
         numel = int(np.prod(base[name].shape))
         for t in range(4):
             packed = entry[f"m{t:05d}"]["00000"]
@@ -119,3 +118,19 @@ def test_incomplete_directory_is_rejected(tmp_path):
     shutil.rmtree(tmp_path / "m" / "arrays")
     with pytest.raises(ValueError, match="incomplete"):
         fm.load(tmp_path / "m")
+
+
+def test_streaming_cut_equals_in_memory_cut(tmp_path):
+    base, fts = random_case(6, n=4)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        p = fm.plan(base, fts, blocks=["l1.", "l0."], method=fm.methods.consensus_ta())
+    fm.save_cut(tmp_path / "stream", p, size=3.0)
+    fm.save(tmp_path / "mem", p.at_size(3.0))
+    a, b = fm.load(tmp_path / "stream"), fm.load(tmp_path / "mem")
+    assert a.n_models == b.n_models == p.sizes[p.step_for_size(3.0)]
+    same_params(a, b, 4)
+    ja = json.loads((tmp_path / "stream" / "flexmerge.json").read_text())
+    jb = json.loads((tmp_path / "mem" / "flexmerge.json").read_text())
+    assert ja == jb
+    with pytest.raises(ValueError, match="exactly one"):
+        fm.save_cut(tmp_path / "x", p)
