@@ -118,12 +118,35 @@ def _chunks(names: Sequence[str], sizes: Sequence[int], budget: int = 1 << 24):
 def _gram(leaves: tuple) -> jax.Array:
     g = None
     for x in leaves:
-        f = x.reshape(x.shape[0], -1).astype(jnp.float64)
-        part = jax.lax.dot_general(
-            f, f, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
-        )
+        part = gram_dot(x.astype(jnp.float64), x.astype(jnp.float64))
         g = part if g is None else g + part
     return g
+
+
+def gram_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``[n, ...] x [m, ...] -> [n, m]`` contracting every non-task axis.
+
+    No reshape (illegal on explicitly sharded arrays); on a mesh each device
+    contracts its shard and the ``[n, m]`` partial sums are all-reduced into
+    a replicated result, so no task vector is gathered on one device.
+    """
+    axes = tuple(range(1, a.ndim))
+    return jax.lax.dot_general(
+        a, b, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST,
+        out_sharding=replicated_like(a),
+    )
+
+
+def replicated_like(x: jax.Array):
+    """A replicated sharding on ``x``'s mesh (``None`` off a mesh)."""
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+    aval = getattr(x, "aval", None)
+    sh = getattr(aval, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.axis_names:
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+    return None
 
 
 def block_gram(x: dict[str, jax.Array]) -> np.ndarray:

@@ -470,6 +470,8 @@ def plan(
     task_names: Sequence[str] | None = None,
     tune: "Tuning | None" = None,
     progress: bool | None = None,
+    mesh=None,
+    mesh_axis: str = "model",
 ) -> Plan:
     """Computes the FlexMerge schedule (every size from n down to the floor).
 
@@ -498,6 +500,10 @@ def plan(
         merge on validation data, as the reference's ``--USE_VAL`` (the
         chosen values are in ``plan.scales`` and used by every cut).
       progress: progress bar for tuning (default: when stderr is a terminal).
+      mesh: a ``jax.sharding.Mesh``: task vectors, statistics, merges and the
+        cut models are sharded over its ``mesh_axis`` on parameter dims
+        (see :mod:`flexmerge_jax.sharding`).
+      mesh_axis: the mesh axis to shard parameters over.
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
@@ -516,6 +522,10 @@ def plan(
     if tune is not None:
         check_tunable(method, linkage if order != "random" else "random", similarity)
     source = as_source(base, finetuned, task_names)
+    if mesh is not None:
+        from .sharding import ShardedSource
+
+        source = ShardedSource(source, mesh, mesh_axis)
     partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
     prepared = Prepared(source, partition, method)
     n = source.n

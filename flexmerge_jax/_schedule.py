@@ -240,16 +240,18 @@ def _linear_sequences(gram, numel, scale, *, similarity, min_merged):
 
 def _pair_sims(similarity: str, v: dict, numel: int) -> jax.Array:
     """Similarities between all rows of the group vectors ``v`` (f64)."""
-    f = lambda x: x.reshape(x.shape[0], -1).astype(jnp.float64)
+    from ._engine import gram_dot
+
+    f = lambda x: x.astype(jnp.float64)
     if similarity == "sign":
         agree = 0
         for x in v.values():
-            s = jnp.sign(x.reshape(x.shape[0], -1))
+            s = jnp.sign(x)
             for val in (-1.0, 0.0, 1.0):
                 ind = (s == val).astype(jnp.float64)
-                agree = agree + ind @ ind.T
+                agree = agree + gram_dot(ind, ind)
         return agree / numel
-    g = sum(f(x) @ f(x).T for x in v.values())
+    g = sum(gram_dot(f(x), f(x)) for x in v.values())
     dg = jnp.diagonal(g)
     if similarity == "cosine":
         return g / (jnp.sqrt(dg)[:, None] * jnp.sqrt(dg)[None, :])
@@ -260,18 +262,19 @@ def _pair_sims(similarity: str, v: dict, numel: int) -> jax.Array:
 
 def _row_sims(similarity: str, v: dict, r, numel: int) -> jax.Array:
     """Similarities of row ``r`` of ``v`` against every row (f64)."""
-    f = lambda x: x.reshape(x.shape[0], -1).astype(jnp.float64)
+    f = lambda x: x.astype(jnp.float64)
+    rest = lambda x: tuple(range(1, x.ndim))
     if similarity == "sign":
         agree = sum(
-            jnp.sum(jnp.sign(x[r])[None] == jnp.sign(x), axis=tuple(range(1, x.ndim)))
+            jnp.sum(jnp.sign(x[r])[None] == jnp.sign(x), axis=rest(x))
             for x in v.values()
         )
         return agree.astype(jnp.float64) / numel
     if similarity == "cosine":
-        dot = sum(f(x) @ f(x)[r] for x in v.values())
-        nrm = jnp.sqrt(sum(jnp.sum(f(x) ** 2, axis=1) for x in v.values()))
+        dot = sum(jnp.sum(f(x) * f(x)[r][None], axis=rest(x)) for x in v.values())
+        nrm = jnp.sqrt(sum(jnp.sum(f(x) ** 2, axis=rest(x)) for x in v.values()))
         return dot / (nrm[r] * nrm)
-    dist2 = sum(jnp.sum((f(x) - f(x)[r][None]) ** 2, axis=1) for x in v.values())
+    dist2 = sum(jnp.sum((f(x) - f(x)[r][None]) ** 2, axis=rest(x)) for x in v.values())
     return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel))
 
 

@@ -73,12 +73,15 @@ def _task_vector(base, fts):
 
 @jax.jit
 def _finite_rows(x):
-    return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
-def _first_nonfinite(tvs: dict[str, jax.Array]):
+def _first_nonfinite(tvs: dict):
     for name, x in tvs.items():
-        ok = np.asarray(_finite_rows(x))
+        if isinstance(x, np.ndarray):
+            ok = np.all(np.isfinite(x), axis=tuple(range(1, x.ndim)))
+        else:
+            ok = np.asarray(_finite_rows(x))
         if not ok.all():
             return int(np.argmin(ok)), name
     return None

@@ -288,7 +288,7 @@ def pcb_merge(
         selfp = _minmax_sq(a, cl, ch)
         p = jnp.exp(m * selfp) * jnp.tanh(v * colsum[k][None])
         P[k] = jnp.clip(p, _bcast(lo, v), _bcast(hi, v))
-    red = lambda t, f: f(t.reshape(t.shape[0], -1), axis=1)
+    red = lambda t, f: f(t, axis=tuple(range(1, t.ndim)))  # no reshape: sharding-safe
     pmin = jnp.min(jnp.stack([red(p, jnp.min) for p in P.values()]), axis=0)
     pmax = jnp.max(jnp.stack([red(p, jnp.max) for p in P.values()]), axis=0)
     s = jnp.asarray(scale, jnp.float32)

@@ -64,22 +64,51 @@ def _from_keys(keys: np.ndarray, signed: bool) -> np.ndarray:
     return keys.astype(np.uint32).view(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("signed",))
-def _hist_hi(x: jax.Array, *, signed: bool) -> jax.Array:
+def _local_hist(x, prefix, signed: bool):
+    """Per-task histogram of 16-bit key digits of a local (unsharded) block.
+
+    ``prefix is None``: the high 16 bits; else the low 16 bits of the
+    entries whose high bits equal ``prefix[task]``.
+    """
     n = x.shape[0]
     key = _keys(x.reshape(n, -1), signed)
-    idx = (key >> 16).astype(jnp.int32) + (jnp.arange(n, dtype=jnp.int32) * _BINS)[:, None]
-    return jnp.bincount(idx.ravel(), length=n * _BINS).reshape(n, _BINS)
-
-
-@functools.partial(jax.jit, static_argnames=("signed",))
-def _hist_lo(x: jax.Array, prefix: jax.Array, *, signed: bool) -> jax.Array:
-    n = x.shape[0]
-    key = _keys(x.reshape(n, -1), signed)
-    match = (key >> 16).astype(jnp.int32) == prefix[:, None]
-    low = (key & jnp.uint32(0xFFFF)).astype(jnp.int32)
-    idx = jnp.where(match, low + (jnp.arange(n, dtype=jnp.int32) * _BINS)[:, None], n * _BINS)
+    offset = (jnp.arange(n, dtype=jnp.int32) * _BINS)[:, None]
+    if prefix is None:
+        idx = (key >> 16).astype(jnp.int32) + offset
+    else:
+        match = (key >> 16).astype(jnp.int32) == prefix[:, None]
+        low = (key & jnp.uint32(0xFFFF)).astype(jnp.int32)
+        idx = jnp.where(match, low + offset, n * _BINS)
     return jnp.bincount(idx.ravel(), length=n * _BINS + 1)[:-1].reshape(n, _BINS)
+
+
+@functools.partial(jax.jit, static_argnames=("signed",))
+def _hist_jit(x, prefix, *, signed):
+    return _local_hist(x, prefix, signed)
+
+
+@functools.lru_cache(maxsize=64)
+def _hist_sharded(mesh, spec, signed: bool, with_prefix: bool):
+    from jax.sharding import PartitionSpec as P
+
+    axes = tuple(a for entry in spec if entry is not None
+                 for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+    def local(x, prefix):
+        return jax.lax.psum(_local_hist(x, prefix if with_prefix else None, signed), axes)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P())
+    return jax.jit(f)
+
+
+def _hist(x: jax.Array, prefix, signed: bool) -> np.ndarray:
+    """Histogram of one leaf; per-shard + all-reduce when ``x`` is sharded."""
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and any(e is not None for e in sh.spec):
+        fn = _hist_sharded(sh.mesh, sh.spec, signed, prefix is not None)
+        p = jnp.zeros((x.shape[0],), jnp.int32) if prefix is None else prefix
+        return np.asarray(fn(x, p), np.int64)
+    return np.asarray(_hist_jit(x, prefix, signed=signed), np.int64)
 
 
 def kth_smallest(
@@ -103,6 +132,8 @@ def kth_smallest(
     Returns:
       ``np.float32[n]``, the k-th smallest value of each task (as
       ``torch.kthvalue``), exact (no sort, two passes of 16-bit histograms).
+      Sharded leaves are histogrammed shard by shard (``shard_map``) and the
+      ``[n, 65536]`` counts all-reduced: nothing is gathered.
 
     Raises:
       ValueError: if some ``k`` is outside ``[1, number of values]``.
@@ -111,7 +142,7 @@ def kth_smallest(
     tf = transform or (lambda a: a)
     hist = None
     for x in _iter(leaves):
-        h = np.asarray(_hist_hi(tf(x), signed=signed), np.int64)
+        h = _hist(tf(x), None, signed)
         hist = h if hist is None else hist + h
     if hist is None:
         raise ValueError("kth_smallest needs at least one leaf")
@@ -124,7 +155,7 @@ def kth_smallest(
     prefix = jnp.asarray(hi.astype(np.int32))
     hist2 = None
     for x in _iter(leaves):
-        h = np.asarray(_hist_lo(tf(x), prefix, signed=signed), np.int64)
+        h = _hist(tf(x), prefix, signed)
         hist2 = h if hist2 is None else hist2 + h
     cum2 = below[:, None] + np.cumsum(hist2, axis=1)
     lo = np.argmax(cum2 >= k[:, None], axis=1)
@@ -236,9 +267,17 @@ def pcb_thresholds(leaves: Leaves, keep: float, d: int) -> tuple[np.ndarray, np.
 
 @functools.partial(jax.jit, static_argnames=("drop",))
 def _dare_leaf(x, key, drop: float):
-    n = x.shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
-    u = jax.vmap(lambda kk: jax.random.uniform(kk, x.shape[1:], jnp.float32))(keys)
+    # Draws take the shape (and sharding) of one task's slice; with the
+    # partitionable threefry PRNG (JAX's default) the values do not depend
+    # on the sharding.
+    sh = getattr(jax.typeof(x), "sharding", None)
+    rest = None
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.axis_names:
+        rest = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[1:]))
+    u = jnp.stack([
+        jax.random.uniform(jax.random.fold_in(key, i), x.shape[1:], jnp.float32, out_sharding=rest)
+        for i in range(x.shape[0])
+    ])
     keep = u > jnp.float32(drop)
     return x * keep.astype(x.dtype) * jnp.float32(1.0 / (1.0 - drop))
 

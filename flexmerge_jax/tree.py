@@ -247,7 +247,7 @@ def task_vectors(base: PyTree, finetuned: Sequence[PyTree]) -> PyTree:
 def check_finite(tv: jax.Array, name: str) -> None:
     """Raises ValueError naming the first task with a NaN/Inf in ``tv[i]``."""
     ok = np.asarray(
-        jnp.isfinite(tv).reshape(tv.shape[0], -1).all(axis=1)
+        jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
     )
     if not ok.all():
         i = int(np.argmin(ok))

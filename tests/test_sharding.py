@@ -1,0 +1,107 @@
+"""Sharded execution (8 CPU devices, XLA_FLAGS set in conftest) == single device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import flexmerge_jax as fm
+from flexmerge_jax import prep
+from flexmerge_jax._engine import _gram
+from oracle_utils import load_case
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (CPU) devices")
+
+
+def mesh(kind):
+    return jax.make_mesh((8,), ("model",), axis_types=(kind,))
+
+
+def assert_models_equal(a, b, n, rtol=0.0, atol=0.0):
+    for i in range(n):
+        pa, pb = a.params_for_task(i), b.params_for_task(i)
+        for k in pa:
+            np.testing.assert_allclose(np.asarray(pa[k]), np.asarray(pb[k]), rtol=rtol, atol=atol, err_msg=k)
+
+
+EX, AU = AxisType.Explicit, AxisType.Auto
+CONFIGS = [
+    # (mesh kind, method, linkage, similarity); the default run covers the
+    # global thresholds (ties trim, sharded radix select), DARE, EMR and the
+    # materialized path; `pytest -m slow` runs the full cross product.
+    (EX, fm.methods.ties(1.0, keep=0.2), "min", "cosine"),
+    (AU, fm.methods.emr(), None, "cosine"),
+    (EX, fm.methods.dare(fm.methods.task_arithmetic(1.5), drop=0.5), None, "euclidean"),
+]
+SLOW = [
+    (k, m, lk, sim)
+    for k in (EX, AU)
+    for m, lk, sim in [
+        (fm.methods.ties(1.0, keep=0.2), "min", "cosine"),
+        (fm.methods.pcb(1.0, keep=0.2), "min", "cosine"),
+        (fm.methods.emr(), None, "cosine"),
+        (fm.methods.dare(fm.methods.task_arithmetic(1.5), drop=0.5), None, "euclidean"),
+        (fm.methods.consensus_ties(), None, "sign"),
+    ]
+    if (k, m, lk, sim) not in CONFIGS
+]
+
+
+@pytest.mark.parametrize(
+    "kind,method,linkage,similarity",
+    CONFIGS + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
+    ids=lambda v: getattr(v, "name", str(v).split(".")[-1].lower()),
+)
+def test_sharded_plan_equals_single_device(kind, method, linkage, similarity):
+    c = load_case("caseB")  # width 24, MLP 96: parameter dims divisible by 8
+    kw = dict(blocks=c.blocks, method=method, linkage=linkage, similarity=similarity)
+    ref = fm.plan(c.base, c.finetuned, **kw)
+    sh = fm.plan(c.base, c.finetuned, mesh=mesh(kind), **kw)
+    assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
+        (e.block, e.members_a, e.members_b) for e in ref.events
+    ]
+    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(sh.sizes, ref.sizes)
+    a, b = sh.at_size(3.0), ref.at_size(3.0)
+    sharded = [x for blk in a.blocks.values() for s in blk.sets for x in s.values()
+               if isinstance(getattr(x, "sharding", None), NamedSharding) and any(x.sharding.spec)]
+    assert sharded  # the cut model's parameters stay sharded
+    # Block-level sums (EMR means) are reduced across shards in another order:
+    # float32 rounding only.
+    assert_models_equal(a, b, c.n, rtol=1e-6, atol=1e-8)
+
+
+def test_statistics_do_not_gather_task_vectors():
+    m = mesh(AxisType.Explicit)
+    x = jax.device_put(jnp.ones((8, 32, 64), jnp.float32), NamedSharding(m, P(None, None, "model")))
+    with jax.enable_x64(True):
+        hlo = _gram.lower((x,)).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+    fn = prep._hist_sharded(m, x.sharding.spec, True, False)
+    hlo = fn.lower(x, jnp.zeros((8,), jnp.int32)).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+    # And the sharded radix select is exact.
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((3, 16, 64)).astype(np.float32)
+    xs = jax.device_put(jnp.asarray(host), NamedSharding(m, P(None, None, "model")))
+    got = prep.kth_smallest([xs], [1, 500, 1024])
+    srt = np.sort(host.reshape(3, -1), axis=1)
+    np.testing.assert_array_equal(got, [srt[0, 0], srt[1, 499], srt[2, 1023]])
+
+
+def test_leaf_spec():
+    m = mesh(AxisType.Auto)
+    from flexmerge_jax.sharding import leaf_spec
+
+    assert leaf_spec((24, 96), m) == P(None, "model")
+    assert leaf_spec((5,), m) == P(None)
+    with pytest.raises(ValueError, match="no axis"):
+        fm.plan(*random_inputs(), mesh=m, mesh_axis="data")
+
+
+def random_inputs():
+    from conftest import random_case
+
+    return random_case(0, n=3)
