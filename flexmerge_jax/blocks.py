@@ -45,6 +45,7 @@ __all__ = [
     "per_leaf",
     "by_layer",
     "vit",
+    "bert",
     "preset",
     "PRESETS",
     "resolve",
@@ -413,6 +414,63 @@ _T5_LARGE_EMB = (
     "lm_head.weight",
 )
 
+_BERT_LAYER_SUB = ("output.LayerNorm", "output.dense", "intermediate", "attention.output.LayerNorm",
+                   "attention")
+_BERT_EMB = ("embeddings.LayerNorm", "embeddings.position_embeddings",
+             "embeddings.token_type_embeddings", "embeddings.word_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bert(BlockSpec):
+    num_layers: int | None
+
+    def block_names(self, names: Sequence[str]) -> list[str]:
+        rx = re.compile(r"(?:^|[./])encoder(?P<sep>[./])layer(?P=sep)(?P<idx>\d+)(?P=sep)")
+        seps = {m.group("sep") for m in map(rx.search, names) if m}
+        if len(seps) > 1:
+            raise ValueError("bert(): parameter names mix '.' and '/' separators")
+        sep = seps.pop() if seps else ("/" if any("/" in n for n in names) else ".")
+        n = self.num_layers
+        if n is None:
+            found = {int(m.group("idx")) for m in map(rx.search, names) if m}
+            if not found:
+                raise ValueError("bert(): found no 'encoder.layer.<i>.' (or 'encoder/layer/<i>/') "
+                                 "parameters; pass num_layers or use another block spec")
+            n = max(found) + 1
+        out = [f"pooler{sep}dense"]
+        for i in range(n - 1, -1, -1):
+            out += [sep.join(("encoder", "layer", str(i), *s.split("."))) for s in _BERT_LAYER_SUB]
+        return out + [e.replace(".", sep) for e in _BERT_EMB]
+
+    def assign(self, names):
+        return _Substrings(tuple(self.block_names(names))).assign(names)
+
+    def describe(self):
+        return f"bert(num_layers={self.num_layers})"
+
+
+def bert(num_layers: int | None = None) -> BlockSpec:
+    """BERT-style encoder blocks (HF ``BertModel`` names or their Flax layout).
+
+    Output side first, as the reference's lists: ``pooler.dense`` (when
+    present); then per layer, last layer first, ``output.LayerNorm``,
+    ``output.dense``, ``intermediate``, ``attention.output.LayerNorm`` and
+    ``attention`` (self-attention query/key/value + the attention output
+    dense); then the embeddings' ``LayerNorm``, position, token-type and word
+    embeddings: ``5 * num_layers + 4`` blocks (+1 with a pooler). Works on
+    ``encoder.layer.3.attention.self.query.weight`` as on
+    ``encoder/layer/3/attention/self/query/kernel`` (the separator is detected;
+    a prefix such as ``bert.`` is fine). Task heads (``classifier``) match
+    nothing and stay per task.
+
+    Args:
+      num_layers: number of encoder layers; ``None`` detects it from names.
+    """
+    if num_layers is not None and int(num_layers) < 1:
+        raise ValueError(f"bert(): num_layers must be >= 1, got {num_layers}")
+    return _Bert(None if num_layers is None else int(num_layers))
+
+
 PRESETS: dict[str, Callable[[], BlockSpec]] = {
     # The reference's lists (spec §2.2), open_clip / HF flat names.
     "clip-vit-b32": lambda: from_substrings(_clip_vit(12)),
@@ -423,6 +481,7 @@ PRESETS: dict[str, Callable[[], BlockSpec]] = {
     "t0-3b-ia3": lambda: from_substrings(_t5(24)),
     # Generic rules.
     "vit": vit,
+    "bert": bert,  # HF BertModel names or the Flax layout; layers detected
     "per-leaf": per_leaf,
     "by-layer": by_layer,
 }
@@ -442,7 +501,8 @@ def preset(name: str) -> BlockSpec:
     ``clip-vit-b32`` is the reference's ``MTL-transformer+PP`` (54 blocks),
     ``clip-vit-l14`` its ``MTL-transformer-L+PP`` (102), ``t5-base``
     ``MTL-t5-base`` (66), ``t5-large`` (126), ``t0-3b-ia3`` ``MTL-IA3`` (120);
-    ``vit``, ``per-leaf`` and ``by-layer`` are the generic rules.
+    ``vit``, ``bert`` (BERT-style encoders, HF or Flax names), ``per-leaf``
+    and ``by-layer`` are the generic rules.
     """
     key = PRESET_ALIASES.get(name, name)
     if key not in PRESETS:

@@ -234,7 +234,9 @@ class PathSource(Source):
         for name, dt in zip(self.layout.names, self.layout.dtypes):
             if dt != "bfloat16" and not np.issubdtype(np.dtype(dt), np.floating):
                 raise ValueError(f"{self._base.path}: parameter {name!r} has dtype {dt}; "
-                                 "FlexMerge merges floating-point parameters only")
+                                 "FlexMerge merges floating-point parameters only (for Hugging "
+                                 "Face files with integer buffers such as position_ids use "
+                                 "flexmerge_jax.adapters.hf_source)")
         for i, r in enumerate(self._ft):
             lay = r.layout()
             if lay.names != self.layout.names:
