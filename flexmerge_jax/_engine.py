@@ -84,7 +84,10 @@ class Prepared:
         return tau
 
     def extra(self, b: int, x: dict | None = None) -> dict | None:
-        """Per-block method state (PCB clip bounds and global thresholds)."""
+        """Per-block method state (PCB clip bounds and global thresholds; the
+        DELLA key of the block)."""
+        if self.method.name == "della":
+            return {"key": jax.random.fold_in(jax.random.key(int(self.method.seed)), b)}
         if self.method.name != "pcb":
             return None
         if b not in self._extra:

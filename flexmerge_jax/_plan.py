@@ -130,6 +130,15 @@ def schedule_sizes(
     return np.asarray(out)
 
 
+def _check_pairwise(method, n: int) -> None:
+    if method.name == "slerp" and n != 2:
+        raise ValueError(
+            f"slerp merges exactly two models (got {n}): spherical interpolation is not "
+            "defined for larger groups, so FlexMerge cannot grow groups with it; use a "
+            "group method (avg, ta, ties, tsv, ...)"
+        )
+
+
 def _canonical_linkage(linkage):
     if linkage is None:
         return None
@@ -442,7 +451,7 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool):
     if method.linear and similarity != "sign" and not raw_singles:
         return linear_sequences(
             grams(prepared), partition.numels, similarity, method.group_scale,
-            method.min_merged,
+            method.min_merged, method.sums,
         )
     out = []
     for b, block in enumerate(partition.blocks):
@@ -522,6 +531,7 @@ def plan(
     if tune is not None:
         check_tunable(method, linkage if order != "random" else "random", similarity)
     source = as_source(base, finetuned, task_names)
+    _check_pairwise(method, source.n)
     if mesh is not None:
         from .sharding import ShardedSource
 
@@ -601,6 +611,7 @@ def merge(
             "parameter — extend the block specification, or use plan() to keep "
             "them per task"
         )
+    _check_pairwise(method, source.n)
     prepared = Prepared(source, partition, method)
     n = source.n
     everyone = tuple(range(n))

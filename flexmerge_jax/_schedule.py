@@ -208,6 +208,7 @@ class _LinearMerged(Flavour):
 
     similarity: str  # cosine | euclidean
     min_merged: int  # smaller groups keep their root's own vector
+    sums: bool = False  # merged vector = scale * SUM (else scale * mean)
 
     def init(self, inp):
         g, numel, _ = inp
@@ -218,7 +219,8 @@ class _LinearMerged(Flavour):
     def update(self, w, inp, core, a, b, root, members):
         g, numel, scale = inp  # scale: factor of merged groups (lambda)
         size = core.size[root]
-        merged = members.astype(g.dtype) * (scale / size.astype(g.dtype))
+        per = scale if self.sums else scale / size.astype(g.dtype)
+        merged = members.astype(g.dtype) * per
         new = jnp.where(size >= self.min_merged, merged, w[root])
         w = w.at[root].set(new)
         gn = g @ new
@@ -227,10 +229,10 @@ class _LinearMerged(Flavour):
         return w, _gram_sims(self.similarity, q, new @ gn, qd, numel)
 
 
-@functools.partial(jax.jit, static_argnames=("similarity", "min_merged"))
-def _linear_sequences(gram, numel, scale, *, similarity, min_merged):
+@functools.partial(jax.jit, static_argnames=("similarity", "min_merged", "sums"))
+def _linear_sequences(gram, numel, scale, *, similarity, min_merged, sums):
     n = gram.shape[-1]
-    flavour = _LinearMerged(similarity, min_merged)
+    flavour = _LinearMerged(similarity, min_merged, sums)
     return jax.vmap(lambda g, d: _run(flavour, (g, d, scale), n))(gram, numel)
 
 
@@ -350,7 +352,8 @@ def linkage_sequences(grams: np.ndarray, linkage: str) -> list[BlockSequence]:
 
 
 def linear_sequences(
-    grams: np.ndarray, numels: np.ndarray, similarity: str, scale: float, min_merged: int
+    grams: np.ndarray, numels: np.ndarray, similarity: str, scale: float, min_merged: int,
+    sums: bool = False,
 ) -> list[BlockSequence]:
     """Per-block sequences for merged-vector similarity of linear operators."""
     with jax.enable_x64(True):
@@ -360,6 +363,7 @@ def linear_sequences(
             jnp.float64(scale),
             similarity=similarity,
             min_merged=int(min_merged),
+            sums=bool(sums),
         )
         return _to_sequences(out)
 

@@ -11,6 +11,20 @@ Factories (hyperparameters keep the reference's names and conventions)::
     emr()                                   # EMR-Merging
     dare(method, drop=0.9, seed=43)         # DARE preprocessing + any method
 
+Beyond the reference (kernels in :mod:`flexmerge_jax.kernels_extra`, same
+contract, usable in ``merge`` and ``plan``)::
+
+    task_arithmetic(scale, convention="sum")  # FusionBench/mergekit alpha * SUM
+    ties(scale, keep, merge_func="sum"|"max") # TIES disjoint sum / max
+    tsv(scale=1.0, k=None)                     # TSV-M (Gargiulo et al., CVPR 2025)
+    iso_c(scale=1.0)                           # Iso-C (Marczak et al., ICML 2025)
+    iso_cts(scale=1.0, common_fraction=0.8)    # Iso-CTS
+    breadcrumbs(scale=1.0, top=0.01, bottom=0.85)  # Model Breadcrumbs
+    della(scale=1.0, density=0.5, epsilon=0.15, seed=0)  # DELLA
+    magmax(scale=1.0)                          # MagMax
+    model_stock()                              # Model Stock
+    slerp(t=0.5)                               # SLERP: two tasks only
+
 Paper symbol -> argument: :math:`\lambda` -> ``scale``; TIES top-k fraction
 :math:`K` -> ``keep``; consensus :math:`\lambda_c` -> ``consensus``; DARE
 :math:`p` -> ``drop``.
@@ -56,11 +70,21 @@ __all__ = [
     "consensus_ties",
     "emr",
     "dare",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "breadcrumbs",
+    "della",
+    "magmax",
+    "model_stock",
+    "slerp",
     "get",
     "NAMES",
 ]
 
-NAMES = ("avg", "ta", "ties", "pcb", "consensus_ta", "consensus_ties", "emr")
+REFERENCE_NAMES = ("avg", "ta", "ties", "pcb", "consensus_ta", "consensus_ties", "emr")
+EXTRA_NAMES = ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "magmax", "model_stock", "slerp")
+NAMES = REFERENCE_NAMES + EXTRA_NAMES
 _ALIASES = {
     "average": "avg",
     "task_arithmetic": "ta",
@@ -97,6 +121,8 @@ class Method:
       consensus: :math:`\\lambda_c` of the TALL masks.
       drop: DARE drop probability, or ``None`` (no DARE).
       seed: DARE seed (``jax.random.key(seed)``).
+      options: method-specific settings as sorted ``(name, value)`` pairs
+        (e.g. ``("convention", "sum")``, ``("k", 4)``); static under jit.
     """
 
     name: str
@@ -105,6 +131,11 @@ class Method:
     consensus: float = 0.3
     drop: float | None = None
     seed: int = 43
+    options: tuple = ()
+
+    def option(self, key: str, default=None):
+        """A method-specific option (see :attr:`options`)."""
+        return dict(self.options).get(key, default)
 
     # -- properties used by the planner ------------------------------------
     @property
@@ -128,6 +159,11 @@ class Method:
         return 1.0 if self.name == "avg" else float(self.scale)
 
     @property
+    def sums(self) -> bool:
+        """Linear group vector is ``scale * SUM`` (not ``scale * mean``)."""
+        return self.name == "ta" and self.option("convention") == "sum"
+
+    @property
     def trims(self) -> bool:
         """TIES global trimming is on."""
         return self.name == "ties" and self.keep < 1.0
@@ -146,16 +182,25 @@ class Method:
             d["keep"] = self.keep
         if self.name in ("consensus_ta", "consensus_ties"):
             d["consensus"] = self.consensus
+        if self.name in ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "magmax"):
+            d["scale"] = self.scale
+        if self.name == "della":
+            d["seed"] = self.seed
+        d.update(dict(self.options))
         if self.drop is not None:
             d["drop"] = self.drop
             d["seed"] = self.seed
         return d
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["options"] = [list(kv) for kv in self.options]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Method":
+        d = dict(d)
+        d["options"] = tuple(tuple(kv) for kv in d.get("options", ()))
         m = cls(**d)
         _validate(m)
         return m
@@ -174,6 +219,8 @@ class Method:
           :class:`GroupMerge`.
         """
         name = self.name
+        if name in EXTRA_NAMES or self.options:
+            return GroupMerge(self._extra_kernel(x, members, extra), None, None)
         if name == "avg":
             return GroupMerge(kernels.average(x, members), None, None)
         if name == "ta":
@@ -199,6 +246,35 @@ class Method:
             return GroupMerge(r.unified, r.masks, r.rescalers)
         raise ValueError(f"unknown method {name!r}")  # pragma: no cover
 
+    def _extra_kernel(self, x, members, extra) -> dict:
+        from . import kernels_extra as kx
+
+        o, s = dict(self.options), self.scale
+        if self.name == "ta":  # convention="sum"
+            return kx.task_arithmetic_sum(x, members, scale=s)
+        if self.name == "ties":  # merge_func in {"sum", "max"}
+            return kx.ties_disjoint_merge(x, members, scale=s, merge_func=o["merge_func"])
+        if self.name == "tsv":
+            return kx.tsv_merge(x, members, scale=s, k=o.get("k"))
+        if self.name == "iso_c":
+            return kx.iso_c(x, members, scale=s)
+        if self.name == "iso_cts":
+            return kx.iso_cts(x, members, scale=s, common_fraction=o["common_fraction"])
+        if self.name == "breadcrumbs":
+            return kx.breadcrumbs(x, members, top=o["top"], bottom=o["bottom"], scale=s)
+        if self.name == "della":
+            if extra is None or "key" not in extra:
+                raise ValueError("della needs its per-block PRNG key (extra={'key': ...})")
+            return kx.della(x, members, key=extra["key"], density=o["density"],
+                            epsilon=o["epsilon"], scale=s)
+        if self.name == "magmax":
+            return kx.magmax(x, members, scale=s)
+        if self.name == "model_stock":
+            return kx.model_stock(x, members)
+        if self.name == "slerp":
+            return kx.slerp(x, members, t=o["t"])
+        raise ValueError(f"method {self.name!r} takes no options {self.options}")
+
     def group_vector(self, x: dict, members, extra) -> dict:
         """The merged group vector only (what similarities compare)."""
         return self.merge_group(x, members, extra).vector
@@ -215,7 +291,7 @@ class Method:
             "scale": jnp.asarray(self.scale, jnp.float32),
             "consensus": jnp.asarray(self.consensus, jnp.float32),
         }
-        return Method(name=self.name), hp
+        return Method(name=self.name, options=self.options), hp
 
     def join(self, hp: dict) -> "Method":
         """Inverse of :meth:`split` (``self`` is the static part)."""
@@ -247,6 +323,32 @@ def _validate(m: Method) -> None:
     c = _finite("consensus", m.consensus)
     if c < 0:
         raise ValueError(f"consensus must be >= 0, got {m.consensus}")
+    o = dict(m.options)
+    allowed = {
+        "ta": {"convention"}, "ties": {"merge_func"}, "tsv": {"k"}, "iso_cts": {"common_fraction"},
+        "breadcrumbs": {"top", "bottom"}, "della": {"density", "epsilon"}, "slerp": {"t"},
+    }.get(m.name, set())
+    if set(o) - allowed:
+        raise ValueError(f"method {m.name!r} takes no option {sorted(set(o) - allowed)[0]!r}")
+    if o.get("convention", "mean") not in ("mean", "sum"):
+        raise ValueError(f"convention must be 'mean' or 'sum', got {o['convention']!r}")
+    if o.get("merge_func", "mean") not in ("mean", "sum", "max"):
+        raise ValueError(f"merge_func must be 'mean', 'sum' or 'max', got {o['merge_func']!r}")
+    if o.get("k") is not None and (int(o["k"]) != o["k"] or o["k"] < 1):
+        raise ValueError(f"k must be a positive integer or None, got {o['k']!r}")
+    for key in ("common_fraction", "top", "bottom", "density", "t"):
+        if key in o and not 0.0 <= _finite(key, o[key]) <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {o[key]}")
+    if "top" in o and o["top"] + o["bottom"] >= 1.0:
+        raise ValueError(f"breadcrumbs: top + bottom must be < 1, got {o['top']} + {o['bottom']}")
+    if "epsilon" in o:
+        eps, dens = _finite("epsilon", o["epsilon"]), o["density"]
+        if eps < 0 or dens - eps <= 0 or dens + eps > 1:
+            raise ValueError(f"della: need 0 < density - epsilon and density + epsilon <= 1, "
+                             f"got density={dens}, epsilon={eps}")
+    if m.name in ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "magmax", "model_stock",
+                  "slerp") and m.uses_masks:  # pragma: no cover - guard for future edits
+        raise AssertionError
     if m.drop is not None:
         p = _finite("drop", m.drop)
         if not 0.0 <= p < 1.0:
@@ -262,6 +364,9 @@ def _validate(m: Method) -> None:
 
 
 def _make(**kw) -> Method:
+    for k in ("scale", "keep", "consensus"):
+        if k in kw and isinstance(kw[k], (int, float)) and not isinstance(kw[k], bool):
+            kw[k] = float(kw[k])
     m = Method(**kw)
     _validate(m)
     return m
@@ -272,21 +377,27 @@ def average() -> Method:
     return _make(name="avg")
 
 
-def task_arithmetic(scale: float = 1.0) -> Method:
-    r"""Task arithmetic, reference convention: :math:`\lambda\cdot\mathrm{mean}`.
+def task_arithmetic(scale: float = 1.0, convention: str = "mean") -> Method:
+    r"""Task arithmetic.
 
     Args:
-      scale: :math:`\lambda`, multiplying the **mean** of a merged group
-        (singletons are not scaled). FusionBench/mergekit's
+      scale: ``convention="mean"`` (the reference's, default):
+        :math:`\lambda` multiplying the **mean** of a merged group
+        (singletons are not scaled); FusionBench/mergekit's
         ``scaling_factor`` :math:`\alpha` on the sum is ``scale / m``.
+        ``convention="sum"``: :math:`\alpha` multiplying the **sum**
+        (FusionBench/mergekit semantics).
+      convention: ``"mean"`` or ``"sum"``.
 
     References:
       Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023.
     """
-    return _make(name="ta", scale=scale)
+    if convention == "mean":
+        return _make(name="ta", scale=scale)
+    return _make(name="ta", scale=scale, options=(("convention", convention),))
 
 
-def ties(scale: float = 1.0, keep: float = 1.0) -> Method:
+def ties(scale: float = 1.0, keep: float = 1.0, merge_func: str = "mean") -> Method:
     r"""TIES-Merging with the reference's global trim.
 
     Args:
@@ -294,11 +405,16 @@ def ties(scale: float = 1.0, keep: float = 1.0) -> Method:
       keep: fraction of each task's entries kept, trimmed once per task over
         the whole model (``int(d*keep)+1`` kept, ties kept); ``1.0`` disables
         trimming (the reference's vision default).
+      merge_func: ``"mean"`` (the reference: disjoint mean), ``"sum"`` or
+        ``"max"`` (FusionBench/mergekit's ``merge_func``; with ``"sum"``,
+        ``scale`` is their ``scaling_factor``).
 
     References:
       Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708).
     """
-    return _make(name="ties", scale=scale, keep=keep)
+    if merge_func == "mean":
+        return _make(name="ties", scale=scale, keep=keep)
+    return _make(name="ties", scale=scale, keep=keep, options=(("merge_func", merge_func),))
 
 
 def pcb(scale: float = 1.0, keep: float = 0.2) -> Method:
@@ -365,6 +481,89 @@ def dare(method: Method, drop: float = 0.9, seed: int = 43) -> Method:
     return _make(**{**dataclasses.asdict(method), "drop": drop, "seed": seed})
 
 
+def tsv(scale: float = 1.0, k: int | None = None) -> Method:
+    r"""TSV-M (Task Singular Vectors): per 2-D parameter, each member keeps its
+    top ``k`` singular triplets (default ``floor(rank / m)``); the concatenated
+    factors are orthogonalised and summed; other parameters: mean.
+
+    References:
+      Gargiulo et al., Task Singular Vectors: Reducing Task Interference in
+      Model Merging, CVPR 2025 (arXiv:2412.00081).
+    """
+    return _make(name="tsv", scale=scale, options=(("k", k),) if k is not None else ())
+
+
+def iso_c(scale: float = 1.0) -> Method:
+    r"""Iso-C: flatten the spectrum of the summed task matrix (non-matrix: mean).
+
+    References:
+      Marczak et al., No Task Left Behind: Isotropic Model Merging with
+      Common and Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959).
+    """
+    return _make(name="iso_c", scale=scale)
+
+
+def iso_cts(scale: float = 1.0, common_fraction: float = 0.8) -> Method:
+    """Iso-CTS: Iso-C on a common subspace plus task-specific subspaces."""
+    return _make(name="iso_cts", scale=scale, options=(("common_fraction", common_fraction),))
+
+
+def breadcrumbs(scale: float = 1.0, top: float = 0.01, bottom: float = 0.85) -> Method:
+    r"""Model Breadcrumbs: per tensor, drop the ``top`` largest and ``bottom``
+    smallest magnitudes of each task vector, then ``scale * SUM``.
+
+    References:
+      Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795).
+    """
+    return _make(name="breadcrumbs", scale=scale,
+                 options=(("bottom", bottom), ("top", top)))
+
+
+def della(scale: float = 1.0, density: float = 0.5, epsilon: float = 0.15,
+          seed: int = 0) -> Method:
+    r"""DELLA: magnitude-ranked random drops (MagPrune), elect, fuse.
+
+    The draws of a task depend only on ``seed``, the block and the parameter,
+    so a task is pruned the same way in every group.
+
+    References:
+      Deep et al., DELLA-Merging, 2024 (arXiv:2406.11617).
+    """
+    return _make(name="della", scale=scale, seed=seed,
+                 options=(("density", density), ("epsilon", epsilon)))
+
+
+def magmax(scale: float = 1.0) -> Method:
+    r"""MagMax: per parameter, the task-vector entry of largest magnitude.
+
+    References:
+      Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual
+      Learning, ECCV 2024 (arXiv:2407.06322).
+    """
+    return _make(name="magmax", scale=scale)
+
+
+def model_stock() -> Method:
+    r"""Model Stock: :math:`t\cdot\mathrm{mean}(\tau)` with
+    :math:`t = m\cos\theta/(1+(m-1)\cos\theta)` from the average angle
+    between the group's task vectors, per tensor.
+
+    References:
+      Jang et al., Model Stock: All we need is just a few fine-tuned models,
+      ECCV 2024 (arXiv:2403.19522).
+    """
+    return _make(name="model_stock")
+
+
+def slerp(t: float = 0.5) -> Method:
+    r"""SLERP of exactly **two** tasks' task vectors (``t``: 0 -> first task).
+
+    SLERP is defined for pairs only (not symmetric, not associative): it
+    merges two models; FlexMerge plans with it need ``n = 2``.
+    """
+    return _make(name="slerp", options=(("t", t),))
+
+
 _FACTORIES = {
     "avg": average,
     "ta": task_arithmetic,
@@ -373,6 +572,14 @@ _FACTORIES = {
     "consensus_ta": consensus_ta,
     "consensus_ties": consensus_ties,
     "emr": emr,
+    "tsv": tsv,
+    "iso_c": iso_c,
+    "iso_cts": iso_cts,
+    "breadcrumbs": breadcrumbs,
+    "della": della,
+    "magmax": magmax,
+    "model_stock": model_stock,
+    "slerp": slerp,
 }
 
 
