@@ -9,7 +9,7 @@ Typical use::
     fm.save("out/model_2x", model)
 """
 
-from . import blocks, io, kernels, methods, prep, tree
+from . import baselines, blocks, io, kernels, methods, prep, serve, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
@@ -20,7 +20,9 @@ from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "baselines",
     "blocks",
+    "serve",
     "io",
     "sweep",
     "SweepResult",

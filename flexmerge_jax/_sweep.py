@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import methods as methods_lib
-from ._plan import Plan, plan as make_plan
+from ._plan import plan as make_plan
 
 __all__ = ["sweep", "SweepResult", "SweepPoint", "default_sizes", "Progress"]
 
@@ -191,6 +191,43 @@ class SweepResult:
         )
         return "\n".join(lines)
 
+    def rankings(self) -> list[tuple[float, list[str]]]:
+        """Per requested size, the methods available there, best first."""
+        out = []
+        for s in sorted(self._requested):
+            here = []
+            for m in self.methods:
+                try:
+                    here.append((self.at(m, s).avg_normalized, m))
+                except KeyError:
+                    pass
+            out.append((s, [m for _, m in sorted(here, key=lambda t: -t[0])]))
+        return out
+
+    def ranking_table(self, max_swaps: int = 3) -> str:
+        """Method ranking at each size; ``<-`` marks sizes where two methods
+        present at both sizes swap places (strictly better before, strictly
+        worse now): the paper's finding that rankings are not consistent as
+        size increases."""
+        lines = ["   size  ranking (best first, normalized accuracy %)"]
+        history: list[dict[str, float]] = []
+        for s, order in self.rankings():
+            acc = {m: self.at(m, s).avg_normalized for m in order}
+            cells = " > ".join(f"{m} {100 * acc[m]:.1f}" for m in order)
+            swaps = []
+            for i, a in enumerate(order):
+                for b in order[i + 1:]:
+                    # the last smaller size where both were evaluated
+                    past = next((h for h in reversed(history) if a in h and b in h), None)
+                    if past is not None and acc[a] > acc[b] and past[b] > past[a]:
+                        swaps.append(f"{a} passes {b}")
+            shown = ", ".join(swaps[:max_swaps])
+            more = f" (+{len(swaps) - max_swaps} more)" if len(swaps) > max_swaps else ""
+            mark = f"  <- {shown}{more}" if swaps else ""
+            lines.append(f"{s:>6.2f}x  {cells}{mark}")
+            history.append(acc)
+        return "\n".join(lines)
+
     @property
     def _requested(self) -> set[float]:
         return {p.requested_size for p in self.points}
@@ -214,12 +251,14 @@ class SweepResult:
         import matplotlib.pyplot as plt
 
         n = len(self.task_names)
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        for m in self.methods:
+        many = len(self.methods) > 6
+        fig, ax = plt.subplots(figsize=(9.5 if many else 7, 5 if many else 4.5), dpi=120)
+        styles = ["-", "--", "-.", ":"]
+        for i, m in enumerate(self.methods):
             pts = self.curve(m)
             xs = [p.n_models for p in pts]
             ys = [100 * p.avg_normalized for p in pts]
-            ax.plot(xs, ys, marker="o", ms=3.5, lw=1.6, label=m)
+            ax.plot(xs, ys, marker="o", ms=3.5, lw=1.6, label=m, ls=styles[(i // 10) % 4])
         ax.axvline(1.0, color="0.6", ls=":", lw=1)
         ax.axvline(float(n), color="0.6", ls=":", lw=1)
         ax.axhline(100.0, color="0.3", ls="--", lw=1)
@@ -234,7 +273,10 @@ class SweepResult:
         ax.set_ylabel("normalized accuracy (%)")
         ax.set_title(title or f"FlexMerge accuracy-size trade-off ({n} tasks)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=9)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        else:
+            ax.legend(loc="lower right", fontsize=9)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path)
@@ -242,8 +284,16 @@ class SweepResult:
         return path
 
 
-def _label(m: methods_lib.Method) -> str:
-    return m.name if m.drop is None else f"dare_{m.name}"
+def _label(p) -> str:
+    m = p.method
+    name = m.name if m.drop is None else f"dare_{m.name}"
+    baseline = getattr(p, "config", {}).get("baseline")
+    return f"{baseline}:{name}" if baseline else name
+
+
+def _planlike(p) -> bool:
+    """A Plan, or a baseline with the same cut interface."""
+    return all(hasattr(p, a) for a in ("at_step", "sizes", "step_for_size", "task_names"))
 
 
 def sweep(
@@ -259,7 +309,8 @@ def sweep(
     """Evaluates FlexMerge models at several sizes, for several methods.
 
     Args:
-      plans_or_inputs: a :class:`Plan`, a list of plans, a ``{label: Plan}``
+      plans_or_inputs: a :class:`Plan` (or a baseline from
+        :mod:`flexmerge_jax.baselines`), a list of them, a ``{label: plan}``
         dict, or ``(base, finetuned)`` — then one plan per ``methods`` entry
         is made with ``plan_kwargs`` (``blocks``, ``linkage``, ...).
       eval_fn: ``eval_fn(params, task_index) -> accuracy`` for one task's
@@ -277,27 +328,26 @@ def sweep(
     Returns:
       A :class:`SweepResult`.
     """
-    if isinstance(plans_or_inputs, Plan):
-        plans = {_label(plans_or_inputs.method): plans_or_inputs}
+    if _planlike(plans_or_inputs):
+        plans = {_label(plans_or_inputs): plans_or_inputs}
     elif isinstance(plans_or_inputs, Mapping):
         plans = dict(plans_or_inputs)
     elif isinstance(plans_or_inputs, (list, tuple)) and plans_or_inputs and all(
-        isinstance(p, Plan) for p in plans_or_inputs
+        _planlike(p) for p in plans_or_inputs
     ):
         plans = {}
         for p in plans_or_inputs:
-            label = _label(p.method)
+            label = _label(p)
             if label in plans:
-                label = p.method.describe()
+                label = f"{label}[{p.method.describe()}]"
             plans[label] = p
     elif isinstance(plans_or_inputs, tuple) and len(plans_or_inputs) == 2:
         base, finetuned = plans_or_inputs
         ms = [methods_lib.get(m) for m in (methods or ("avg", "ta", "ties", "emr"))]
         plans = {}
         for m in ms:
-            plans[_label(m) if _label(m) not in plans else m.describe()] = make_plan(
-                base, finetuned, method=m, **plan_kwargs
-            )
+            p = make_plan(base, finetuned, method=m, **plan_kwargs)
+            plans[_label(p) if _label(p) not in plans else m.describe()] = p
     else:
         raise ValueError("sweep() takes a Plan, a list/dict of Plans, or (base, finetuned)")
     if not plans:

@@ -24,6 +24,41 @@ __all__ = ["main"]
 DEMO_METHODS = "avg,ta,ties,emr"
 
 
+def demo_presets() -> dict:
+    """Demo label -> (Method or baseline factory, reference), usual defaults."""
+    from . import baselines
+    from . import methods as M
+
+    def base(fn, m):
+        return lambda z: fn(z.base, z.finetuned, m, task_names=z.task_names)
+
+    return {
+        "avg": (M.average(), "weight averaging"),
+        "ta": (M.task_arithmetic(1.5), "Ilharco et al., ICLR 2023 (reference: λ·mean)"),
+        "ta_sum": (M.task_arithmetic(0.3, convention="sum"),
+                   "Ilharco et al., ICLR 2023 (FusionBench: α·sum)"),
+        "ties": (M.ties(1.0, keep=0.2), "Yadav et al., NeurIPS 2023 (reference: disjoint mean)"),
+        "ties_sum": (M.ties(0.3, keep=0.2, merge_func="sum"),
+                     "Yadav et al., NeurIPS 2023 (FusionBench: disjoint sum)"),
+        "dare_ta": (M.dare(M.task_arithmetic(1.5), drop=0.5), "Yu et al., ICML 2024"),
+        "pcb": (M.pcb(1.0, keep=0.2), "Du et al., NeurIPS 2024"),
+        "consensus_ta": (M.consensus_ta(1.5, 0.3), "Wang et al., ICML 2024 (TALL masks)"),
+        "consensus_ties": (M.consensus_ties(1.0, 0.3), "Wang et al., ICML 2024 (TALL masks)"),
+        "emr": (M.emr(), "Huang et al., NeurIPS 2024"),
+        "tsv": (M.tsv(1.0), "Gargiulo et al., CVPR 2025 (TSV-M)"),
+        "iso_c": (M.iso_c(1.0), "Marczak et al., ICML 2025"),
+        "iso_cts": (M.iso_cts(1.0, 0.8), "Marczak et al., ICML 2025"),
+        "breadcrumbs": (M.breadcrumbs(0.3, top=0.01, bottom=0.85), "Davari & Belilovsky, ECCV 2024"),
+        "della": (M.della(1.0, density=0.5, epsilon=0.15), "Deep et al., 2024"),
+        "magmax": (M.magmax(0.5), "Marczak et al., ECCV 2024"),
+        "model_stock": (M.model_stock(), "Jang et al., ECCV 2024"),
+        "cluster-merge:ta": (base(baselines.cluster_merge, M.task_arithmetic(1.5)),
+                             "whole-model clustering (FlexMerge paper baseline)"),
+        "channel-merge:ta": (base(baselines.channel_merge, M.task_arithmetic(1.5)),
+                             "Zhang et al., AAAI 2025 (per-tensor k-means)"),
+    }
+
+
 class UserError(Exception):
     """A mistake in the command line or its inputs (printed without traceback)."""
 
@@ -155,7 +190,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import methods as M
     from ._plan import plan
     from ._sweep import default_sizes, sweep
     from . import zoo as zoo_lib
@@ -163,19 +197,11 @@ def cmd_demo(args) -> int:
     z = zoo_lib.load()
     if args.tasks is not None or args.examples is not None:
         z = z.subset(args.tasks, args.examples)
-    presets = {
-        "avg": M.average(),
-        "ta": M.task_arithmetic(1.5),  # the reference's vision setting
-        "ties": M.ties(1.0, keep=0.2),
-        "pcb": M.pcb(1.0, keep=0.2),
-        "emr": M.emr(),
-        "consensus_ta": M.consensus_ta(1.5, 0.3),
-        "consensus_ties": M.consensus_ties(1.0, 0.3),
-    }
-    names = _names(args.methods) or []
+    presets = {k: v for k, (v, _) in demo_presets().items()}
+    names = list(presets) if args.methods == "all" else (_names(args.methods) or [])
     bad = [m for m in names if m not in presets]
     if bad or not names:
-        raise UserError(f"--methods: choose from {','.join(presets)} (got {args.methods!r})")
+        raise UserError(f"--methods: 'all' or from {','.join(presets)} (got {args.methods!r})")
     n = z.num_tasks
     sizes = [float(s) for s in _names(args.sizes)] if args.sizes else default_sizes(n)
     _say(f"FlexMerge demo: {n} tasks ({', '.join(z.task_names)}), ViT with "
@@ -183,14 +209,19 @@ def cmd_demo(args) -> int:
     t0 = time.time()
     plans = {}
     for m in names:
-        plans[m] = plan(z.base, z.finetuned, blocks="vit", method=presets[m],
-                        linkage="min", task_names=z.task_names)
+        if callable(presets[m]):  # a baseline
+            plans[m] = presets[m](z)
+        else:
+            plans[m] = plan(z.base, z.finetuned, blocks="vit", method=presets[m],
+                            linkage="min", task_names=z.task_names)
     _say(f"planned {len(plans)} method(s) in {time.time() - t0:.1f}s; evaluating {len(sizes)} sizes")
     res = sweep(plans, z.evaluate, sizes, progress=None if not args.no_progress else False)
     out = Path(args.out)
     paths = res.write(out, plot=not args.no_plot)
     _say("")
     _say(res.table())
+    _say("")
+    _say(res.ranking_table())
     _say("")
     _say("fine-tuned accuracy: " + ", ".join(f"{t} {a:.3f}" for t, a in zip(z.task_names, res.ft_accuracy)))
     for m in names:
@@ -238,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="plan and sweep sizes on the bundled model zoo")
     p.add_argument("--out", default="flexmerge-demo", help="output directory (JSON, CSV, PNG)")
-    p.add_argument("--methods", default=DEMO_METHODS, help=f"comma-separated (default {DEMO_METHODS})")
+    p.add_argument("--methods", default=DEMO_METHODS,
+                   help=f"comma-separated, or 'all' (every method and baseline; ~5 min); "
+                        f"default {DEMO_METHODS}")
     p.add_argument("--sizes", help="comma-separated sizes in models (default 1,1.1,...,n)")
     p.add_argument("--tasks", type=int, help="use only the first K tasks")
     p.add_argument("--examples", type=int, help="use only the first N test examples per task")

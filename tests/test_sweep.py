@@ -69,3 +69,18 @@ def test_sweep_inputs_and_outputs(case, tmp_path):
 def test_default_sizes():
     assert fm.default_sizes(8) == [1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert fm.default_sizes(2) == [1.0, 1.1, 1.25, 1.5, 1.75, 2.0]
+
+
+def test_ranking_table_marks_swaps_against_the_last_common_size():
+    def point(m, s, v, n=None):
+        return fm.SweepPoint(m, s, n or s, 0, (v,), (v,))
+
+    res = fm.SweepResult(("t",), (1.0,), [
+        point("a", 1.0, 0.80), point("b", 1.0, 0.70),
+        point("c", 2.25, 0.95),                        # only c at its floor
+        point("a", 3.0, 0.85), point("b", 3.0, 0.90), point("c", 3.0, 0.96),
+        point("a", 4.0, 1.0), point("b", 4.0, 1.0), point("c", 4.0, 1.0),  # ties: no swap
+    ], {"a": {}, "b": {}, "c": {}})
+    lines = res.ranking_table().splitlines()
+    assert [s for s, _ in res.rankings()] == [1.0, 2.25, 3.0, 4.0]
+    assert "<- b passes a" in lines[3] and "<-" not in lines[4] and "<-" not in lines[1]
