@@ -26,9 +26,11 @@ from ._source import Source
 class Prepared:
     """A source of task vectors with a method's global preprocessing applied.
 
-    Global statistics are computed at construction, in one streaming pass
-    over all parameters (two histogram passes for thresholds), which also
-    checks every task vector for NaN/Inf.
+    Global statistics (TIES thresholds, PCB thresholds) are computed at
+    construction in streaming passes over all parameters; every task vector
+    is checked for NaN/Inf whenever it is read (fused into its computation),
+    and parameters outside the blocks are checked here, so nothing that is
+    deployed goes unchecked.
     """
 
     def __init__(self, source: Source, partition: Partition, method: Method):
@@ -38,7 +40,8 @@ class Prepared:
         self.layout = source.layout
         self._index = self.layout.index()
         self._extra: dict[int, dict] = {}
-        self.trim_threshold = None
+        self._trim_threshold = None
+        self._select = None
         self.pcb_lohi = None
         d = self.layout.total
         names = list(self.layout.names)
@@ -49,19 +52,31 @@ class Prepared:
             for chunk in _chunks(names, self.layout.sizes):
                 yield from self.source.task_vectors(chunk).values()
 
+        self._all_leaves = all_leaves
         if method.trims:
-            self.trim_threshold = prep.ties_trim_thresholds(all_leaves, method.keep, d)
+            # First radix pass now; the second is either fused into the Gram
+            # pass (see fused_trimmed_grams) or run when first needed.
+            k = np.full((source.n,), prep.ties_keep_count(d, method.keep), np.int64)
+            self._select = prep.RadixSelect(k, signed=False, transform=jnp.abs)
+            self._select.first_pass(all_leaves())
         elif method.name == "pcb":
             self.pcb_lohi = prep.pcb_thresholds(all_leaves, method.keep, d)
-        else:
-            # No global statistic: still check every task vector once.
-            for _ in all_leaves():
-                pass
+        elif partition.unmatched:
+            # Blocks are checked when read; unmatched parameters are deployed
+            # as they are, so check them now.
+            self.source.task_vectors(partition.unmatched)
         self.key = jax.random.key(int(method.seed)) if method.drop is not None else None
 
     @property
     def n(self) -> int:
         return self.source.n
+
+    @property
+    def trim_threshold(self) -> np.ndarray | None:
+        """Per-task TIES thresholds ``f32[n]`` (``None`` when not trimming)."""
+        if self._select is not None and self._trim_threshold is None:
+            self._trim_threshold = self._select.second_pass(self._all_leaves())
+        return self._trim_threshold
 
     def tau(self, b: int) -> dict[str, jax.Array]:
         """Raw task vectors ``{name: f32[n, ...]}`` of block ``b``."""
@@ -126,6 +141,18 @@ def _gram(leaves: tuple) -> jax.Array:
     return g
 
 
+@jax.jit
+def _gram32(leaves: tuple) -> jax.Array:
+    g = None
+    for x in leaves:
+        part = gram_dot(x, x)
+        g = part if g is None else g + part
+    return g
+
+
+GRAM_PRECISIONS = ("float64", "float32")
+
+
 def gram_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """``[n, ...] x [m, ...] -> [n, m]`` contracting every non-task axis.
 
@@ -152,24 +179,131 @@ def replicated_like(x: jax.Array):
     return None
 
 
-def block_gram(x: dict[str, jax.Array]) -> np.ndarray:
-    """Gram matrix ``f64[n, n]`` of one block's (preprocessed) task vectors."""
+def _on_host(x) -> bool:
+    """An unsharded array in host memory (NumPy, or a JAX array on the CPU)."""
+    if isinstance(x, np.ndarray):
+        return True
+    sh = getattr(x, "sharding", None)
+    return (
+        sh is not None and len(sh.device_set) == 1
+        and next(iter(sh.device_set)).platform == "cpu"
+    )
+
+
+def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarray:
+    """Gram matrix ``f64[n, n]`` of one block's (preprocessed) task vectors.
+
+    Args:
+      x: ``{name: f32[n, ...]}``.
+      precision: ``"float64"`` (products and sums in float64: exact decisions
+        between near-equal similarities; the default) or ``"float32"``
+        (HIGHEST-precision float32 matmul, as the reference computes; much
+        faster, relative error ~1e-7).
+
+    Host-resident blocks use the BLAS behind NumPy (several times faster
+    than XLA's CPU dot for this ``[n, d] x [d, n]`` shape); device or sharded
+    arrays use XLA (sharded: per-shard products, all-reduced).
+    """
+    if precision not in GRAM_PRECISIONS:
+        raise ValueError(f"gram precision must be one of {GRAM_PRECISIONS}, got {precision!r}")
+    leaves = tuple(x.values())
+    if all(_on_host(v) for v in leaves):
+        g = np.zeros((leaves[0].shape[0],) * 2, np.float64)
+        for v in leaves:
+            a = np.asarray(v).reshape(v.shape[0], -1)
+            a = a.astype(np.float64) if precision == "float64" else a.astype(np.float32, copy=False)
+            g += a @ a.T
+        return g
+    if precision == "float32":
+        return np.asarray(_gram32(leaves), np.float64)
     with jax.enable_x64(True):
-        return np.asarray(_gram(tuple(x.values())), np.float64)
+        return np.asarray(_gram(leaves), np.float64)
 
 
-def grams(prepared: Prepared, *, raw: bool = False) -> np.ndarray:
+def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") -> np.ndarray:
     """Per-block Gram matrices ``f64[B, n, n]`` in one pass over the blocks.
 
     Args:
       prepared: the preprocessed source.
       raw: use the raw task vectors instead of the preprocessed ones.
+      precision: see :func:`block_gram`.
     """
+    if not raw and prepared._select is not None and prepared._trim_threshold is None:
+        fused = fused_trimmed_grams(prepared, precision)
+        if fused is not None:
+            return fused
     out = []
     for b in range(len(prepared.partition)):
         tau = prepared.tau(b)
-        out.append(block_gram(tau if raw else prepared.x(b, tau)))
+        out.append(block_gram(tau if raw else prepared.x(b, tau), precision))
     return np.stack(out)
+
+
+@jax.jit
+def _split_decided(x, prefix):
+    """For TIES trimming after the first radix pass: ``x`` with only the
+    entries decided to be kept (``|x|`` above the threshold's bin), the
+    undecided mask (in the bin) and its any-over-tasks reduction."""
+    hb = (jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32) >> 16).astype(jnp.int32)
+    p = prefix.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(hb > p, x, 0.0), hb == p, jnp.any(hb == p, axis=0)
+
+
+def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None:
+    """Gram matrices of TIES-trimmed task vectors with the radix select's
+    second pass fused in: one read instead of two.
+
+    After the first radix pass, an entry is kept if the high bits of its
+    ``|x|`` exceed the threshold's bin, dropped if below, undecided in the
+    bin. One pass over the blocks accumulates the Gram ``G_D`` of the kept
+    entries and captures the coordinates where some task is undecided
+    (typically well under 1%); those values finish the select exactly, and
+    ``G = G_D - D_C D_C^T + X_C X_C^T`` over the captured coordinates ``C``
+    completes the trimmed Gram. Returns ``None`` (caller falls back) when the
+    blocks are not host-resident (sharded or on an accelerator).
+    """
+    sel, part, n = prepared._select, prepared.partition, prepared.n
+    prefix = jnp.asarray(sel.prefix)
+    wide = np.float64 if precision == "float64" else np.float32
+    grams_out, captured, values = [], [], [[] for _ in range(n)]
+
+    def scan(tvs: dict, gram: bool):
+        g = np.zeros((n, n), np.float64)
+        caps = []
+        for v in tvs.values():
+            if not _on_host(v):
+                return None
+            d, cand, anyc = _split_decided(v, prefix)
+            idx = np.flatnonzero(np.asarray(anyc).ravel())
+            a = np.asarray(v).reshape(n, -1)
+            if gram:
+                dd = np.asarray(d).reshape(n, -1).astype(wide, copy=False)
+                g += dd @ dd.T
+            c = np.asarray(cand).reshape(n, -1)[:, idx]
+            caps.append((a[:, idx].copy(), c, np.asarray(d).reshape(n, -1)[:, idx].copy()))
+            for i in range(n):
+                values[i].append(np.abs(a[i, idx][c[i]]))
+        return g, caps
+
+    for b in range(len(part)):
+        res = scan(prepared.tau(b), True)
+        if res is None:
+            return None
+        grams_out.append(res[0])
+        captured.append(res[1])
+    if part.unmatched:  # they count in the global threshold, not in any Gram
+        if scan(prepared.source.task_vectors(part.unmatched), False) is None:
+            return None
+    thr = sel.finish([np.concatenate(v) if v else np.zeros(0, np.float32) for v in values])
+    prepared._trim_threshold = thr
+    t = thr[:, None]
+    for g, caps in zip(grams_out, captured):
+        for a, _, dcap in caps:
+            x = np.where(np.abs(a) >= t, a, 0.0).astype(np.float64)
+            dc = dcap.astype(np.float64)
+            g -= dc @ dc.T
+            g += x @ x.T
+    return np.stack(grams_out)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))

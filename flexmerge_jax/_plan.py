@@ -442,15 +442,16 @@ def _random_order(partition, n: int, seed: int):
     return seqs, (np.array(blk), np.array(seq))
 
 
-def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool):
+def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
+               precision: str = "float64"):
     method, partition = prepared.method, prepared.partition
     if linkage is not None:
-        return linkage_sequences(grams(prepared), linkage)
+        return linkage_sequences(grams(prepared, precision=precision), linkage)
     # Structured runs compare singletons on their raw task vectors (spec §7).
     raw_singles = structured and (method.trims or method.drop is not None)
     if method.linear and similarity != "sign" and not raw_singles:
         return linear_sequences(
-            grams(prepared), partition.numels, similarity, method.group_scale,
+            grams(prepared, precision=precision), partition.numels, similarity, method.group_scale,
             method.min_merged, method.sums,
         )
     out = []
@@ -481,6 +482,7 @@ def plan(
     progress: bool | None = None,
     mesh=None,
     mesh_axis: str = "model",
+    gram_precision: str = "float64",
 ) -> Plan:
     """Computes the FlexMerge schedule (every size from n down to the floor).
 
@@ -513,6 +515,10 @@ def plan(
         cut models are sharded over its ``mesh_axis`` on parameter dims
         (see :mod:`flexmerge_jax.sharding`).
       mesh_axis: the mesh axis to shard parameters over.
+      gram_precision: ``"float64"`` (default: Gram matrices, hence every
+        similarity the schedule compares, in float64) or ``"float32"``
+        (HIGHEST-precision float32 like the reference; faster, and ties
+        closer than ~1e-7 may then be decided differently).
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
@@ -530,6 +536,8 @@ def plan(
         raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
     if tune is not None:
         check_tunable(method, linkage if order != "random" else "random", similarity)
+    if gram_precision not in ("float64", "float32"):
+        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
     source = as_source(base, finetuned, task_names)
     _check_pairwise(method, source.n)
     if mesh is not None:
@@ -543,7 +551,7 @@ def plan(
         seqs, ordr = _random_order(partition, n, int(seed))
     else:
         structured = order != "greedy"
-        seqs = _sequences(prepared, linkage, similarity, structured)
+        seqs = _sequences(prepared, linkage, similarity, structured, gram_precision)
         if structured:
             idx = list(range(len(partition)))
             if order == "left-right":
@@ -552,6 +560,7 @@ def plan(
         else:
             ordr = interleave(seqs)
     config = {
+        "gram_precision": gram_precision,
         "linkage": linkage,
         "similarity": similarity if linkage is None else None,
         "order": order,

@@ -50,12 +50,17 @@ class Source(abc.ABC):
         """
         base = self.base(names)
         fts = self.finetuned(names)
-        out = {}
+        out, oks = {}, []
         for name in names:
-            out[name] = _task_vector(
+            out[name], ok = _task_vector(
                 jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
             )
-        bad = _first_nonfinite(out)
+            oks.append(ok)
+        bad = None
+        for name, ok in zip(names, np.asarray(jnp.stack(oks)) if oks else []):
+            if not ok.all():
+                bad = int(np.argmin(ok)), name
+                break
         if bad is not None:
             i, name = bad
             raise ValueError(
@@ -67,8 +72,11 @@ class Source(abc.ABC):
 
 @jax.jit
 def _task_vector(base, fts):
+    """Task vectors ``f32[n, ...]`` and, fused in the same pass, ``bool[n]``
+    whether each task's entries are all finite."""
     b = base.astype(jnp.float32)
-    return jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
+    tv = jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
+    return tv, jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
 
 
 @jax.jit

@@ -138,29 +138,78 @@ def kth_smallest(
     Raises:
       ValueError: if some ``k`` is outside ``[1, number of values]``.
     """
-    k = np.asarray(k, np.int64)
-    tf = transform or (lambda a: a)
-    hist = None
-    for x in _iter(leaves):
-        h = _hist(tf(x), None, signed)
-        hist = h if hist is None else hist + h
-    if hist is None:
-        raise ValueError("kth_smallest needs at least one leaf")
-    total = hist.sum(axis=1)
-    if np.any(k < 1) or np.any(k > total):
-        raise ValueError(f"rank k={k.tolist()} outside [1, {int(total[0])}]")
-    cum = np.cumsum(hist, axis=1)
-    hi = np.argmax(cum >= k[:, None], axis=1)
-    below = np.where(hi > 0, cum[np.arange(len(k)), np.maximum(hi - 1, 0)], 0)
-    prefix = jnp.asarray(hi.astype(np.int32))
-    hist2 = None
-    for x in _iter(leaves):
-        h = _hist(tf(x), prefix, signed)
-        hist2 = h if hist2 is None else hist2 + h
-    cum2 = below[:, None] + np.cumsum(hist2, axis=1)
-    lo = np.argmax(cum2 >= k[:, None], axis=1)
-    keys = (hi.astype(np.uint64) << 16) | lo.astype(np.uint64)
-    return _from_keys(keys, signed)
+    sel = RadixSelect(k, signed=signed, transform=transform)
+    sel.first_pass(_iter(leaves))
+    return sel.second_pass(_iter(leaves))
+
+
+class RadixSelect:
+    """The two passes of :func:`kth_smallest`, usable separately.
+
+    After :meth:`first_pass` (a histogram of the high 16 bits of the keys),
+    every value is *decided* relative to the answer except those whose high
+    bits equal :attr:`prefix` of their task (the answer's bin). The answer
+    then follows either from :meth:`second_pass` (a histogram of the low 16
+    bits of that bin, over all values again) or, when a caller has captured
+    the bin's values in its own pass, from :meth:`finish` (no second read).
+    """
+
+    def __init__(self, k, *, signed: bool = True, transform=None):
+        self.k = np.asarray(k, np.int64)
+        self.signed = signed
+        self.tf = transform or (lambda a: a)
+        self.prefix = None  # int32[n]: the answer's high-16-bit bin per task
+        self.below = None  # int64[n]: number of values in lower bins
+        self.in_bin = None  # int64[n]: number of values in the answer's bin
+
+    def first_pass(self, leaves) -> None:
+        hist = None
+        for x in leaves:
+            h = _hist(self.tf(x), None, self.signed)
+            hist = h if hist is None else hist + h
+        if hist is None:
+            raise ValueError("kth_smallest needs at least one leaf")
+        k = self.k
+        total = hist.sum(axis=1)
+        if np.any(k < 1) or np.any(k > total):
+            raise ValueError(f"rank k={k.tolist()} outside [1, {int(total[0])}]")
+        cum = np.cumsum(hist, axis=1)
+        hi = np.argmax(cum >= k[:, None], axis=1)
+        rows = np.arange(len(k))
+        self.below = np.where(hi > 0, cum[rows, np.maximum(hi - 1, 0)], 0)
+        self.in_bin = hist[rows, hi]
+        self.prefix = hi.astype(np.int32)
+
+    def high_bits(self, x: jax.Array) -> jax.Array:
+        """``int32[n, ...]``: the high 16 bits of the keys of ``x``."""
+        return (_keys(self.tf(x), self.signed) >> 16).astype(jnp.int32)
+
+    def second_pass(self, leaves) -> np.ndarray:
+        prefix = jnp.asarray(self.prefix)
+        hist2 = None
+        for x in leaves:
+            h = _hist(self.tf(x), prefix, self.signed)
+            hist2 = h if hist2 is None else hist2 + h
+        cum2 = self.below[:, None] + np.cumsum(hist2, axis=1)
+        lo = np.argmax(cum2 >= self.k[:, None], axis=1)
+        keys = (self.prefix.astype(np.uint64) << 16) | lo.astype(np.uint64)
+        return _from_keys(keys, self.signed)
+
+    def finish(self, in_bin_values: Sequence[np.ndarray]) -> np.ndarray:
+        """The answer from the values of each task's bin (captured elsewhere).
+
+        Args:
+          in_bin_values: for each task, all its (transformed) values whose high
+            bits equal ``prefix[task]``.
+        """
+        out = np.empty(len(self.k), np.float32)
+        for i, vals in enumerate(in_bin_values):
+            vals = np.asarray(vals, np.float32)
+            if vals.size != self.in_bin[i]:
+                raise AssertionError(f"task {i}: captured {vals.size} values, bin has {self.in_bin[i]}")
+            r = int(self.k[i] - self.below[i] - 1)
+            out[i] = np.partition(vals, r)[r]
+        return out
 
 
 def ties_keep_count(d: int, keep: float) -> int:

@@ -107,3 +107,28 @@ def test_dare_is_unbiased():
     x = jnp.full((1, 1000), 2.0, jnp.float32)
     means = [float(prep.dare(x, jax.random.key(s), 0.5, 0).mean()) for s in range(40)]
     assert abs(np.mean(means) - 2.0) < 0.05  # sd of the mean ~ 2/sqrt(40000)
+
+
+def test_fused_trimmed_grams_equal_the_three_pass_path():
+    """TIES Gram matrices with the radix select's second pass fused into the
+    Gram pass = thresholds from two full passes, then Grams of trimmed x."""
+    from conftest import random_case
+    import flexmerge_jax as fm
+    from flexmerge_jax._engine import Prepared, block_gram, grams
+    from flexmerge_jax._source import MemorySource
+
+    base, fts = random_case(7, n=5)
+    fts[2]["emb"] = base["emb"] + np.float32(0.5)  # exact ties at the threshold
+    src = MemorySource(base, fts)
+    method = fm.methods.ties(keep=0.3)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(["l1.", "l0."], src.layout.names, src.layout.sizes)
+    fused_prep = Prepared(src, part, method)
+    fused = grams(fused_prep)  # fused path: also sets the thresholds
+    ref_prep = Prepared(src, part, method)
+    thr = prep.ties_trim_thresholds(
+        [src.task_vectors([k])[k] for k in src.layout.names], 0.3, src.layout.total)
+    np.testing.assert_array_equal(fused_prep.trim_threshold, thr)  # exact select
+    np.testing.assert_array_equal(ref_prep.trim_threshold, thr)  # two-pass select
+    direct = np.stack([block_gram(ref_prep.x(b)) for b in range(len(part))])
+    np.testing.assert_allclose(fused, direct, rtol=1e-12, atol=1e-18)
