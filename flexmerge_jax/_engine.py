@@ -20,7 +20,7 @@ from . import prep
 from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
-from ._source import Source
+from ._source import Source, _host_resident
 
 
 class Prepared:
@@ -57,7 +57,7 @@ class Prepared:
             # First radix pass now; the second is either fused into the Gram
             # pass (see fused_trimmed_grams) or run when first needed.
             k = np.full((source.n,), prep.ties_keep_count(d, method.keep), np.int64)
-            self._select = prep.RadixSelect(k, signed=False, transform=jnp.abs)
+            self._select = prep.RadixSelect(k, magnitude=True)
             self._select.first_pass(all_leaves())
         elif method.name == "pcb":
             self.pcb_lohi = prep.pcb_thresholds(all_leaves, method.keep, d)
@@ -179,17 +179,6 @@ def replicated_like(x: jax.Array):
     return None
 
 
-def _on_host(x) -> bool:
-    """An unsharded array in host memory (NumPy, or a JAX array on the CPU)."""
-    if isinstance(x, np.ndarray):
-        return True
-    sh = getattr(x, "sharding", None)
-    return (
-        sh is not None and len(sh.device_set) == 1
-        and next(iter(sh.device_set)).platform == "cpu"
-    )
-
-
 def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarray:
     """Gram matrix ``f64[n, n]`` of one block's (preprocessed) task vectors.
 
@@ -207,12 +196,20 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
     if precision not in GRAM_PRECISIONS:
         raise ValueError(f"gram precision must be one of {GRAM_PRECISIONS}, got {precision!r}")
     leaves = tuple(x.values())
-    if all(_on_host(v) for v in leaves):
-        g = np.zeros((leaves[0].shape[0],) * 2, np.float64)
+    if all(_host_resident(v) for v in leaves):
+        n = leaves[0].shape[0]
+        g = np.zeros((n, n), np.float64)
+        chunk = max(4096, (1 << 20) // n)  # columns: ~8 MB of float64 per product
         for v in leaves:
-            a = np.asarray(v).reshape(v.shape[0], -1)
-            a = a.astype(np.float64) if precision == "float64" else a.astype(np.float32, copy=False)
-            g += a @ a.T
+            a = np.asarray(v).reshape(n, -1)
+            if precision == "float32":
+                a = a.astype(np.float32, copy=False)
+                g += a @ a.T
+                continue
+            # Converted in cache-sized chunks: no full-size float64 copy.
+            for j in range(0, a.shape[1], chunk):
+                c = a[:, j:j + chunk].astype(np.float64)
+                g += c @ c.T
         return g
     if precision == "float32":
         return np.asarray(_gram32(leaves), np.float64)
@@ -239,16 +236,6 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
     return np.stack(out)
 
 
-@jax.jit
-def _split_decided(x, prefix):
-    """For TIES trimming after the first radix pass: ``x`` with only the
-    entries decided to be kept (``|x|`` above the threshold's bin), the
-    undecided mask (in the bin) and its any-over-tasks reduction."""
-    hb = (jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32) >> 16).astype(jnp.int32)
-    p = prefix.reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.where(hb > p, x, 0.0), hb == p, jnp.any(hb == p, axis=0)
-
-
 def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None:
     """Gram matrices of TIES-trimmed task vectors with the radix select's
     second pass fused in: one read instead of two.
@@ -259,30 +246,37 @@ def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None
     entries and captures the coordinates where some task is undecided
     (typically well under 1%); those values finish the select exactly, and
     ``G = G_D - D_C D_C^T + X_C X_C^T`` over the captured coordinates ``C``
-    completes the trimmed Gram. Returns ``None`` (caller falls back) when the
-    blocks are not host-resident (sharded or on an accelerator).
+    completes the trimmed Gram. NumPy on the host, in cache-sized column
+    chunks. Returns ``None`` (caller falls back) when the blocks are not
+    host-resident (sharded or on an accelerator).
     """
     sel, part, n = prepared._select, prepared.partition, prepared.n
-    prefix = jnp.asarray(sel.prefix)
+    prefix = np.asarray(sel.prefix, np.uint32)[:, None]
     wide = np.float64 if precision == "float64" else np.float32
+    chunk = max(2048, (1 << 17) // n)
     grams_out, captured, values = [], [], [[] for _ in range(n)]
 
     def scan(tvs: dict, gram: bool):
         g = np.zeros((n, n), np.float64)
         caps = []
         for v in tvs.values():
-            if not _on_host(v):
+            if not _host_resident(v):
                 return None
-            d, cand, anyc = _split_decided(v, prefix)
-            idx = np.flatnonzero(np.asarray(anyc).ravel())
             a = np.asarray(v).reshape(n, -1)
-            if gram:
-                dd = np.asarray(d).reshape(n, -1).astype(wide, copy=False)
-                g += dd @ dd.T
-            c = np.asarray(cand).reshape(n, -1)[:, idx]
-            caps.append((a[:, idx].copy(), c, np.asarray(d).reshape(n, -1)[:, idx].copy()))
-            for i in range(n):
-                values[i].append(np.abs(a[i, idx][c[i]]))
+            for j in range(0, a.shape[1], chunk):
+                ac = a[:, j:j + chunk]
+                hb = (ac.view(np.uint32) & 0x7FFFFFFF) >> 16  # high bits of |x|
+                kept = hb > prefix  # decided kept
+                if gram:
+                    dd = np.multiply(ac, kept, dtype=wide)
+                    g += dd @ dd.T
+                cand = hb == prefix
+                idx = np.flatnonzero(cand.any(axis=0))
+                if idx.size:
+                    ax, c = ac[:, idx], cand[:, idx]
+                    caps.append((ax, ax * kept[:, idx]))
+                    for i in range(n):
+                        values[i].append(np.abs(ax[i][c[i]]))
         return g, caps
 
     for b in range(len(part)):
@@ -298,7 +292,7 @@ def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None
     prepared._trim_threshold = thr
     t = thr[:, None]
     for g, caps in zip(grams_out, captured):
-        for a, _, dcap in caps:
+        for a, dcap in caps:
             x = np.where(np.abs(a) >= t, a, 0.0).astype(np.float64)
             dc = dcap.astype(np.float64)
             g -= dc @ dc.T

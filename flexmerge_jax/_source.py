@@ -42,8 +42,14 @@ class Source(abc.ABC):
         """JSON description (used to record where a plan's inputs came from)."""
         return {"kind": type(self).__name__}
 
-    def task_vectors(self, names: Sequence[str]) -> dict[str, jax.Array]:
+    def task_vectors(self, names: Sequence[str]) -> dict[str, Any]:
         """``{name: f32[n, ...]}`` task vectors, checked finite.
+
+        On the CPU backend, host-resident inputs (NumPy, or JAX arrays on the
+        CPU) are subtracted by NumPy into NumPy arrays: no copy into XLA
+        buffers, which on the CPU costs more than the subtraction itself.
+        Otherwise one jitted kernel computes them on the default device. Both
+        compute ``f32(theta_i) - f32(theta_0)``, bit for bit the same.
 
         Raises:
           ValueError: naming the first task and parameter with NaN/Inf.
@@ -51,13 +57,21 @@ class Source(abc.ABC):
         base = self.base(names)
         fts = self.finetuned(names)
         out, oks = {}, []
+        host = jax.default_backend() == "cpu" and all(
+            _host_resident(base[k]) and all(_host_resident(f[k]) for f in fts) for k in names
+        )
         for name in names:
-            out[name], ok = _task_vector(
-                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
-            )
+            if host:
+                out[name], ok = _host_task_vector(base[name], [f[name] for f in fts])
+            else:
+                out[name], ok = _task_vector(
+                    jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
+                )
             oks.append(ok)
+        if oks and not host:
+            oks = list(np.asarray(jnp.stack(oks)))
         bad = None
-        for name, ok in zip(names, np.asarray(jnp.stack(oks)) if oks else []):
+        for name, ok in zip(names, oks):
             if not ok.all():
                 bad = int(np.argmin(ok)), name
                 break
@@ -68,6 +82,30 @@ class Source(abc.ABC):
                 f"{name!r} has NaN or Inf entries"
             )
         return out
+
+
+def _host_resident(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return True
+    sh = getattr(x, "sharding", None)
+    return (
+        isinstance(x, jax.Array) and sh is not None and len(sh.device_set) == 1
+        and next(iter(sh.device_set)).platform == "cpu"
+    )
+
+
+def _host_task_vector(base, fts) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy twin of :func:`_task_vector` (same float32 arithmetic)."""
+    b = np.asarray(base)
+    if b.dtype != np.float32:
+        b = b.astype(np.float32)
+    tv = np.empty((len(fts),) + b.shape, np.float32)
+    ok = np.empty(len(fts), bool)
+    for i, f in enumerate(fts):
+        f = np.asarray(f)
+        np.subtract(f if f.dtype == np.float32 else f.astype(np.float32), b, out=tv[i])
+        ok[i] = np.isfinite(tv[i]).all()
+    return tv, ok
 
 
 @jax.jit

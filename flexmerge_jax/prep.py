@@ -21,6 +21,7 @@ gathering a task vector on one device.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -111,6 +112,45 @@ def _hist(x: jax.Array, prefix, signed: bool) -> np.ndarray:
     return np.asarray(_hist_jit(x, prefix, signed=signed), np.int64)
 
 
+def high16(a: np.ndarray) -> np.ndarray:
+    """High 16 bits (sign, exponent, 7 mantissa bits) of float32 entries, as
+    ``uint16`` (a strided view on little-endian machines: no copy)."""
+    if sys.byteorder == "little":
+        return a.view(np.uint16)[..., 1::2]
+    return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _low16(a: np.ndarray) -> np.ndarray:
+    if sys.byteorder == "little":
+        return a.view(np.uint16)[..., 0::2]
+    return (a.view(np.uint32) & 0xFFFF).astype(np.uint16)
+
+
+def _host_magnitude_hist(x, prefix) -> np.ndarray:
+    """NumPy twin of ``_hist(|x|, prefix, signed=False)`` for a host array.
+
+    The keys of ``|x|`` are the bit patterns with the sign cleared, so the
+    first-pass histogram is the raw high-16-bit histogram folded over the
+    sign; the second pass counts the low 16 bits of the entries whose
+    magnitude lies in the bin ``prefix[i]``. ``int64[n, 65536]``.
+    """
+    a = np.asarray(x)
+    n = a.shape[0]
+    a = a.reshape(n, -1)
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    out = np.zeros((n, _BINS), np.int64)
+    hi = high16(a)
+    for i in range(n):
+        if prefix is None:
+            h = np.bincount(hi[i], minlength=_BINS)
+            out[i, : _BINS // 2] = h[: _BINS // 2] + h[_BINS // 2:]
+        else:
+            inbin = (hi[i] & 0x7FFF) == prefix[i]
+            out[i] = np.bincount(_low16(a[i])[inbin], minlength=_BINS)
+    return out
+
+
 def kth_smallest(
     leaves: Leaves,
     k: Sequence[int] | np.ndarray,
@@ -154,8 +194,11 @@ class RadixSelect:
     the bin's values in its own pass, from :meth:`finish` (no second read).
     """
 
-    def __init__(self, k, *, signed: bool = True, transform=None):
+    def __init__(self, k, *, signed: bool = True, transform=None, magnitude: bool = False):
         self.k = np.asarray(k, np.int64)
+        self.magnitude = magnitude  # keys are |x| (TIES); host leaves take a NumPy path
+        if magnitude:
+            signed, transform = False, jnp.abs
         self.signed = signed
         self.tf = transform or (lambda a: a)
         self.prefix = None  # int32[n]: the answer's high-16-bit bin per task
@@ -165,7 +208,7 @@ class RadixSelect:
     def first_pass(self, leaves) -> None:
         hist = None
         for x in leaves:
-            h = _hist(self.tf(x), None, self.signed)
+            h = self._hist(x, None)
             hist = h if hist is None else hist + h
         if hist is None:
             raise ValueError("kth_smallest needs at least one leaf")
@@ -180,15 +223,17 @@ class RadixSelect:
         self.in_bin = hist[rows, hi]
         self.prefix = hi.astype(np.int32)
 
-    def high_bits(self, x: jax.Array) -> jax.Array:
-        """``int32[n, ...]``: the high 16 bits of the keys of ``x``."""
-        return (_keys(self.tf(x), self.signed) >> 16).astype(jnp.int32)
+    def _hist(self, x, prefix) -> np.ndarray:
+        from ._source import _host_resident
+
+        if self.magnitude and _host_resident(x):
+            return _host_magnitude_hist(x, prefix)
+        return _hist(self.tf(x), None if prefix is None else jnp.asarray(prefix), self.signed)
 
     def second_pass(self, leaves) -> np.ndarray:
-        prefix = jnp.asarray(self.prefix)
         hist2 = None
         for x in leaves:
-            h = _hist(self.tf(x), prefix, self.signed)
+            h = self._hist(x, self.prefix)
             hist2 = h if hist2 is None else hist2 + h
         cum2 = self.below[:, None] + np.cumsum(hist2, axis=1)
         lo = np.argmax(cum2 >= self.k[:, None], axis=1)
@@ -239,7 +284,9 @@ def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
         n = x.shape[0]
         break
     k = np.full((n,), ties_keep_count(d, keep), np.int64)
-    return kth_smallest(leaves_list, k, signed=False, transform=jnp.abs)
+    sel = RadixSelect(k, magnitude=True)
+    sel.first_pass(_iter(leaves_list))
+    return sel.second_pass(_iter(leaves_list))
 
 
 @jax.jit
