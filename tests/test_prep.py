@@ -132,3 +132,19 @@ def test_fused_trimmed_grams_equal_the_three_pass_path():
     np.testing.assert_array_equal(ref_prep.trim_threshold, thr)  # two-pass select
     direct = np.stack([block_gram(ref_prep.x(b)) for b in range(len(part))])
     np.testing.assert_allclose(fused, direct, rtol=1e-12, atol=1e-18)
+
+
+def test_host_magnitude_histograms_equal_the_xla_ones():
+    """The NumPy histograms of |x| (CPU fast path) = the jitted ones, both passes,
+    with signed zeros, subnormals, extremes and values on both sides of a bin."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 500)) * 10.0 ** rng.integers(-30, 30, (3, 500))).astype(np.float32)
+    x[:, :4] = [0.0, -0.0, np.float32(1e-45), -np.finfo(np.float32).max]
+    x[:, 4:8] = [1.0, -1.0, np.nextafter(np.float32(1), np.float32(2)), -1.5]
+    first = prep._host_magnitude_hist(x, None)
+    np.testing.assert_array_equal(first, prep._hist(jnp.abs(jnp.asarray(x)), None, False))
+    prefix = np.array([0, 0x3F80, int(np.argmax(first[2]))], np.int32)  # zeros, 1.0's bin, fullest
+    second = prep._host_magnitude_hist(x, prefix)
+    np.testing.assert_array_equal(
+        second, prep._hist(jnp.abs(jnp.asarray(x)), jnp.asarray(prefix), False))
+    assert second[1].sum() >= 3 and second[0].sum() >= 3  # the chosen bins are populated
