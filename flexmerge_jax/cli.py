@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -324,6 +325,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("flexmerge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `flexmerge inspect DIR | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

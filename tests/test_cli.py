@@ -130,3 +130,18 @@ def test_console_script_entry_point(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("flexmerge: error:") and "Traceback" not in r.stderr
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_closed_stdout_ends_quietly(tiny, tmp_path, monkeypatch):
+    """`flexmerge inspect DIR | head -1`: the reader is gone; exit 141, no traceback."""
+    import os
+
+    z, d, base, fts = tiny
+    code = main(["merge", "--base", base, "--finetuned", *fts, "--method", "ta",
+                 "--blocks", "vit", "--size", "3", "--out", str(tmp_path / "m")])
+    assert code == 0
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: writes fail with EPIPE (BrokenPipeError)
+    with open(w, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["inspect", str(tmp_path / "m")]) == 141
