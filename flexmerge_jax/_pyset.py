@@ -74,6 +74,21 @@ def _probe(table, mask, key, stop_on_key: bool):
     return jax.lax.while_loop(cond, body, init)[0]
 
 
+def _resize_points(n: int) -> list[tuple[int, int]]:
+    """``(fill, new_size)`` for each resize a set of up to n distinct keys
+    goes through: inserting the ``fill``-th key triggers a rebuild into a
+    table of ``new_size`` slots (static: it depends on the count only)."""
+    out, size = [], _MINSIZE
+    for fill in range(1, n + 1):
+        if fill * 5 >= (size - 1) * 3:
+            new = _MINSIZE
+            while new <= fill * 4:
+                new <<= 1
+            out.append((fill, new))
+            size = new
+    return out
+
+
 def set_positions(roots: jax.Array) -> jax.Array:
     """Position of each key in ``list(set(roots.tolist()))`` (CPython 3.11).
 
@@ -84,44 +99,47 @@ def set_positions(roots: jax.Array) -> jax.Array:
     Returns:
       ``int32[n]``: ``pos[r]`` is the index of key ``r`` in the iteration
       order for keys present in ``roots``, and ``n`` for absent keys.
+
+    Duplicates never change a set, so the distinct keys are inserted in
+    order of first appearance; the table is rebuilt (CPython's
+    ``set_table_resize``: old slots in order, reinserted by probing) at fill
+    counts known statically, so the loop is a fixed sequence of insert
+    phases and rebuilds, with no data-dependent ``cond`` (which ``vmap``
+    would turn into running every rebuild at every insertion).
     """
     n = roots.shape[0]
     ts = max_table_size(n)
     roots = roots.astype(jnp.int32)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.full((n,), n, jnp.int32).at[roots].min(idx)  # first appearance of each key
+    distinct = jnp.argsort(first).astype(jnp.int32)  # present keys first, in insertion order
+    count = jnp.sum(first < n)
 
-    def insert(i, state):
-        table, mask, fill = state
-        key = roots[i]
-        e = _probe(table, mask, key, stop_on_key=True)
-        new = table[e] < 0
-        table = jnp.where(new, table.at[e].set(key), table)
-        fill = fill + new.astype(jnp.int32)
-        grow = new & (fill * 5 >= mask * 3)
+    def insert_range(table, mask, lo, hi):
+        def body(j, t):
+            key = distinct[j]
+            slot = _probe(t, mask, key, stop_on_key=False)
+            return jnp.where(j < count, t.at[slot].set(key), t)
 
-        def resize(args):
-            table, mask, fill = args
-            newsize = jnp.int32(_MINSIZE)
-            newsize = jax.lax.while_loop(
-                lambda s: s <= fill * 4, lambda s: s << 1, newsize
-            )
-            nmask = newsize - 1
-            fresh = jnp.full((ts,), -1, jnp.int32)
+        return jax.lax.fori_loop(lo, hi, body, table)
 
-            def move(s, t):
-                k = table[s]
-                live = (s <= mask) & (k >= 0)
-                kk = jnp.where(live, k, 0)
-                slot = _probe(t, nmask, kk, stop_on_key=False)
-                return jnp.where(live, t.at[slot].set(kk), t)
+    def rebuild(table, old_size, new_size):
+        fresh = jnp.full((ts,), -1, jnp.int32)
 
-            return jax.lax.fori_loop(0, ts, move, fresh), nmask, fill
+        def move(s, t):
+            k = table[s]
+            slot = _probe(t, jnp.int32(new_size - 1), jnp.maximum(k, 0), stop_on_key=False)
+            return jnp.where(k >= 0, t.at[slot].set(k), t)
 
-        return jax.lax.cond(grow, resize, lambda a: a, (table, mask, fill))
+        return jax.lax.fori_loop(0, old_size, move, fresh)
 
-    table0 = jnp.full((ts,), -1, jnp.int32)
-    table, _, _ = jax.lax.fori_loop(
-        0, n, insert, (table0, jnp.int32(_MINSIZE - 1), jnp.int32(0))
-    )
+    table = jnp.full((ts,), -1, jnp.int32)
+    size, lo = _MINSIZE, 0
+    for fill, new_size in _resize_points(n):
+        table = insert_range(table, jnp.int32(size - 1), lo, fill)
+        table = jnp.where(count >= fill, rebuild(table, size, new_size), table)
+        size, lo = new_size, fill
+    table = insert_range(table, jnp.int32(size - 1), lo, n)
     occupied = table >= 0
     order = jnp.cumsum(occupied.astype(jnp.int32)) - 1
     pos = jnp.full((n + 1,), n, jnp.int32)

@@ -36,3 +36,22 @@ def test_max_table_size():
     assert max_table_size(4) == 8
     assert max_table_size(5) == 32
     assert max_table_size(19) == 128
+
+
+def test_vmapped_over_blocks_matches_cpython():
+    """As the greedy loop uses it: one row of roots per block, vmapped."""
+    n = 30
+    rng = np.random.default_rng(5)
+    rows = []
+    for _ in range(16):
+        g = int(rng.integers(1, n + 1))
+        keys = rng.choice(n, size=g, replace=False)
+        r = rng.choice(keys, size=n)
+        r[rng.choice(n, size=g, replace=False)] = keys
+        rows.append(r)
+    got = np.asarray(jax.jit(jax.vmap(set_positions))(jnp.asarray(np.stack(rows), jnp.int32)))
+    for r, p in zip(rows, got):
+        order = list(set(int(v) for v in r))
+        exp = np.full(n, n)
+        exp[order] = np.arange(len(order))
+        np.testing.assert_array_equal(p, exp)
