@@ -254,7 +254,7 @@ def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None
     prefix = np.asarray(sel.prefix, np.uint32)[:, None]
     wide = np.float64 if precision == "float64" else np.float32
     chunk = max(2048, (1 << 17) // n)
-    grams_out, captured, values = [], [], [[] for _ in range(n)]
+    grams_out, captured, values = [], [], []
 
     def scan(tvs: dict, gram: bool):
         g = np.zeros((n, n), np.float64)
@@ -273,10 +273,10 @@ def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None
                 cand = hb == prefix
                 idx = np.flatnonzero(cand.any(axis=0))
                 if idx.size:
-                    ax, c = ac[:, idx], cand[:, idx]
+                    ax = ac[:, idx]
                     caps.append((ax, ax * kept[:, idx]))
-                    for i in range(n):
-                        values[i].append(np.abs(ax[i][c[i]]))
+                    rows, cols = np.nonzero(cand[:, idx])
+                    values.append((rows, np.abs(ax[rows, cols])))
         return g, caps
 
     for b in range(len(part)):
@@ -288,7 +288,9 @@ def fused_trimmed_grams(prepared: Prepared, precision: str) -> np.ndarray | None
     if part.unmatched:  # they count in the global threshold, not in any Gram
         if scan(prepared.source.task_vectors(part.unmatched), False) is None:
             return None
-    thr = sel.finish([np.concatenate(v) if v else np.zeros(0, np.float32) for v in values])
+    rows = np.concatenate([r for r, _ in values]) if values else np.zeros(0, np.int64)
+    vals = np.concatenate([v for _, v in values]) if values else np.zeros(0, np.float32)
+    thr = sel.finish([vals[rows == i] for i in range(n)])
     prepared._trim_threshold = thr
     t = thr[:, None]
     for g, caps in zip(grams_out, captured):

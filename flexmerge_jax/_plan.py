@@ -541,8 +541,9 @@ def plan(
     source = as_source(base, finetuned, task_names)
     _check_pairwise(method, source.n)
     if mesh is not None:
-        from .sharding import ShardedSource
+        from .sharding import ShardedSource, check_method
 
+        check_method(method, mesh, mesh_axis)
         source = ShardedSource(source, mesh, mesh_axis)
     partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
     prepared = Prepared(source, partition, method)

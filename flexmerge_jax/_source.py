@@ -56,32 +56,41 @@ class Source(abc.ABC):
         """
         base = self.base(names)
         fts = self.finetuned(names)
-        out, oks = {}, []
         host = jax.default_backend() == "cpu" and all(
             _host_resident(base[k]) and all(_host_resident(f[k]) for f in fts) for k in names
         )
+        if host:
+            return host_task_vectors(names, base, fts, self.task_names)
+        out, oks = {}, []
         for name in names:
-            if host:
-                out[name], ok = _host_task_vector(base[name], [f[name] for f in fts])
-            else:
-                out[name], ok = _task_vector(
-                    jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
-                )
+            out[name], ok = _task_vector(
+                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
+            )
             oks.append(ok)
-        if oks and not host:
-            oks = list(np.asarray(jnp.stack(oks)))
-        bad = None
-        for name, ok in zip(names, oks):
-            if not ok.all():
-                bad = int(np.argmin(ok)), name
-                break
-        if bad is not None:
-            i, name = bad
+        _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
+        return out
+
+
+def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names) -> dict[str, np.ndarray]:
+    """``{name: np.float32[n, ...]}`` computed by NumPy on the host, checked finite."""
+    out, oks = {}, []
+    for name in names:
+        out[name], ok = _host_task_vector(base[name], [f[name] for f in fts])
+        oks.append(ok)
+    _check_finite(names, oks, task_names)
+    return out
+
+
+def _check_finite(names, oks, task_names) -> None:
+    """Raises naming the first parameter (in ``names`` order) and task whose
+    ``oks[k]: bool[n]`` row has a False."""
+    for name, ok in zip(names, oks):
+        if not np.all(ok):
+            i = int(np.argmin(ok))
             raise ValueError(
-                f"task {i} ({self.task_names[i]}): the task vector of parameter "
+                f"task {i} ({task_names[i]}): the task vector of parameter "
                 f"{name!r} has NaN or Inf entries"
             )
-        return out
 
 
 def _host_resident(x) -> bool:
@@ -115,22 +124,6 @@ def _task_vector(base, fts):
     b = base.astype(jnp.float32)
     tv = jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
     return tv, jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
-
-
-@jax.jit
-def _finite_rows(x):
-    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-
-
-def _first_nonfinite(tvs: dict):
-    for name, x in tvs.items():
-        if isinstance(x, np.ndarray):
-            ok = np.all(np.isfinite(x), axis=tuple(range(1, x.ndim)))
-        else:
-            ok = np.asarray(_finite_rows(x))
-        if not ok.all():
-            return int(np.argmin(ok)), name
-    return None
 
 
 def default_task_names(n: int) -> tuple[str, ...]:

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
 from ._engine import Prepared, block_gram, materialize
+from ._engine import grams as engine_grams
 from ._flexmodel import FlexModel
 from ._plan import as_source
+from ._schedule import cosine_from_gram
 
 __all__ = ["cluster_merge", "channel_merge", "BaselinePlan", "agglomerative"]
 
@@ -205,16 +208,15 @@ def cluster_merge(
     partition = _whole_model_partition(source.layout)
     prepared = Prepared(source, partition, method)
     n = source.n
-    if layerwise:
-        cos = np.zeros((n, n))
-        for name in source.layout.names:
-            g = block_gram(source.task_vectors([name]))
-            nrm = np.sqrt(np.diag(g))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cos += g / (nrm[:, None] * nrm[None, :])
-        dist = 1.0 - cos / len(source.layout.names)
+    # One streaming pass: per-tensor Grams of the raw task vectors; the
+    # whole-model Gram is their sum (spec §10.4), never all tensors at once.
+    per_leaf = [block_gram(source.task_vectors([name])) for name in source.layout.names]
+    if layerwise:  # per-tensor cosine with the reference's eps: a frozen tensor counts 0
+        with jax.enable_x64(True):
+            cos = np.asarray(cosine_from_gram(np.stack(per_leaf))).sum(axis=0)
+        dist = 1.0 - cos / len(per_leaf)
     else:
-        g = block_gram(prepared.tau(0))
+        g = np.sum(per_leaf, axis=0)
         nrm = np.sqrt(np.diag(g))
         with np.errstate(invalid="ignore", divide="ignore"):
             dist = np.clip(1.0 - g / (nrm[:, None] * nrm[None, :]), 0.0, 2.0)
@@ -314,7 +316,7 @@ def channel_merge(
     partition = blocks_lib.resolve(None, source.layout.names, source.layout.sizes)
     prepared = Prepared(source, partition, method)
     n = source.n
-    grams = [block_gram(prepared.tau(b)) for b in range(len(partition))]
+    grams = engine_grams(prepared, raw=True)
     cache: dict[int, list] = {}
 
     def groups_at(k: int):

@@ -124,6 +124,12 @@ def _plan(args):
     )
 
 
+def _check_out(args) -> None:
+    """Fails before any work when ``--out`` exists and ``--overwrite`` was not given."""
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -131,6 +137,7 @@ def _say(msg: str) -> None:
 def cmd_merge(args) -> int:
     from .checkpointing import load, save_cut
 
+    _check_out(args)
     p = _plan(args)
     save_cut(args.out, p, size=args.size, overwrite=args.overwrite)
     model = load(args.out)
@@ -141,6 +148,7 @@ def cmd_merge(args) -> int:
 def cmd_plan(args) -> int:
     from .checkpointing import save
 
+    _check_out(args)
     p = _plan(args)
     save(args.out, p, overwrite=args.overwrite)
     _say(f"{p}\nsizes {p.sizes[0]:.4g}x .. {p.min_size:.4g}x over {p.num_steps} steps; saved to {args.out}")
@@ -151,6 +159,7 @@ def cmd_cut(args) -> int:
     from .checkpointing import load, save_cut
     from ._plan import Plan
 
+    _check_out(args)
     obj = load(args.plan) if args.base is None else load(args.plan, base=args.base, finetuned=args.finetuned)
     if not isinstance(obj, Plan):
         raise UserError(f"{args.plan}: a saved model, not a plan (use `flexmerge inspect`)")

@@ -219,7 +219,7 @@ class Method:
           :class:`GroupMerge`.
         """
         name = self.name
-        if name in EXTRA_NAMES or self.options:
+        if name in EXTRA_NAMES or self.sums or self.option("merge_func") not in (None, "mean"):
             return GroupMerge(self._extra_kernel(x, members, extra), None, None)
         if name == "avg":
             return GroupMerge(kernels.average(x, members), None, None)

@@ -112,7 +112,7 @@ def _hist(x: jax.Array, prefix, signed: bool) -> np.ndarray:
     return np.asarray(_hist_jit(x, prefix, signed=signed), np.int64)
 
 
-def high16(a: np.ndarray) -> np.ndarray:
+def _high16(a: np.ndarray) -> np.ndarray:
     """High 16 bits (sign, exponent, 7 mantissa bits) of float32 entries, as
     ``uint16`` (a strided view on little-endian machines: no copy)."""
     if sys.byteorder == "little":
@@ -140,7 +140,7 @@ def _host_magnitude_hist(x, prefix) -> np.ndarray:
     if a.dtype != np.float32:
         a = a.astype(np.float32)
     out = np.zeros((n, _BINS), np.int64)
-    hi = high16(a)
+    hi = _high16(a)
     for i in range(n):
         if prefix is None:
             h = np.bincount(hi[i], minlength=_BINS)

@@ -836,6 +836,7 @@ def apply_per_task(model: FlexModel, fn: Callable, task_ids, *inputs,
     """
     task_ids = np.asarray(task_ids)
     jfn = jax.jit(fn)
+    inputs = [np.asarray(x) for x in inputs]
     outs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for t in np.unique(task_ids):
         rows = np.nonzero(task_ids == t)[0]
@@ -846,13 +847,16 @@ def apply_per_task(model: FlexModel, fn: Callable, task_ids, *inputs,
             params = dict(params)
             for name, trees in per_task.items():
                 params[name] = trees[int(t)]
-        outs[int(t)] = (rows, np.asarray(jfn(params, *(np.asarray(x)[rows] for x in inputs))))
+        outs[int(t)] = (rows, np.asarray(jfn(params, *(x[rows] for x in inputs))))
     first = next(iter(outs.values()))[1]
     width = max(o.shape[-1] for _, o in outs.values()) if first.ndim > 1 else None
     shape = (len(task_ids),) + first.shape[1:-1] + ((width,) if width is not None else ())
     out = np.full(shape, pad_value if np.issubdtype(first.dtype, np.floating) else 0, first.dtype)
     for rows, o in outs.values():
-        out[rows, ..., : o.shape[-1]] = o
+        if width is None:  # one value per row
+            out[rows] = o
+        else:
+            out[rows, ..., : o.shape[-1]] = o
     return out
 
 

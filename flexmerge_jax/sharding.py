@@ -22,9 +22,27 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._source import Source, _first_nonfinite
+from ._source import Source, host_task_vectors
 
-__all__ = ["ShardedSource", "leaf_spec"]
+__all__ = ["ShardedSource", "leaf_spec", "check_method"]
+
+# Kernels that factor, sort or contract whole parameters (SVD, per-parameter
+# ranks, an inner product over all entries): on ``Auto`` axes XLA gathers what
+# they need; on ``Explicit`` axes JAX makes the caller choose a layout first.
+WHOLE_PARAMETER_METHODS = ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "model_stock")
+
+
+def check_method(method, mesh: Mesh, axis: str = "model") -> None:
+    """Raises if ``method`` cannot run with its parameters sharded on ``mesh``."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
+    explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
+    if explicit and method.name in WHOLE_PARAMETER_METHODS:
+        raise ValueError(
+            f"method {method.name!r} needs whole parameters (SVD / ranks per parameter), which "
+            f"a mesh axis of type Explicit does not gather implicitly; use AxisType.Auto for "
+            f"{axis!r}"
+        )
 
 
 def leaf_spec(shape: Sequence[int], mesh: Mesh, axis: str = "model") -> P:
@@ -70,21 +88,10 @@ class ShardedSource(Source):
         return [{k: self._put(k, v) for k, v in f.items()} for f in self.inner.finetuned(names)]
 
     def task_vectors(self, names):
-        base = self.inner.base(names)
-        fts = self.inner.finetuned(names)
-        out = {}
-        for k in names:
-            # float32 subtraction on the host: bitwise the same as on device.
-            b = np.asarray(base[k]).astype(np.float32)
-            tv = np.stack([np.asarray(f[k]).astype(np.float32) for f in fts]) - b[None]
-            out[k] = tv
-        bad = _first_nonfinite(out)
-        if bad is not None:
-            i, name = bad
-            raise ValueError(
-                f"task {i} ({self.task_names[i]}): the task vector of parameter "
-                f"{name!r} has NaN or Inf entries"
-            )
+        # float32 subtraction on the host (bitwise the same as on device),
+        # then each task vector placed shard by shard.
+        out = host_task_vectors(names, self.inner.base(names), self.inner.finetuned(names),
+                                self.task_names)
         return {k: self._put(k, v, lead=1) for k, v in out.items()}
 
     def describe(self) -> dict:

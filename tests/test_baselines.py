@@ -103,3 +103,25 @@ def test_channel_merge_ends_and_sweep():
         fm.baselines.cluster_merge(base, fts, "emr")
     with pytest.raises(ValueError, match="DARE"):
         fm.baselines.channel_merge(base, fts, fm.methods.dare(fm.methods.average()))
+
+
+def test_layerwise_distance_with_a_frozen_tensor():
+    """A tensor one task leaves unchanged (zero per-tensor vector) counts as cosine 0
+    (the reference's eps) instead of making the whole distance undefined."""
+    rng = np.random.default_rng(4)
+    base = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    fts = [{"w": base["w"] + rng.standard_normal((4, 3)).astype(np.float32),
+            "b": base["b"] + (0 if i == 1 else rng.standard_normal(3).astype(np.float32))}
+           for i in range(4)]
+    bp = fm.baselines.cluster_merge(base, fts, "ta", linkage="average", layerwise=True)
+    cos = 0.0
+    for k in base:  # float64 NumPy transcription of 1 - mean per-tensor cosine
+        x = np.stack([f[k].astype(np.float64) - base[k] for f in fts]).reshape(4, -1)
+        nrm = np.linalg.norm(x, axis=1)
+        cos = cos + (x @ x.T) / (nrm[:, None] * nrm[None, :] + 1e-8)
+    dist = 1.0 - cos / 2
+    np.fill_diagonal(dist, 0.0)
+    merges = fm.baselines.agglomerative(dist, "average")
+    for k in (3, 2):
+        expect = sorted(sorted(g) for g in fm.baselines._clusters(merges, 4, k))
+        assert sorted(sorted(g) for g in bp.at_size(k).groups("model")) == expect

@@ -145,3 +145,12 @@ def test_closed_stdout_ends_quietly(tiny, tmp_path, monkeypatch):
     with open(w, "w") as closed:
         monkeypatch.setattr(sys, "stdout", closed)
         assert main(["inspect", str(tmp_path / "m")]) == 141
+
+
+def test_existing_out_fails_before_any_work(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    for argv in (["merge", "--method", "ta", "--size", "2"], ["plan", "--method", "ta"]):
+        code, out, err = run(capsys, *argv, "--base", tmp_path / "missing.npz", "--finetuned",
+                             tmp_path / "a.npz", tmp_path / "b.npz", "--out", tmp_path / "m")
+        # Reported before the inputs are even looked at (planning can take minutes).
+        assert code == 2 and "exists; pass --overwrite" in err and "missing" not in err

@@ -115,3 +115,19 @@ def test_options_roundtrip_and_validation():
         with pytest.raises(ValueError, match=match):
             make()
     assert fm.methods.get("tsv", k=2) == fm.methods.tsv(k=2)
+
+
+def test_explicit_default_conventions_merge_as_the_reference():
+    """Options spelling out the defaults (e.g. read back from JSON) keep the mean kernels,
+    the ones the planner's Gram path assumes."""
+    import jax.numpy as jnp
+
+    from flexmerge_jax.methods import Method
+
+    x = {"w": jnp.asarray(np.arange(6, dtype=np.float32).reshape(3, 2) - 2.0)}
+    for plain, opt in ((fm.methods.task_arithmetic(1.5), ("convention", "mean")),
+                       (fm.methods.ties(1.5, keep=1.0), ("merge_func", "mean"))):
+        spelled = Method.from_json({**plain.to_json(), "options": [list(opt)]})
+        assert not spelled.sums
+        np.testing.assert_array_equal(np.asarray(spelled.merge_group(x).vector["w"]),
+                                      np.asarray(plain.merge_group(x).vector["w"]))

@@ -299,3 +299,17 @@ def test_nnx_example():
     res = serve_nnx.main(n_tasks=3, batch=16, sizes=(1.5,), reps=1)
     assert all(v["max_err"] < 1e-4 and v["traces"] == 1 for v in res.values())
     assert 1.0 < res[1.5]["n_models"] < 3.0
+
+
+def test_apply_per_task_with_one_value_per_row():
+    from conftest import random_case
+
+    base, fts = random_case(2, n=3)
+    model = fm.plan(base, fts, method="ta").at_size(2.0)
+    fn = lambda p, x: x @ p["l0.mlp.w"] @ np.ones((7,), np.float32)  # [rows]
+    tids = np.array([2, 0, 1, 0, 2])
+    x = np.random.default_rng(0).standard_normal((5, 5)).astype(np.float32)
+    got = serve.apply_per_task(model, fn, tids, x)
+    exp = [np.asarray(fn(model.params_for_task(int(t)), x[i:i + 1]))[0] for i, t in enumerate(tids)]
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got, exp, rtol=1e-6)

@@ -105,3 +105,40 @@ def random_inputs():
     from conftest import random_case
 
     return random_case(0, n=3)
+
+
+def test_nonfinite_task_vectors_are_named_on_every_path():
+    """NaN/Inf is reported with its task and parameter by the NumPy host path,
+    the jitted path (inputs already spread over devices) and ShardedSource."""
+    base, fts = random_inputs()
+    bad = [fts[0], fts[1], {**fts[2], "emb": np.array([0, 0, np.nan, 0], np.float32)}]
+    msg = r"task 2 \(task2\): the task vector of parameter 'emb' has NaN or Inf"
+    with pytest.raises(ValueError, match=msg):  # host (NumPy) path
+        fm.plan(base, bad, method="ta")
+    m = mesh(AxisType.Auto)
+    spread = lambda t: {k: jax.device_put(v, NamedSharding(m, P())) for k, v in t.items()}
+    with pytest.raises(ValueError, match=msg):  # arrays on 8 devices: the jitted path
+        fm.plan(spread(base), [spread(f) for f in bad], method="ta")
+    with pytest.raises(ValueError, match=msg):  # ShardedSource
+        fm.plan(base, bad, method="ta", mesh=m)
+
+
+@pytest.mark.parametrize("name", ["tsv", "breadcrumbs", "model_stock", "magmax"])
+def test_extra_methods_on_a_mesh(name):
+    """Sharded over 2 devices (dims divisible by 2 are split): Auto axes give the
+    single-device model; whole-parameter kernels refuse Explicit axes clearly."""
+    from jax.sharding import Mesh
+
+    base, fts = random_inputs()
+    method = fm.methods.get(name)
+    one = fm.plan(base, fts, method=method, linkage="min").at_size(2.0)
+    auto = Mesh(np.array(jax.devices()[:2]), ("model",), axis_types=(AxisType.Auto,))
+    assert_models_equal(fm.plan(base, fts, method=method, linkage="min", mesh=auto).at_size(2.0),
+                        one, 3, atol=1e-7)
+    explicit = Mesh(np.array(jax.devices()[:2]), ("model",), axis_types=(AxisType.Explicit,))
+    if name == "magmax":  # elementwise: fine on Explicit axes too
+        assert_models_equal(fm.plan(base, fts, method=method, linkage="min",
+                                    mesh=explicit).at_size(2.0), one, 3)
+    else:
+        with pytest.raises(ValueError, match="needs whole parameters"):
+            fm.plan(base, fts, method=method, mesh=explicit)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+from . import hf as _hf
 from .hf import (
     HFSource,
     NameMap,
@@ -35,23 +36,7 @@ _LAZY = {
     "to_linen": "linen",
 }
 
-__all__ = [
-    "from_nnx",
-    "to_nnx",
-    "from_linen",
-    "to_linen",
-    "NameMap",
-    "as_name_map",
-    "bert_mapping",
-    "from_hf",
-    "to_hf",
-    "load_hf",
-    "save_hf",
-    "hf_source",
-    "HFSource",
-    "kernel_to_flax",
-    "kernel_to_torch",
-]
+__all__ = [*_LAZY, *_hf.__all__]
 
 
 def __getattr__(name):
