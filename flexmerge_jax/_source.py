@@ -25,6 +25,9 @@ class Source(abc.ABC):
 
     layout: Layout
     task_names: tuple[str, ...]
+    #: Whether :meth:`base` / :meth:`finetuned` may hand out host arrays that
+    #: the NumPy streaming paths (:func:`host_inputs`) can use as they are.
+    host_capable: bool = True
 
     @property
     def n(self) -> int:
@@ -42,6 +45,19 @@ class Source(abc.ABC):
         """JSON description (used to record where a plan's inputs came from)."""
         return {"kind": type(self).__name__}
 
+    def sample_runs(self, name: str, starts: np.ndarray, length: int) -> np.ndarray:
+        """Task-vector entries ``[s, s + length)`` of the flattened parameter
+        ``name`` for each ``s`` in ``starts``: ``f32[n, m, length]``.
+
+        Used to sample statistics cheaply; not checked finite. The default
+        reads the whole parameter; sources that can read byte ranges
+        (safetensors files) read only the runs.
+        """
+        idx = np.asarray(starts, np.int64)[:, None] + np.arange(length)
+        b = np.asarray(self.base([name])[name]).reshape(-1)[idx].astype(np.float32)
+        return np.stack([np.asarray(f[name]).reshape(-1)[idx].astype(np.float32) - b
+                         for f in self.finetuned([name])])
+
     def task_vectors(self, names: Sequence[str]) -> dict[str, Any]:
         """``{name: f32[n, ...]}`` task vectors, checked finite.
 
@@ -56,10 +72,7 @@ class Source(abc.ABC):
         """
         base = self.base(names)
         fts = self.finetuned(names)
-        host = jax.default_backend() == "cpu" and all(
-            _host_resident(base[k]) and all(_host_resident(f[k]) for f in fts) for k in names
-        )
-        if host:
+        if _all_host(names, base, fts):
             return host_task_vectors(names, base, fts, self.task_names)
         out, oks = {}, []
         for name in names:
@@ -69,6 +82,47 @@ class Source(abc.ABC):
             oks.append(ok)
         _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
         return out
+
+
+def _all_host(names, base, fts) -> bool:
+    return jax.default_backend() == "cpu" and all(
+        _host_resident(base[k]) and all(_host_resident(f[k]) for f in fts) for k in names
+    )
+
+
+def host_inputs(source: Source, names: Sequence[str]):
+    """``(base, fts)`` of ``names`` when the NumPy host path applies to them
+    (CPU backend, host-resident arrays), else ``None``."""
+    if not source.host_capable or jax.default_backend() != "cpu":
+        return None
+    base, fts = source.base(names), source.finetuned(names)
+    return (base, fts) if _all_host(names, base, fts) else None
+
+
+def tv_chunks(base: dict, fts: Sequence[dict], names: Sequence[str], columns: int):
+    """Task vectors in column chunks, never materialized whole.
+
+    Yields ``(name, chunk)`` with ``chunk: f32[n, c]`` (``c <= columns``) the
+    next ``c`` flat entries of ``f32(theta_i) - f32(theta_0)`` for every task,
+    bit for bit :func:`host_task_vectors`. ``chunk`` is a view of one buffer
+    reused for every chunk (cache-sized): consume or copy it before the next.
+    Not checked finite: callers detect NaN/Inf in their own statistics.
+    """
+    n = len(fts)
+    buf = np.empty((n, columns), np.float32)
+    for name in names:
+        b = np.asarray(base[name]).reshape(-1)
+        if b.dtype != np.float32:
+            b = b.astype(np.float32)
+        fs = [np.asarray(f[name]).reshape(-1) for f in fts]
+        for j in range(0, b.size, columns):
+            c = min(columns, b.size - j)
+            t = buf[:, :c]
+            bj = b[j:j + c]
+            for i, f in enumerate(fs):
+                fj = f[j:j + c]
+                np.subtract(fj if fj.dtype == np.float32 else fj.astype(np.float32), bj, out=t[i])
+            yield name, t
 
 
 def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names) -> dict[str, np.ndarray]:

@@ -96,6 +96,7 @@ class _Reader:
                 keys = sorted(f.keys())
                 shapes = [tuple(f.get_slice(k).get_shape()) for k in keys]
                 dtypes = [_st_dtype(f.get_slice(k).get_dtype()) for k in keys]
+            self._offsets = _st_offsets(self.path)
             return keys, shapes, dtypes
         import jax
         import orbax.checkpoint as ocp
@@ -127,6 +128,25 @@ class _Reader:
                 return {k: f.get_tensor(k) for k in names}
         return self._read_orbax(names)
 
+    def read_runs(self, name: str, starts: np.ndarray, length: int) -> np.ndarray | None:
+        """``f32[m, length]``: flat entries ``[s, s + length)`` of ``name`` for
+        each start, read as byte ranges (safetensors only; else ``None``)."""
+        dtype = _RUN_DTYPES.get(self.dtypes[self.names.index(name)]) if self.format == "safetensors" else None
+        if dtype is None:
+            return None
+        dt = np.dtype(dtype)
+        begin = self._offsets[name]
+        out = np.empty((len(starts), length), dt)
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            for i, s in enumerate(np.asarray(starts, np.int64)):
+                want = length * dt.itemsize
+                buf = os.pread(fd, want, begin + int(s) * dt.itemsize)
+                if len(buf) != want:
+                    raise ValueError(f"{self.path}: truncated data for parameter {name!r}")
+                out[i] = np.frombuffer(buf, dt)
+        return out.astype(np.float32)
+
     def _read_orbax(self, names):
         import orbax.checkpoint as ocp
 
@@ -152,6 +172,27 @@ class _Reader:
         got_names, got_leaves, _ = flatten(out)
         got = dict(zip(got_names, got_leaves))
         return {k: got[k] for k in names}
+
+
+def _st_offsets(path) -> dict[str, int]:
+    """Absolute byte offset of each tensor's data in a safetensors file."""
+    import json
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: 8 + size + int(v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _run_dtypes() -> dict:
+    import ml_dtypes
+
+    return {"float32": "<f4", "float16": "<f2", "float64": "<f8",
+            "bfloat16": ml_dtypes.bfloat16}
+
+
+_RUN_DTYPES = _run_dtypes()
 
 
 def _st_dtype(code: str) -> str:
@@ -260,6 +301,12 @@ class PathSource(Source):
 
     def finetuned(self, names):
         return [r.read(names) for r in self._ft]
+
+    def sample_runs(self, name, starts, length):
+        runs = [r.read_runs(name, starts, length) for r in [self._base, *self._ft]]
+        if any(r is None for r in runs):
+            return super().sample_runs(name, starts, length)
+        return np.stack([r - runs[0] for r in runs[1:]])
 
     def describe(self) -> dict:
         return {

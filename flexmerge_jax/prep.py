@@ -129,10 +129,10 @@ def _low16(a: np.ndarray) -> np.ndarray:
 def _host_magnitude_hist(x, prefix) -> np.ndarray:
     """NumPy twin of ``_hist(|x|, prefix, signed=False)`` for a host array.
 
-    The keys of ``|x|`` are the bit patterns with the sign cleared, so the
-    first-pass histogram is the raw high-16-bit histogram folded over the
-    sign; the second pass counts the low 16 bits of the entries whose
-    magnitude lies in the bin ``prefix[i]``. ``int64[n, 65536]``.
+    The keys of ``|x|`` are the bit patterns with the sign cleared: the
+    first pass counts their high 16 bits (one ``bincount`` for all tasks),
+    the second the low 16 bits of the entries whose magnitude lies in the
+    bin ``prefix[i]``. ``int64[n, 65536]``.
     """
     a = np.asarray(x)
     n = a.shape[0]
@@ -140,14 +140,16 @@ def _host_magnitude_hist(x, prefix) -> np.ndarray:
     if a.dtype != np.float32:
         a = a.astype(np.float32)
     out = np.zeros((n, _BINS), np.int64)
+    if prefix is None:  # one bincount for all tasks: the task offsets the bin
+        half = _BINS // 2
+        keys = (a.view(np.uint32) & np.uint32(0x7FFFFFFF)) >> 16
+        keys += (np.arange(n, dtype=np.uint32) * half)[:, None]
+        out[:, :half] = np.bincount(keys.ravel(), minlength=n * half).reshape(n, half)
+        return out
     hi = _high16(a)
     for i in range(n):
-        if prefix is None:
-            h = np.bincount(hi[i], minlength=_BINS)
-            out[i, : _BINS // 2] = h[: _BINS // 2] + h[_BINS // 2:]
-        else:
-            inbin = (hi[i] & 0x7FFF) == prefix[i]
-            out[i] = np.bincount(_low16(a[i])[inbin], minlength=_BINS)
+        inbin = (hi[i] & 0x7FFF) == prefix[i]
+        out[i] = np.bincount(_low16(a[i])[inbin], minlength=_BINS)
     return out
 
 
@@ -188,10 +190,9 @@ class RadixSelect:
 
     After :meth:`first_pass` (a histogram of the high 16 bits of the keys),
     every value is *decided* relative to the answer except those whose high
-    bits equal :attr:`prefix` of their task (the answer's bin). The answer
-    then follows either from :meth:`second_pass` (a histogram of the low 16
-    bits of that bin, over all values again) or, when a caller has captured
-    the bin's values in its own pass, from :meth:`finish` (no second read).
+    bits equal :attr:`prefix` of their task (the answer's bin); the answer
+    then follows from :meth:`second_pass` (a histogram of the low 16 bits of
+    that bin, over all values again).
     """
 
     def __init__(self, k, *, signed: bool = True, transform=None, magnitude: bool = False):
@@ -203,7 +204,6 @@ class RadixSelect:
         self.tf = transform or (lambda a: a)
         self.prefix = None  # int32[n]: the answer's high-16-bit bin per task
         self.below = None  # int64[n]: number of values in lower bins
-        self.in_bin = None  # int64[n]: number of values in the answer's bin
 
     def first_pass(self, leaves) -> None:
         hist = None
@@ -220,7 +220,6 @@ class RadixSelect:
         hi = np.argmax(cum >= k[:, None], axis=1)
         rows = np.arange(len(k))
         self.below = np.where(hi > 0, cum[rows, np.maximum(hi - 1, 0)], 0)
-        self.in_bin = hist[rows, hi]
         self.prefix = hi.astype(np.int32)
 
     def _hist(self, x, prefix) -> np.ndarray:
@@ -239,22 +238,6 @@ class RadixSelect:
         lo = np.argmax(cum2 >= self.k[:, None], axis=1)
         keys = (self.prefix.astype(np.uint64) << 16) | lo.astype(np.uint64)
         return _from_keys(keys, self.signed)
-
-    def finish(self, in_bin_values: Sequence[np.ndarray]) -> np.ndarray:
-        """The answer from the values of each task's bin (captured elsewhere).
-
-        Args:
-          in_bin_values: for each task, all its (transformed) values whose high
-            bits equal ``prefix[task]``.
-        """
-        out = np.empty(len(self.k), np.float32)
-        for i, vals in enumerate(in_bin_values):
-            vals = np.asarray(vals, np.float32)
-            if vals.size != self.in_bin[i]:
-                raise AssertionError(f"task {i}: captured {vals.size} values, bin has {self.in_bin[i]}")
-            r = int(self.k[i] - self.below[i] - 1)
-            out[i] = np.partition(vals, r)[r]
-        return out
 
 
 def ties_keep_count(d: int, keep: float) -> int:

@@ -67,6 +67,8 @@ class ShardedSource(Source):
       axis: the mesh axis parameters are sharded over.
     """
 
+    host_capable = False  # its arrays live on the mesh
+
     def __init__(self, source: Source, mesh: Mesh, axis: str = "model"):
         if axis not in mesh.axis_names:
             raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")

@@ -1,0 +1,159 @@
+"""The host statistics pass for TIES (sampled bracket, one fused pass, exact
+fallbacks) and the streamed Gram pass, against independent NumPy paths."""
+
+import numpy as np
+import pytest
+
+import flexmerge_jax as fm
+from flexmerge_jax import _engine, io, prep
+from flexmerge_jax._engine import Prepared, block_gram, grams
+from flexmerge_jax._source import MemorySource
+from conftest import random_case
+
+BLOCKS = ["l1.", "l0."]
+
+
+def _case(seed=7, n=5, shapes=None):
+    base, fts = random_case(seed, n=n, shapes=shapes)
+    fts[2]["emb"] = base["emb"] + np.float32(0.5)  # exact ties at the threshold
+    return base, fts
+
+
+def _reference(src, part, keep):
+    """Thresholds from a full NumPy sort; Grams of the trimmed float64 vectors."""
+    tv = {k: np.stack([np.asarray(f, np.float32) for f in src.task_vectors([k])[k]])
+          for k in src.layout.names}
+    flat = np.concatenate([v.reshape(src.n, -1) for v in tv.values()], axis=1)
+    d = flat.shape[1]
+    kk = prep.ties_keep_count(d, keep)
+    thr = np.sort(np.abs(flat), axis=1)[:, kk - 1]
+    g = []
+    for blk in part.blocks:
+        x = np.concatenate([tv[k].reshape(src.n, -1) for k in blk.leaves], axis=1)
+        x = np.where(np.abs(x) >= thr[:, None], x, 0).astype(np.float64)
+        g.append(x @ x.T)
+    return thr, np.stack(g)
+
+
+def _check(src, keep=0.3, precision="float64"):
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
+    thr, g_ref = _reference(src, part, keep)
+    p = Prepared(src, part, fm.methods.ties(keep=keep))
+    g = grams(p, precision=precision)
+    np.testing.assert_array_equal(p.trim_threshold, thr)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-12 if precision == "float64" else 1e-5, atol=1e-18)
+    only = Prepared(src, part, fm.methods.ties(keep=keep))  # thresholds alone
+    np.testing.assert_array_equal(only.trim_threshold, thr)
+    return p
+
+
+def _spy_scans(monkeypatch):
+    results = []
+    real = _engine._bracket_scan
+
+    def spy(*a, **k):
+        r = real(*a, **k)
+        results.append((k.get("counts", True), r is not None))
+        return r
+
+    monkeypatch.setattr(_engine, "_bracket_scan", spy)
+    return results
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.05, 0.9])
+def test_sampled_bracket_path(monkeypatch, keep):
+    # A sample smaller than the model: runs of 4 entries, cluster errors.
+    monkeypatch.setattr(_engine, "_SAMPLE", 80)
+    monkeypatch.setattr(_engine, "_RUN", 4)
+    scans = _spy_scans(monkeypatch)
+    _check(MemorySource(*_case(shapes={"l1.w": (40, 30), "l0.w": (30, 40), "emb": (4,)})), keep=keep)
+    assert scans == [(True, True), (True, True)]  # one pass each, the bracket held
+
+
+def test_full_sample_path(monkeypatch):
+    scans = _spy_scans(monkeypatch)
+    _check(MemorySource(*_case()))  # the small model is sampled whole
+    assert scans == [(True, True), (True, True)]
+
+
+def test_bracket_miss_falls_back_to_radix_select(monkeypatch):
+    calls = []
+
+    def wrong(prepared, k):  # a bracket far above every |x|
+        calls.append(1)
+        key = np.float32(1e30).view(np.uint32)
+        return np.full(prepared.n, key, np.uint32), np.full(prepared.n, key + 1, np.uint32)
+
+    monkeypatch.setattr(_engine, "_sample_bracket", wrong)
+    scans = _spy_scans(monkeypatch)
+    _check(MemorySource(*_case()))
+    assert calls and scans[0] == (True, False)  # missed; radix select, then a Gram pass
+    assert scans[1] == (False, True)
+
+
+def test_too_many_undecided_keys_falls_back(monkeypatch):
+    monkeypatch.setattr(_engine, "_KEY_BYTES", -1)
+    scans = _spy_scans(monkeypatch)
+    _check(MemorySource(*_case()))
+    assert scans[0] == (True, False)
+
+
+def test_column_budget_gives_a_second_pass(monkeypatch):
+    monkeypatch.setattr(_engine, "_COLUMN_BYTES", 0)
+    scans = _spy_scans(monkeypatch)
+    _check(MemorySource(*_case()), precision="float32")
+    assert scans[:2] == [(True, True), (False, True)]  # counting pass, then the Gram pass
+
+
+def test_streamed_gram_equals_block_gram():
+    src = MemorySource(*_case())
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
+    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
+    direct = np.stack([block_gram({k: np.asarray(v) for k, v in p.tau(b).items()})
+                       for b in range(len(part))])
+    np.testing.assert_allclose(grams(p), direct, rtol=1e-13)
+    np.testing.assert_allclose(grams(p, precision="float32"), direct, rtol=1e-5)
+
+
+def test_safetensors_runs_equal_memory_runs(tmp_path):
+    base, fts = _case(n=3)
+    b16 = {k: v.astype("bfloat16") for k, v in base.items()}
+    f16 = [{k: v.astype("bfloat16") for k, v in f.items()} for f in fts]
+    for tag, (bb, ff) in {"f32": (base, fts), "bf16": (b16, f16)}.items():
+        io.save_params(tmp_path / f"{tag}-base.safetensors", bb)
+        paths = [io.save_params(tmp_path / f"{tag}-{i}.safetensors", f) for i, f in enumerate(ff)]
+        disk = io.path_source(tmp_path / f"{tag}-base.safetensors", paths)
+        mem = MemorySource(bb, ff)
+        starts = np.array([0, 7, 3, 28])
+        a = disk.sample_runs("l1.mlp.w", starts, 7)
+        np.testing.assert_array_equal(a, mem.sample_runs("l1.mlp.w", starts, 7))
+        full = mem.task_vectors(["l1.mlp.w"])["l1.mlp.w"].reshape(3, -1)
+        np.testing.assert_array_equal(a[:, 1], full[:, 7:14])
+
+
+def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(_engine, "_SAMPLE", 60)
+    base, fts = _case()
+    io.save_params(tmp_path / "base.safetensors", base)
+    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    kw = dict(blocks=BLOCKS, method=fm.methods.ties(keep=0.3), linkage="min")
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        a = fm.plan(base, fts, **kw)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        b = fm.plan(tmp_path / "base.safetensors", paths, **kw)
+    assert a.events == b.events
+
+
+@pytest.mark.parametrize("method", ["ta", "ties"])
+@pytest.mark.parametrize("where", ["l0.mlp.w", "emb"])  # in a block / unmatched
+def test_nan_is_named(method, where):
+    base, fts = _case()
+    bad = fts[3][where].copy()
+    bad.flat[1] = np.nan
+    fts[3] = {**fts[3], where: bad}
+    m = fm.methods.get(method, **({"keep": 0.3} if method == "ties" else {}))
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        with pytest.raises(ValueError, match=rf"task 3 \(task3\): the task vector of parameter '{where}' has NaN"):
+            fm.plan(base, fts, blocks=BLOCKS, method=m, linkage="min")
