@@ -384,15 +384,21 @@ def _sample_bracket(prepared: Prepared, k: np.ndarray) -> tuple[np.ndarray, np.n
     rate = _SAMPLE / d
     rng = np.random.default_rng(0)
     parts = []  # uint32[n, m, L] per parameter
-    for name, size in zip(layout.names, layout.sizes):
-        if rate >= 1:  # small model: every entry, runs of one
-            starts, length = np.arange(size), 1
-        else:
-            length = min(_RUN, size)
-            m = int(np.floor(size * rate / length + rng.random()))
-            starts = rng.integers(0, size - length + 1, m)
-        if len(starts):
-            parts.append(src.sample_runs(name, starts, length).view(np.uint32) & _ABS)
+    size_of = dict(zip(layout.names, layout.sizes))
+    for names in _chunks(list(layout.names), layout.sizes):
+        requests = []
+        for name in names:
+            size = size_of[name]
+            if rate >= 1:  # small model: every entry, runs of one
+                starts, length = np.arange(size), 1
+            else:
+                length = min(_RUN, size)
+                m = int(np.floor(size * rate / length + rng.random()))
+                starts = rng.integers(0, size - length + 1, m)
+            if len(starts):
+                requests.append((name, starts, length))
+        if requests:
+            parts += [r.view(np.uint32) & _ABS for r in src.sample_runs(requests)]
     flat = np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
     s = flat.shape[1]
     q = k / d
@@ -426,7 +432,8 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
     below = np.zeros(n, np.int64)
     keys, cnts, caps, top = [], [], [], 0
     # Buffers reused by every chunk (no allocation in the loop).
-    ub, keptb, geb = np.empty((n, cols), np.uint32), np.empty((n, cols), bool), np.empty((n, cols), bool)
+    ub = np.empty((n, cols), np.uint32)
+    keptb, geb = np.empty((n, cols), bool), np.empty((n, cols), bool)
     f32b = np.empty((n, cols), np.float32)
     wideb = np.empty((n, cols), np.float64) if gram and precision == "float64" else None
     for _, t in tv_chunks(*inputs, names, cols):

@@ -458,12 +458,14 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     for b, block in enumerate(partition.blocks):
         tau = prepared.tau(b)
         x = prepared.x(b, tau)
+        singles = tau if structured else x
+        del tau  # not held during the sequence unless singletons compare raw vectors
         out.append(
             materialized_sequence(
-                x, tau if structured else x, prepared.extra(b, x), similarity,
-                method, block.numel,
+                x, singles, prepared.extra(b, x), similarity, method, block.numel,
             )
         )
+        del x, singles
     return out
 
 

@@ -45,18 +45,20 @@ class Source(abc.ABC):
         """JSON description (used to record where a plan's inputs came from)."""
         return {"kind": type(self).__name__}
 
-    def sample_runs(self, name: str, starts: np.ndarray, length: int) -> np.ndarray:
-        """Task-vector entries ``[s, s + length)`` of the flattened parameter
-        ``name`` for each ``s`` in ``starts``: ``f32[n, m, length]``.
+    def sample_runs(self, requests: Sequence[tuple[str, np.ndarray, int]]) -> list[np.ndarray]:
+        """Task-vector entries in contiguous runs, for sampling statistics.
 
-        Used to sample statistics cheaply; not checked finite. The default
-        reads the whole parameter; sources that can read byte ranges
-        (safetensors files) read only the runs.
+        Args:
+          requests: ``(name, starts, length)``: the flat entries
+            ``[s, s + length)`` of parameter ``name`` for each ``s``.
+
+        Returns:
+          per request, ``f32[n, len(starts), length]`` (not checked finite).
+          The default reads the requested parameters whole, once; sources
+          that can read byte ranges (safetensors files) read only the runs.
         """
-        idx = np.asarray(starts, np.int64)[:, None] + np.arange(length)
-        b = np.asarray(self.base([name])[name]).reshape(-1)[idx].astype(np.float32)
-        return np.stack([np.asarray(f[name]).reshape(-1)[idx].astype(np.float32) - b
-                         for f in self.finetuned([name])])
+        names = [r[0] for r in requests]
+        return _runs(self.base(names), self.finetuned(names), requests)
 
     def task_vectors(self, names: Sequence[str]) -> dict[str, Any]:
         """``{name: f32[n, ...]}`` task vectors, checked finite.
@@ -82,6 +84,19 @@ class Source(abc.ABC):
             oks.append(ok)
         _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
         return out
+
+
+def _flat_runs(arr, starts, length) -> np.ndarray:
+    idx = np.asarray(starts, np.int64)[:, None] + np.arange(length)
+    return np.asarray(arr).reshape(-1)[idx].astype(np.float32)
+
+
+def _runs(base: dict, fts: Sequence[dict], requests) -> list[np.ndarray]:
+    out = []
+    for name, starts, length in requests:
+        b = _flat_runs(base[name], starts, length)
+        out.append(np.stack([_flat_runs(f[name], starts, length) - b for f in fts]))
+    return out
 
 
 def _all_host(names, base, fts) -> bool:

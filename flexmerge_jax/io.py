@@ -97,6 +97,7 @@ class _Reader:
                 shapes = [tuple(f.get_slice(k).get_shape()) for k in keys]
                 dtypes = [_st_dtype(f.get_slice(k).get_dtype()) for k in keys]
             self._offsets = _st_offsets(self.path)
+            self._dtype = dict(zip(keys, dtypes))
             return keys, shapes, dtypes
         import jax
         import orbax.checkpoint as ocp
@@ -128,24 +129,30 @@ class _Reader:
                 return {k: f.get_tensor(k) for k in names}
         return self._read_orbax(names)
 
-    def read_runs(self, name: str, starts: np.ndarray, length: int) -> np.ndarray | None:
-        """``f32[m, length]``: flat entries ``[s, s + length)`` of ``name`` for
-        each start, read as byte ranges (safetensors only; else ``None``)."""
-        dtype = _RUN_DTYPES.get(self.dtypes[self.names.index(name)]) if self.format == "safetensors" else None
-        if dtype is None:
-            return None
-        dt = np.dtype(dtype)
-        begin = self._offsets[name]
-        out = np.empty((len(starts), length), dt)
+    def read_runs(self, requests) -> list[np.ndarray]:
+        """Per ``(name, starts, length)`` request, ``[m, length]`` arrays of
+        the flat entries ``[s, s + length)`` (original dtype). Safetensors:
+        byte ranges, nothing else read; other formats: the parameters whole."""
+        ranged = self.format == "safetensors" and all(
+            self._dtype[r[0]] in _RUN_DTYPES for r in requests)
+        if not ranged:
+            got = self.read([r[0] for r in requests])
+            return [np.asarray(got[name]).reshape(-1)[np.asarray(st, np.int64)[:, None] + np.arange(ln)]
+                    for name, st, ln in requests]
+        out = []
         with open(self.path, "rb", buffering=0) as f:
             fd = f.fileno()
-            for i, s in enumerate(np.asarray(starts, np.int64)):
-                want = length * dt.itemsize
-                buf = os.pread(fd, want, begin + int(s) * dt.itemsize)
-                if len(buf) != want:
-                    raise ValueError(f"{self.path}: truncated data for parameter {name!r}")
-                out[i] = np.frombuffer(buf, dt)
-        return out.astype(np.float32)
+            for name, starts, length in requests:
+                dt = np.dtype(_RUN_DTYPES[self._dtype[name]])
+                begin, want = self._offsets[name], length * dt.itemsize
+                runs = np.empty((len(starts), length), dt)
+                for i, s in enumerate(np.asarray(starts, np.int64)):
+                    buf = os.pread(fd, want, begin + int(s) * dt.itemsize)
+                    if len(buf) != want:
+                        raise ValueError(f"{self.path}: truncated data for parameter {name!r}")
+                    runs[i] = np.frombuffer(buf, dt)
+                out.append(runs)
+        return out
 
     def _read_orbax(self, names):
         import orbax.checkpoint as ocp
@@ -302,11 +309,11 @@ class PathSource(Source):
     def finetuned(self, names):
         return [r.read(names) for r in self._ft]
 
-    def sample_runs(self, name, starts, length):
-        runs = [r.read_runs(name, starts, length) for r in [self._base, *self._ft]]
-        if any(r is None for r in runs):
-            return super().sample_runs(name, starts, length)
-        return np.stack([r - runs[0] for r in runs[1:]])
+    def sample_runs(self, requests):
+        base = self._base.read_runs(requests)
+        fts = [r.read_runs(requests) for r in self._ft]
+        return [np.stack([f[j].astype(np.float32) - b.astype(np.float32) for f in fts])
+                for j, b in enumerate(base)]
 
     def describe(self) -> dict:
         return {

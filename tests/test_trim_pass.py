@@ -121,16 +121,20 @@ def test_safetensors_runs_equal_memory_runs(tmp_path):
     base, fts = _case(n=3)
     b16 = {k: v.astype("bfloat16") for k, v in base.items()}
     f16 = [{k: v.astype("bfloat16") for k, v in f.items()} for f in fts]
-    for tag, (bb, ff) in {"f32": (base, fts), "bf16": (b16, f16)}.items():
-        io.save_params(tmp_path / f"{tag}-base.safetensors", bb)
-        paths = [io.save_params(tmp_path / f"{tag}-{i}.safetensors", f) for i, f in enumerate(ff)]
-        disk = io.path_source(tmp_path / f"{tag}-base.safetensors", paths)
+    cases = {"f32": (base, fts, ".safetensors"), "bf16": (b16, f16, ".safetensors"),
+             "npz": (base, fts, ".npz")}  # npz: whole parameters, then the runs
+    for tag, (bb, ff, ext) in cases.items():
+        io.save_params(tmp_path / f"{tag}-base{ext}", bb)
+        paths = [io.save_params(tmp_path / f"{tag}-{i}{ext}", f) for i, f in enumerate(ff)]
+        disk = io.path_source(tmp_path / f"{tag}-base{ext}", paths)
         mem = MemorySource(bb, ff)
-        starts = np.array([0, 7, 3, 28])
-        a = disk.sample_runs("l1.mlp.w", starts, 7)
-        np.testing.assert_array_equal(a, mem.sample_runs("l1.mlp.w", starts, 7))
+        req = [("l1.mlp.w", np.array([0, 7, 3, 28]), 7), ("emb", np.array([1]), 3)]
+        a = disk.sample_runs(req)
+        for x, y in zip(a, mem.sample_runs(req)):
+            np.testing.assert_array_equal(x, y)
         full = mem.task_vectors(["l1.mlp.w"])["l1.mlp.w"].reshape(3, -1)
-        np.testing.assert_array_equal(a[:, 1], full[:, 7:14])
+        np.testing.assert_array_equal(a[0][:, 1], full[:, 7:14])
+        assert a[1].shape == (3, 1, 3)
 
 
 def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch):
