@@ -399,12 +399,14 @@ def _sample_bracket(prepared: Prepared, k: np.ndarray) -> tuple[np.ndarray, np.n
                 requests.append((name, starts, length))
         if requests:
             parts += [r.view(np.uint32) & _ABS for r in src.sample_runs(requests)]
+    lo, hi = np.zeros(n, np.uint32), np.full(n, _NO_KEY, np.uint32)
+    if not parts:  # nothing sampled: the widest bracket (the pass falls back)
+        return lo, hi
     flat = np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
     s = flat.shape[1]
     q = k / d
     mid_r = np.clip(np.floor(q * s).astype(np.int64), 0, s - 1)
     runs = sum(p.shape[1] for p in parts)
-    lo, hi = np.zeros(n, np.uint32), np.full(n, _NO_KEY, np.uint32)
     for i in range(n):
         mid = np.partition(flat[i], mid_r[i])[mid_r[i]]
         # Cluster standard error of the sample CDF at `mid` (ratio estimator).
