@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -376,7 +377,14 @@ class Plan:
             if info.get("kind") == "paths":
                 paths = [info["base"], *info["finetuned"]]
                 if all(os.path.exists(p) for p in paths):
-                    plan.attach(info["base"], info["finetuned"])
+                    try:
+                        plan.attach(info["base"], info["finetuned"])
+                    except ValueError as e:  # the files changed since planning
+                        warnings.warn(
+                            f"loaded the plan without its inputs: its recorded files no longer "
+                            f"match it ({e}); pass base=/finetuned= to attach inputs",
+                            stacklevel=3,
+                        )
         return plan
 
     def __repr__(self) -> str:

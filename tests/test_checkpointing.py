@@ -71,6 +71,20 @@ def test_plan_roundtrip_and_later_cuts(tmp_path):
         fm.load(tmp_path / "plan", base=other, finetuned=[{**f, "emb": np.zeros(5, np.float32)} for f in fts])
 
 
+def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
+    base, fts = random_case(2, n=3)
+    fm.io.save_params(tmp_path / "base.npz", base)
+    paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
+    p = fm.plan(tmp_path / "base.npz", paths, blocks="by-layer", method="ta", linkage="min")
+    fm.save(tmp_path / "plan", p)
+    assert fm.load(tmp_path / "plan").has_inputs  # the files are reattached
+    (tmp_path / "t1.npz").unlink()
+    fm.io.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
+    with pytest.warns(UserWarning, match="without its inputs.*t1.npz.*'emb' has shape"):
+        bare = fm.load(tmp_path / "plan")
+    assert not bare.has_inputs and bare.num_steps == p.num_steps
+
+
 def test_refuses_existing_and_foreign_directories(tmp_path):
     base, fts = random_case(3, n=3)
     model = fm.merge(base, fts, fm.methods.emr())
