@@ -162,21 +162,31 @@ class FlexModel:
 
     def summary(self) -> str:
         """Human-readable routing table and sizes."""
-        lines = [
-            f"FlexModel: {self.n} tasks, method {self.method.describe()}, "
-            f"size {self.n_models:.4f}x"
-            + (f" (step {self.step})" if self.step is not None else ""),
-        ]
-        width = max(len(n) for n in self.blocks)
-        for name, b in self.blocks.items():
-            groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in b.groups)
-            lines.append(f"  {name:<{width}}  {len(b.sets)} set(s)  {groups}")
-        if self.partition.unmatched:
-            lines.append(f"  unmatched (per task): {', '.join(self.partition.unmatched)}")
-        return "\n".join(lines)
+        return summary_text(
+            self.n, self.method, self.n_models, self.step,
+            {name: (len(b.sets), b.groups) for name, b in self.blocks.items()},
+            self.partition.unmatched,
+        )
 
     def __repr__(self) -> str:
         return (
             f"FlexModel(n={self.n}, method={self.method.describe()}, "
             f"n_models={self.n_models:.4f}, blocks={len(self.blocks)})"
         )
+
+
+def summary_text(n: int, method: Method, n_models: float, step, blocks: dict,
+                 unmatched: Sequence[str]) -> str:
+    """The text of :meth:`FlexModel.summary`; ``blocks``: ``{name: (number
+    of parameter sets, groups)}`` (also computed from a plan alone)."""
+    lines = [
+        f"FlexModel: {n} tasks, method {method.describe()}, size {n_models:.4f}x"
+        + (f" (step {step})" if step is not None else ""),
+    ]
+    width = max(len(name) for name in blocks)
+    for name, (sets, groups) in blocks.items():
+        text = " ".join("{" + ",".join(map(str, g)) + "}" for g in groups)
+        lines.append(f"  {name:<{width}}  {sets} set(s)  {text}")
+    if unmatched:
+        lines.append(f"  unmatched (per task): {', '.join(unmatched)}")
+    return "\n".join(lines)

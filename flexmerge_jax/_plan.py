@@ -293,6 +293,19 @@ class Plan:
             scales=self._group_scales(step),
         )
 
+    def summary_at(self, step: int) -> str:
+        """:meth:`FlexModel.summary` of the model after ``step`` merges,
+        without materializing it (or needing the inputs)."""
+        from ._flexmodel import summary_text
+
+        m = self.method.min_merged
+        blocks = {
+            name: (sum(1 if len(g) >= m else len(g) for g in groups), groups)
+            for name, groups in self.partition_at(step).items()
+        }
+        return summary_text(self.n, self.method, float(self.sizes[step]), int(step), blocks,
+                            self.partition.unmatched)
+
     def _require_inputs(self) -> Prepared:
         if self._prepared is None:
             raise ValueError(

@@ -135,14 +135,18 @@ def _say(msg: str) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .checkpointing import load, save_cut
+    from .checkpointing import save_cut
 
     _check_out(args)
     p = _plan(args)
     save_cut(args.out, p, size=args.size, overwrite=args.overwrite)
-    model = load(args.out)
-    _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
+    _said_cut(p, p.step_for_size(args.size), args.out)
     return 0
+
+
+def _said_cut(plan, step: int, out) -> None:
+    # From the plan: loading the saved model back would read all of it.
+    _say(f"{plan.summary_at(step)}\nsaved {plan.sizes[step]:.4f}x model to {out}")
 
 
 def cmd_plan(args) -> int:
@@ -168,8 +172,7 @@ def cmd_cut(args) -> int:
             f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
         )
     save_cut(args.out, obj, size=args.size, step=args.step, overwrite=args.overwrite)
-    model = load(args.out)
-    _say(f"{model.summary()}\nsaved {model.n_models:.4f}x model to {args.out}")
+    _said_cut(obj, obj.step_for_size(args.size) if args.step is None else args.step, args.out)
     return 0
 
 

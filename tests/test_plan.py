@@ -333,3 +333,12 @@ def test_linkage_aliases():
         a = fm.plan(base, fts, linkage=alias)
         b = fm.plan(base, fts, linkage=name)
         assert a.events == b.events and a.config["linkage"] == name
+
+
+@pytest.mark.parametrize("method", ["ta", "emr"])
+def test_summary_at_equals_the_materialized_summary(method):
+    base, fts = random_case(4, n=4)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        p = fm.plan(base, fts, blocks=["l1.", "l0."], method=method, linkage="min")
+    for k in (0, 1, p.num_steps // 2, p.num_steps):
+        assert p.summary_at(k) == p.at_step(k).summary()
