@@ -244,10 +244,11 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
         if fused is not None:
             return fused
     blocks = prepared.partition.blocks
-    if (raw or prepared.identity) and host_inputs(prepared.source, blocks[0].leaves) is not None:
-        n = prepared.n
-        out = [_streamed_gram(host_inputs(prepared.source, blk.leaves), blk.leaves, n, precision)
-               for blk in blocks]
+    reads = _host_reads(prepared.source, [b.leaves for b in blocks]) \
+        if raw or prepared.identity else None
+    if reads is not None:
+        out = [_streamed_gram(inputs, blk.leaves, prepared.n, precision)
+               for blk, inputs in zip(blocks, reads)]
         for b, g in enumerate(out):
             if not np.isfinite(np.diag(g)).all():
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
@@ -257,6 +258,24 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
         tau = prepared.tau(b)
         out.append(block_gram(tau if raw else prepared.x(b, tau), precision))
     return np.stack(out)
+
+
+def _host_reads(source: Source, name_lists):
+    """Host inputs (:func:`~._source.host_inputs`) of each list of names in
+    turn, or ``None`` if the host path does not apply; the first read is
+    the probe, so nothing is read twice."""
+    first = host_inputs(source, name_lists[0])
+    if first is None:
+        return None
+
+    def reads():
+        nonlocal first
+        yield first
+        first = None  # held by the consumer only
+        for names in name_lists[1:]:
+            yield host_inputs(source, names)
+
+    return reads()
 
 
 def _columns(n: int) -> int:
@@ -328,7 +347,8 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     size = dict(zip(prepared.layout.names, prepared.layout.sizes))
     groups = [(blk.leaves, b) for b, blk in enumerate(part.blocks)]
     groups += [(c, None) for c in _chunks(part.unmatched, [size[u] for u in part.unmatched])]
-    if host_inputs(src, groups[0][0]) is None:
+    reads = _host_reads(src, [g[0] for g in groups])
+    if reads is None:
         return None
     k = prepared.keep_count
     top = [0]
@@ -340,7 +360,7 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
                 yield t
 
     lo, hi = _sample_bracket(prepared, k)
-    res = _bracket_scan(prepared, groups, lo, hi, want_grams, precision)
+    res = _bracket_scan(prepared, groups, lo, hi, want_grams, precision, reads=reads)
     if res is not None:
         thr, g = res
     else:  # the bracket missed or captured too much: exact radix select
@@ -468,22 +488,24 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
 
 
 def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precision: str,
-                  counts: bool = True):
+                  counts: bool = True, reads=None):
     """One pass over ``groups`` (``(names, block index or None)``) that
     classifies every ``|x|`` key against ``[lo_i, hi_i)``; see
     :func:`trim_pass`. Returns ``(thresholds, grams or None)``, or ``None``
     if a bracket missed or the captured keys exceed the budget.
 
     ``counts=False``: ``lo == hi`` are the exact threshold keys; only the
-    Grams of the kept entries are computed."""
+    Grams of the kept entries are computed. ``reads``: the groups' host
+    inputs, if already being read (see :func:`_host_reads`)."""
     src, n = prepared.source, prepared.n
     lo_c, hi_c = lo.astype(np.uint32)[:, None], hi.astype(np.uint32)[:, None]
     below = np.zeros(n, np.int64)
     cand_keys, cand_counts, captured, out = [], [], {}, []
     key_bytes, col_bytes, top = 0, 0, 0
     state = {"columns": want_grams}  # False once the captured columns exceed the budget
-    for names, b in groups:
-        r = _scan_group(host_inputs(src, names), names, lo_c, hi_c, precision, counts=counts,
+    reads = (host_inputs(src, names) for names, _ in groups) if reads is None else reads
+    for (names, b), inputs in zip(groups, reads):
+        r = _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
                         gram=want_grams and b is not None and state["columns"])
         top = max(top, r["top"])
         if counts:
