@@ -75,9 +75,8 @@ class Prepared:
         if self.method.trims and self._trim_threshold is None:
             res = trim_pass(self, want_grams=False)
             if res is None:  # not host-resident: two radix passes (XLA)
-                sel = prep.RadixSelect(self.keep_count, magnitude=True)
-                sel.first_pass(self.all_leaves())
-                self._trim_threshold = sel.second_pass(self.all_leaves())
+                self._trim_threshold = prep.kth_smallest(
+                    self.all_leaves, self.keep_count, magnitude=True)
         return self._trim_threshold
 
     @property
@@ -205,19 +204,15 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
     leaves = tuple(x.values())
     if all(_host_resident(v) for v in leaves):
         n = leaves[0].shape[0]
-        g = np.zeros((n, n), np.float64)
-        chunk = max(4096, (1 << 20) // n)  # columns: ~8 MB of float64 per product
-        for v in leaves:
-            a = np.asarray(v).reshape(n, -1)
-            if precision == "float32":
-                a = a.astype(np.float32, copy=False)
-                g += a @ a.T
-                continue
-            # Converted in cache-sized chunks: no full-size float64 copy.
-            for j in range(0, a.shape[1], chunk):
-                c = a[:, j:j + chunk].astype(np.float64)
-                g += c @ c.T
-        return g
+        cols = _columns(n)
+
+        def chunks():
+            for v in leaves:
+                a = np.asarray(v).reshape(n, -1).astype(np.float32, copy=False)
+                for j in range(0, a.shape[1], cols):
+                    yield a[:, j:j + cols]
+
+        return _chunked_gram(chunks(), n, precision)
     if precision == "float32":
         return np.asarray(_gram32(leaves), np.float64)
     with jax.enable_x64(True):
@@ -290,9 +285,16 @@ def _streamed_gram(inputs, names, n: int, precision: str) -> np.ndarray:
     (squares summed in float64 cannot overflow); callers then read the block
     the checked way, which raises naming the parameter.
     """
+    return _chunked_gram((t for _, t in tv_chunks(*inputs, names, _columns(n))), n, precision)
+
+
+def _chunked_gram(chunks, n: int, precision: str) -> np.ndarray:
+    """``sum c c^T`` over float32 chunks ``[n, <= _columns(n)]``: products
+    and sums in float64 (converted one cache-sized chunk at a time), or
+    float32 products summed in float64."""
     g = np.zeros((n, n), np.float64)
     wide = np.empty((n, _columns(n)), np.float64) if precision == "float64" else None
-    for _, t in tv_chunks(*inputs, names, _columns(n)):
+    for t in chunks:
         if wide is not None:
             c = wide[:, :t.shape[1]]
             c[...] = t
@@ -502,11 +504,11 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
     below = np.zeros(n, np.int64)
     cand_keys, cand_counts, captured, out = [], [], {}, []
     key_bytes, col_bytes, top = 0, 0, 0
-    state = {"columns": want_grams}  # False once the captured columns exceed the budget
+    columns_ok = want_grams  # False once the captured columns exceed the budget
     reads = (host_inputs(src, names) for names, _ in groups) if reads is None else reads
     for (names, b), inputs in zip(groups, reads):
         r = _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
-                        gram=want_grams and b is not None and state["columns"])
+                        gram=b is not None and columns_ok)
         top = max(top, r["top"])
         if counts:
             below += r["below"]
@@ -515,21 +517,17 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
             key_bytes += sum(4 * k.size for k in r["keys"])
             if key_bytes > _KEY_BYTES:
                 return None
-        if b is None or not want_grams:
-            continue
-        if r["gram"] is None or not state["columns"]:
-            state["columns"] = False
+        if b is None or not columns_ok:
             continue
         out.append(r["gram"])
         captured[b] = r["caps"]
         col_bytes += sum(a.nbytes + m.nbytes for a, m in r["caps"])
         if col_bytes > _COLUMN_BYTES:  # keep counting; Grams in a second pass
-            state["columns"] = False
+            columns_ok = False
             captured.clear()
             out.clear()
     if top >= _INF_KEY:  # NaN/Inf somewhere: name it
         _raise_nonfinite(prepared)
-    columns_ok = state["columns"]
     if not counts:
         return lo.view(np.float32), np.stack(out)
     k = prepared.keep_count
@@ -544,7 +542,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
         r = int(k[i] - below[i] - 1)
         tkey[i] = np.partition(allk[task == i], r)[r]
     thr = tkey.view(np.float32)
-    if not want_grams or not columns_ok:
+    if not columns_ok:
         return thr, None
     tk = tkey[:, None]
     for b, g in enumerate(out):

@@ -135,18 +135,18 @@ def _say(msg: str) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .checkpointing import save_cut
-
     _check_out(args)
     p = _plan(args)
-    save_cut(args.out, p, size=args.size, overwrite=args.overwrite)
-    _said_cut(p, p.step_for_size(args.size), args.out)
+    _save_cut(args, p, p.step_for_size(args.size))
     return 0
 
 
-def _said_cut(plan, step: int, out) -> None:
-    # From the plan: loading the saved model back would read all of it.
-    _say(f"{plan.summary_at(step)}\nsaved {plan.sizes[step]:.4f}x model to {out}")
+def _save_cut(args, plan, step: int) -> None:
+    from .checkpointing import save_cut
+
+    save_cut(args.out, plan, step=step, overwrite=args.overwrite)
+    # The summary from the plan: loading the saved model back would read all of it.
+    _say(f"{plan.summary_at(step)}\nsaved {plan.sizes[step]:.4f}x model to {args.out}")
 
 
 def cmd_plan(args) -> int:
@@ -160,7 +160,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .checkpointing import load, save_cut
+    from .checkpointing import load
     from ._plan import Plan
 
     _check_out(args)
@@ -171,8 +171,7 @@ def cmd_cut(args) -> int:
         raise UserError(
             f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
         )
-    save_cut(args.out, obj, size=args.size, step=args.step, overwrite=args.overwrite)
-    _said_cut(obj, obj.step_for_size(args.size) if args.step is None else args.step, args.out)
+    _save_cut(args, obj, obj.step_for_size(args.size) if args.step is None else args.step)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._source import Source, _check_names
+from ._source import Source, _check_names, _flat_runs
 from .tree import Layout, flatten, nest
 
 __all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path"]
@@ -131,14 +131,14 @@ class _Reader:
 
     def read_runs(self, requests) -> list[np.ndarray]:
         """Per ``(name, starts, length)`` request, ``[m, length]`` arrays of
-        the flat entries ``[s, s + length)`` (original dtype). Safetensors:
-        byte ranges, nothing else read; other formats: the parameters whole."""
+        the flat entries ``[s, s + length)``. Safetensors: byte ranges in the
+        file's dtype, nothing else read; other formats: the parameters read
+        whole, runs as float32."""
         ranged = self.format == "safetensors" and all(
             self._dtype[r[0]] in _RUN_DTYPES for r in requests)
         if not ranged:
             got = self.read([r[0] for r in requests])
-            return [np.asarray(got[name]).reshape(-1)[np.asarray(st, np.int64)[:, None] + np.arange(ln)]
-                    for name, st, ln in requests]
+            return [_flat_runs(got[name], st, ln) for name, st, ln in requests]
         out = []
         with open(self.path, "rb", buffering=0) as f:
             fd = f.fileno()

@@ -159,6 +159,7 @@ def kth_smallest(
     *,
     signed: bool = True,
     transform: Callable[[jax.Array], jax.Array] | None = None,
+    magnitude: bool = False,
 ) -> np.ndarray:
     """Exact per-task k-th smallest value over many leaves (radix select).
 
@@ -170,6 +171,8 @@ def kth_smallest(
       signed: values may be negative (``False``: all values are >= 0).
       transform: optional elementwise function applied to each leaf first
         (e.g. ``jnp.abs``), fused into both passes.
+      magnitude: select among ``|x|`` (``signed=False, transform=jnp.abs``,
+        with a NumPy path for host-resident leaves).
 
     Returns:
       ``np.float32[n]``, the k-th smallest value of each task (as
@@ -180,7 +183,7 @@ def kth_smallest(
     Raises:
       ValueError: if some ``k`` is outside ``[1, number of values]``.
     """
-    sel = RadixSelect(k, signed=signed, transform=transform)
+    sel = RadixSelect(k, signed=signed, transform=transform, magnitude=magnitude)
     sel.first_pass(_iter(leaves))
     return sel.second_pass(_iter(leaves))
 
@@ -266,10 +269,7 @@ def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
     for x in _iter(leaves_list):
         n = x.shape[0]
         break
-    k = np.full((n,), ties_keep_count(d, keep), np.int64)
-    sel = RadixSelect(k, magnitude=True)
-    sel.first_pass(_iter(leaves_list))
-    return sel.second_pass(_iter(leaves_list))
+    return kth_smallest(leaves_list, np.full((n,), ties_keep_count(d, keep)), magnitude=True)
 
 
 @jax.jit
@@ -299,8 +299,8 @@ def pcb_clip_bounds(leaves: Leaves, d: int) -> tuple[np.ndarray, np.ndarray]:
     i_lo, i_hi = _pcb_indices(d)
     first = next(iter(_iter(leaves)))
     n = first.shape[0]
-    lo = kth_smallest(leaves, np.full(n, i_lo + 1), signed=False, transform=jnp.abs)
-    hi = kth_smallest(leaves, np.full(n, i_hi + 1), signed=False, transform=jnp.abs)
+    lo = kth_smallest(leaves, np.full(n, i_lo + 1), magnitude=True)
+    hi = kth_smallest(leaves, np.full(n, i_hi + 1), magnitude=True)
     return lo, hi
 
 

@@ -1,13 +1,18 @@
 """Block specifications and presets."""
 
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flexmerge_jax import blocks
 from oracle_utils import load_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_plan import vit_shapes  # noqa: E402
 
 
 def test_substring_first_match_and_order():
@@ -66,28 +71,10 @@ def test_vit_preset_reproduces_reference_block_list(case):
 
 
 def _openclip_visual(width, layers, mlp, tokens, patch, out):
-    """open_clip visual-tower parameter names and shapes (spec §2.2)."""
-    p = {
-        "model.visual.class_embedding": (width,),
-        "model.visual.positional_embedding": (tokens, width),
-        "model.visual.proj": (width, out),
-        "model.visual.conv1.weight": (width, 3, patch, patch),
-        "model.visual.ln_pre.weight": (width,),
-        "model.visual.ln_pre.bias": (width,),
-        "model.visual.ln_post.weight": (width,),
-        "model.visual.ln_post.bias": (width,),
-    }
-    for i in range(layers):
-        r = f"model.visual.transformer.resblocks.{i}."
-        p.update({
-            r + "ln_1.weight": (width,), r + "ln_1.bias": (width,),
-            r + "attn.in_proj_weight": (3 * width, width), r + "attn.in_proj_bias": (3 * width,),
-            r + "attn.out_proj.weight": (width, width), r + "attn.out_proj.bias": (width,),
-            r + "ln_2.weight": (width,), r + "ln_2.bias": (width,),
-            r + "mlp.c_fc.weight": (mlp, width), r + "mlp.c_fc.bias": (mlp,),
-            r + "mlp.c_proj.weight": (width, mlp), r + "mlp.c_proj.bias": (width,),
-        })
-    return list(p), [int(np.prod(s)) for s in p.values()]
+    """open_clip visual-tower parameter names and shapes (spec §2.2), named
+    as FusionBench does (``model.`` prefix); the table is the benchmarks'."""
+    p = vit_shapes(layers=layers, width=width, mlp=mlp, tokens=tokens, patch=patch, out=out)
+    return ["model." + k for k in p], [int(np.prod(s)) for s in p.values()]
 
 
 def test_clip_presets_match_published_sizes():
