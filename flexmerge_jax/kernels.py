@@ -86,6 +86,28 @@ def task_sum(x: jax.Array) -> jax.Array:
     return acc
 
 
+def task_count(mask: jax.Array) -> jax.Array:
+    """``f32[...]``: how many of the ``n`` tasks are ``True`` at each entry.
+
+    Like :func:`task_sum`, an unrolled chain of elementwise adds (exact:
+    counts are small integers). XLA's CPU reduction over the leading axis
+    materializes its operand and runs several times slower than one read;
+    the chain fuses with whatever computes ``mask``.
+    """
+    acc = mask[0].astype(jnp.float32)
+    for k in range(1, mask.shape[0]):
+        acc = acc + mask[k].astype(jnp.float32)
+    return acc
+
+
+def task_max(x: jax.Array) -> jax.Array:
+    """Maximum over the leading task axis (unrolled, see :func:`task_count`)."""
+    acc = x[0]
+    for k in range(1, x.shape[0]):
+        acc = jnp.maximum(acc, x[k])
+    return acc
+
+
 def _masked(x: jax.Array, members: jax.Array) -> jax.Array:
     return jnp.where(_bcast(members, x), x, jnp.zeros((), x.dtype))
 
@@ -152,8 +174,7 @@ def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
         sg = signs[k][None]
         keep = jnp.where(sg > 0, vm > 0, vm < 0)
         sel = jnp.where(keep, vm, 0.0)
-        cnt = jnp.sum(keep, axis=0, dtype=jnp.int32).astype(jnp.float32)
-        out[k] = s * (task_sum(sel) / jnp.maximum(cnt, 1.0))
+        out[k] = s * (task_sum(sel) / jnp.maximum(task_count(keep), 1.0))
     return out
 
 
@@ -215,7 +236,7 @@ def emr(x: Block, members=None) -> EmrResult:
         mu = task_sum(vm) / m
         flag = jnp.where(mu > 0, jnp.float32(1), jnp.float32(-1))
         mk = ((v * flag[None]) > 0) & _bcast(members, v)
-        u = flag * jnp.max(jnp.abs(jnp.where(mk, v, 0.0)), axis=0)
+        u = flag * task_max(jnp.abs(jnp.where(mk, v, 0.0)))
         unified[k], masks[k] = u, mk
         red = tuple(range(1, v.ndim))
         a = jnp.mean(jnp.abs(v), axis=red) if red else jnp.abs(v)

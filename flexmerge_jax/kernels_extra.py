@@ -88,7 +88,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .kernels import Block, _elected_sign, _masked, _members, average, task_sum, ties_merge
+from .kernels import (
+    Block, _elected_sign, _masked, _members, average, task_count, task_max, task_sum, ties_merge,
+)
 
 __all__ = [
     "tsv_merge",
@@ -563,8 +565,7 @@ def della_fuse(x: Block, members=None, *, scale=1.0) -> Block:
         vm = _masked(v, members)
         sg = jnp.where(task_sum(vm) >= 0, jnp.float32(1), jnp.float32(-1))
         sel = jnp.sign(vm) == sg[None]
-        cnt = jnp.sum(sel, axis=0, dtype=jnp.int32).astype(jnp.float32)
-        out[k] = s * (task_sum(jnp.where(sel, vm, 0.0)) / jnp.maximum(cnt, 1.0))
+        out[k] = s * (task_sum(jnp.where(sel, vm, 0.0)) / jnp.maximum(task_count(sel), 1.0))
     return out
 
 
@@ -880,5 +881,5 @@ def ties_disjoint_merge(
         if merge_func == "sum":
             out[k] = s * task_sum(sel)
         else:
-            out[k] = s * (jnp.max(jnp.abs(sel), axis=0) * signs[k])
+            out[k] = s * (task_max(jnp.abs(sel)) * signs[k])
     return out
