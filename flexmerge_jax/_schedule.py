@@ -240,44 +240,53 @@ def _linear_sequences(gram, numel, scale, *, similarity, min_merged, sums):
 # Flavour 3: merged-vector similarity with materialized group vectors (§10.4).
 
 
-def _pair_sims(similarity: str, v: dict, numel: int) -> jax.Array:
-    """Similarities between all rows of the group vectors ``v`` (f64)."""
+def _sign_sims(v: dict, numel: int) -> jax.Array:
+    """Sign agreement between all rows of the group vectors ``v`` (f64)."""
     from ._engine import gram_dot
 
-    f = lambda x: x.astype(jnp.float64)
-    if similarity == "sign":
-        agree = 0
-        for x in v.values():
-            s = jnp.sign(x)
-            for val in (-1.0, 0.0, 1.0):
-                ind = (s == val).astype(jnp.float64)
-                agree = agree + gram_dot(ind, ind)
-        return agree / numel
-    g = sum(gram_dot(f(x), f(x)) for x in v.values())
-    dg = jnp.diagonal(g)
-    if similarity == "cosine":
-        return g / (jnp.sqrt(dg)[:, None] * jnp.sqrt(dg)[None, :])
-    return -jnp.sqrt(jnp.clip(dg[:, None] - 2 * g + dg[None, :], 0, None)) / jnp.sqrt(
-        jnp.float64(numel)
-    )
+    agree = 0
+    for x in v.values():
+        s = jnp.sign(x)
+        for val in (-1.0, 0.0, 1.0):
+            ind = (s == val).astype(jnp.float64)
+            agree = agree + gram_dot(ind, ind)
+    return agree / numel
 
 
-def _row_sims(similarity: str, v: dict, r, numel: int) -> jax.Array:
-    """Similarities of row ``r`` of ``v`` against every row (f64)."""
+def gram_sims(similarity: str, g: np.ndarray, numel: int) -> np.ndarray:
+    """Cosine or euclidean similarities ``f64[n, n]`` from a Gram matrix."""
+    dg = np.diagonal(g)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if similarity == "cosine":
+            return g / (np.sqrt(dg)[:, None] * np.sqrt(dg)[None, :])
+        return -np.sqrt(np.clip(dg[:, None] - 2 * g + dg[None, :], 0, None)) / np.sqrt(
+            np.float64(numel)
+        )
+
+
+def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int):
+    """Similarities of the new vector of row ``r`` against every row (f64).
+
+    One pass over ``v`` with products and sums in float64 (exact products of
+    float32 entries). Cosine reuses the squared norms ``norms2 [n]`` of the
+    other rows (the new row's is its dot with itself, from the same pass).
+
+    Returns:
+      ``(f64[n] similarities, updated norms2)``.
+    """
     f = lambda x: x.astype(jnp.float64)
     rest = lambda x: tuple(range(1, x.ndim))
     if similarity == "sign":
         agree = sum(
-            jnp.sum(jnp.sign(x[r])[None] == jnp.sign(x), axis=rest(x))
-            for x in v.values()
+            jnp.sum(jnp.sign(new[k])[None] == jnp.sign(x), axis=rest(x)) for k, x in v.items()
         )
-        return agree.astype(jnp.float64) / numel
+        return agree.astype(jnp.float64) / numel, norms2
     if similarity == "cosine":
-        dot = sum(jnp.sum(f(x) * f(x)[r][None], axis=rest(x)) for x in v.values())
-        nrm = jnp.sqrt(sum(jnp.sum(f(x) ** 2, axis=rest(x)) for x in v.values()))
-        return dot / (nrm[r] * nrm)
-    dist2 = sum(jnp.sum((f(x) - f(x)[r][None]) ** 2, axis=rest(x)) for x in v.values())
-    return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel))
+        dot = sum(jnp.sum(f(x) * f(new[k])[None], axis=rest(x)) for k, x in v.items())
+        norms2 = norms2.at[r].set(dot[r])
+        return dot / (jnp.sqrt(dot[r]) * jnp.sqrt(norms2)), norms2
+    dist2 = sum(jnp.sum((f(x) - f(new[k])[None]) ** 2, axis=rest(x)) for k, x in v.items())
+    return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel)), norms2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,11 +297,15 @@ class _Materialized(Flavour):
     numel: int
 
     def init(self, inp):
-        x, singles, extra, hp = inp
-        return dict(singles), _pair_sims(self.similarity, singles, self.numel)
+        x, singles, sims, extra, hp = inp
+        if self.similarity == "sign":
+            sims = _sign_sims(singles, self.numel)
+            return (dict(singles), jnp.zeros(sims.shape[:1], jnp.float64)), sims
+        return (dict(singles), sims[1]), sims[0]
 
-    def update(self, v, inp, core, a, b, root, members):
-        x, _, extra, hp = inp
+    def update(self, state, inp, core, a, b, root, members):
+        v, norms2 = state
+        x, _, _, extra, hp = inp
         size = core.size[root]
 
         def merged():
@@ -301,17 +314,21 @@ class _Materialized(Flavour):
         new = jax.lax.cond(
             size >= self.min_merged, merged, lambda: {k: t[root] for k, t in v.items()}
         )
-        v = {k: t.at[root].set(new[k]) for k, t in v.items()}
-        return v, _row_sims(self.similarity, v, root, self.numel)
+        # A dynamic-update-slice is done in place; ``.at[root].set`` (a
+        # scatter) became a select over the whole of ``v`` at every step.
+        v = {k: jax.lax.dynamic_update_index_in_dim(t, new[k], root, 0) for k, t in v.items()}
+        row, norms2 = _row_sims(self.similarity, v, new, root, norms2, self.numel)
+        return (v, norms2), row
 
 
 @functools.partial(
     jax.jit, static_argnames=("similarity", "method", "min_merged", "numel")
 )
-def _materialized_sequence(x, singles, extra, hp, *, similarity, method, min_merged, numel):
+def _materialized_sequence(x, singles, sims, extra, hp, *, similarity, method, min_merged,
+                           numel):
     n = next(iter(x.values())).shape[0]
     flavour = _Materialized(similarity, method, min_merged, numel)
-    return _run(flavour, (x, singles, extra, hp), n)
+    return _run(flavour, (x, singles, sims, extra, hp), n)
 
 
 # ----------------------------------------------------------------------------
@@ -382,11 +399,17 @@ def materialized_sequence(
       method: the :class:`~flexmerge_jax.methods.Method`.
       numel: the block's number of entries.
     """
+    from ._engine import block_gram
+
     x, singles = canonical(x), canonical(singles)
     static, hp = method.split()
+    sims = None
+    if similarity != "sign":
+        g = block_gram(singles)
+        sims = (gram_sims(similarity, g, numel), np.diagonal(g).copy())
     with jax.enable_x64(True):
         out = _materialized_sequence(
-            x, singles, extra, hp, similarity=similarity, method=static,
+            x, singles, sims, extra, hp, similarity=similarity, method=static,
             min_merged=int(method.min_merged), numel=int(numel),
         )
         return _to_sequences(out)[0]

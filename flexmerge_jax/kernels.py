@@ -86,22 +86,13 @@ def task_sum(x: jax.Array) -> jax.Array:
     return acc
 
 
-def task_count(mask: jax.Array) -> jax.Array:
-    """``f32[...]``: how many of the ``n`` tasks are ``True`` at each entry.
-
-    Like :func:`task_sum`, an unrolled chain of elementwise adds (exact:
-    counts are small integers). XLA's CPU reduction over the leading axis
-    materializes its operand and runs several times slower than one read;
-    the chain fuses with whatever computes ``mask``.
-    """
-    acc = mask[0].astype(jnp.float32)
-    for k in range(1, mask.shape[0]):
-        acc = acc + mask[k].astype(jnp.float32)
-    return acc
-
-
 def task_max(x: jax.Array) -> jax.Array:
-    """Maximum over the leading task axis (unrolled, see :func:`task_count`)."""
+    """Maximum over the leading task axis, as an unrolled elementwise chain.
+
+    XLA's CPU reduction over the leading axis materializes its operand and
+    runs several times slower than one read; the chain fuses with whatever
+    computes ``x``.
+    """
     acc = x[0]
     for k in range(1, x.shape[0]):
         acc = jnp.maximum(acc, x[k])
@@ -153,6 +144,30 @@ def _elected_sign(x: Block, members: jax.Array) -> Block:
     return {k: jnp.where(s == 0, majority, s) for k, s in colsign.items()}
 
 
+def _elected_entries(v: jax.Array, sign: jax.Array, members: jax.Array):
+    """Yields, task by task, ``(entries, keep)``: member ``i``'s entries with
+    exactly the elected ``sign`` (``+-1``; others 0) and the ``bool`` mask.
+
+    Folding these rows (rather than building ``[n, ...]`` masks and reducing
+    them) lets XLA compute every output entry in one fused pass over ``v``:
+    a shared ``[n, ...]`` mask would be materialized for its two reductions.
+    """
+    for i in range(v.shape[0]):
+        vi = jnp.where(members[i], v[i], jnp.zeros((), v.dtype))
+        keep = jnp.where(sign > 0, vi > 0, vi < 0)
+        yield jnp.where(keep, vi, jnp.zeros((), v.dtype)), keep
+
+
+def _elected_mean(v: jax.Array, sign: jax.Array, members: jax.Array) -> jax.Array:
+    """Disjoint mean: the members' entries with the elected sign, summed in
+    task order, over their count (at least 1)."""
+    total = count = None
+    for sel, keep in _elected_entries(v, sign, members):
+        c = keep.astype(jnp.float32)
+        total, count = (sel, c) if total is None else (total + sel, count + c)
+    return total / jnp.maximum(count, 1.0)
+
+
 def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
     r"""TIES elect + disjoint mean (no trim), times :math:`\lambda`.
 
@@ -170,11 +185,7 @@ def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
     s = jnp.asarray(scale, jnp.float32)
     out = {}
     for k, v in x.items():
-        vm = _masked(v, members)
-        sg = signs[k][None]
-        keep = jnp.where(sg > 0, vm > 0, vm < 0)
-        sel = jnp.where(keep, vm, 0.0)
-        out[k] = s * (task_sum(sel) / jnp.maximum(task_count(keep), 1.0))
+        out[k] = s * _elected_mean(v, signs[k], members)
     return out
 
 

@@ -89,7 +89,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .kernels import (
-    Block, _elected_sign, _masked, _members, average, task_count, task_max, task_sum, ties_merge,
+    Block, _elected_sign, _masked, _members, average, _elected_entries, _elected_mean, task_sum,
+    ties_merge,
 )
 
 __all__ = [
@@ -562,10 +563,8 @@ def della_fuse(x: Block, members=None, *, scale=1.0) -> Block:
     s = jnp.asarray(scale, jnp.float32)
     out = {}
     for k, v in x.items():
-        vm = _masked(v, members)
-        sg = jnp.where(task_sum(vm) >= 0, jnp.float32(1), jnp.float32(-1))
-        sel = jnp.sign(vm) == sg[None]
-        out[k] = s * (task_sum(jnp.where(sel, vm, 0.0)) / jnp.maximum(task_count(sel), 1.0))
+        sg = jnp.where(task_sum(_masked(v, members)) >= 0, jnp.float32(1), jnp.float32(-1))
+        out[k] = s * _elected_mean(v, sg, members)
     return out
 
 
@@ -874,12 +873,9 @@ def ties_disjoint_merge(
     s = jnp.asarray(scale, jnp.float32)
     out = {}
     for k, v in x.items():
-        vm = _masked(v, members)
-        sg = signs[k][None]
-        keep = jnp.where(sg > 0, vm > 0, vm < 0)
-        sel = jnp.where(keep, vm, 0.0)
-        if merge_func == "sum":
-            out[k] = s * task_sum(sel)
-        else:
-            out[k] = s * (task_max(jnp.abs(sel)) * signs[k])
+        acc = None
+        for sel, _ in _elected_entries(v, signs[k], members):
+            t = sel if merge_func == "sum" else jnp.abs(sel)
+            acc = t if acc is None else (acc + t if merge_func == "sum" else jnp.maximum(acc, t))
+        out[k] = s * (acc if merge_func == "sum" else acc * signs[k])
     return out
