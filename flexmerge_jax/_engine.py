@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.linalg.blas import dsyrk, ssyrk  # scipy: a dependency of jax
 
 from . import prep
 from .blocks import Partition
@@ -219,7 +220,8 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
         return np.asarray(_gram(leaves), np.float64)
 
 
-def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") -> np.ndarray:
+def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64",
+          streamed_only: bool = False) -> np.ndarray | None:
     """Per-block Gram matrices ``f64[B, n, n]`` in one pass over the blocks.
 
     On host-resident inputs (CPU backend) task vectors are never
@@ -231,6 +233,10 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
       prepared: the preprocessed source.
       raw: use the raw task vectors instead of the preprocessed ones.
       precision: see :func:`block_gram`.
+      streamed_only: return ``None`` where the Grams would need every
+        block's task vectors materialized (not host-resident, or a
+        preprocessing other than TIES trimming): for callers that
+        materialize the blocks anyway.
     """
     if precision not in GRAM_PRECISIONS:
         raise ValueError(f"gram precision must be one of {GRAM_PRECISIONS}, got {precision!r}")
@@ -238,6 +244,8 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
         fused = trim_pass(prepared, want_grams=True, precision=precision)
         if fused is not None:
             return fused
+        if streamed_only:
+            return None
     blocks = prepared.partition.blocks
     reads = _host_reads(prepared.source, [b.leaves for b in blocks]) \
         if raw or prepared.identity else None
@@ -248,6 +256,8 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
             if not np.isfinite(np.diag(g)).all():
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
         return np.stack(out)
+    if streamed_only:
+        return None
     out = []
     for b in range(len(blocks)):
         tau = prepared.tau(b)
@@ -288,19 +298,39 @@ def _streamed_gram(inputs, names, n: int, precision: str) -> np.ndarray:
     return _chunked_gram((t for _, t in tv_chunks(*inputs, names, _columns(n))), n, precision)
 
 
+class _GramSum:
+    """Accumulates ``sum a a^T`` over chunks ``a [n, c]`` with BLAS ``syrk``
+    (the upper triangle only: half the products of ``a @ a.T``). Float64
+    chunks give float64 products; float32 chunks float32 products, summed in
+    float64 across chunks."""
+
+    def __init__(self, n: int):
+        self._upper = np.zeros((n, n), np.float64)
+
+    def add(self, a: np.ndarray) -> None:
+        if a.shape[1]:
+            syrk = dsyrk if a.dtype == np.float64 else ssyrk
+            self._upper += syrk(1.0, a.T, trans=1)  # a.T: Fortran order, no copy
+
+    def result(self) -> np.ndarray:
+        """The symmetric ``f64[n, n]`` sum."""
+        u = np.triu(self._upper)
+        return u + np.triu(u, 1).T
+
+
 def _chunked_gram(chunks, n: int, precision: str) -> np.ndarray:
     """``sum c c^T`` over float32 chunks ``[n, <= _columns(n)]``: products
     and sums in float64 (converted one cache-sized chunk at a time), or
     float32 products summed in float64."""
-    g = np.zeros((n, n), np.float64)
+    g = _GramSum(n)
     wide = np.empty((n, _columns(n)), np.float64) if precision == "float64" else None
     for t in chunks:
         if wide is not None:
             c = wide[:, :t.shape[1]]
             c[...] = t
             t = c
-        g += t @ t.T
-    return g
+        g.add(t)
+    return g.result()
 
 
 # |x| as the bits of a float32 with the sign cleared: monotone in |x|.
@@ -452,7 +482,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
     """The work of :func:`_bracket_scan` on one group of parameters."""
     n = lo_c.shape[0]
     cols = _columns(n)
-    g = np.zeros((n, n), np.float64) if gram else None
+    g = _GramSum(n) if gram else None
     below = np.zeros(n, np.int64)
     keys, cnts, caps, top = [], [], [], 0
     # Buffers reused by every chunk (no allocation in the loop).
@@ -471,7 +501,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
             if wideb is not None:
                 dd = wideb[:, :c]
                 dd[...] = f32b[:, :c]
-            g += dd @ dd.T
+            g.add(dd)
         if not counts:
             continue
         ge = np.greater_equal(u, lo_c, out=geb[:, :c])
@@ -486,7 +516,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         cnts.append(np.count_nonzero(sub, axis=1))
         if gram:
             caps.append((t.take(idx, axis=1), kept.take(idx, axis=1)))
-    return {"gram": g, "below": below, "keys": keys, "counts": cnts, "caps": caps, "top": top}
+    return {"gram": g.result() if gram else None, "below": below, "keys": keys, "counts": cnts, "caps": caps, "top": top}
 
 
 def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precision: str,

@@ -475,6 +475,10 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             grams(prepared, precision=precision), partition.numels, similarity, method.group_scale,
             method.min_merged, method.sums,
         )
+    # The singletons' Grams in one streamed pass where that is cheaper than
+    # one Gram per materialized block (TIES: fused with the thresholds).
+    pre = None if similarity == "sign" else grams(
+        prepared, raw=structured, precision=precision, streamed_only=True)
     out = []
     for b, block in enumerate(partition.blocks):
         tau = prepared.tau(b)
@@ -484,6 +488,7 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
         out.append(
             materialized_sequence(
                 x, singles, prepared.extra(b, x), similarity, method, block.numel,
+                gram=None if pre is None else pre[b], precision=precision,
             )
         )
         del x, singles

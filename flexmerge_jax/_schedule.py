@@ -386,7 +386,8 @@ def linear_sequences(
 
 
 def materialized_sequence(
-    x: dict, singles: dict, extra, similarity: str, method, numel: int
+    x: dict, singles: dict, extra, similarity: str, method, numel: int,
+    gram: np.ndarray | None = None, precision: str = "float64",
 ) -> BlockSequence:
     """Per-block sequence with materialized group vectors (one block).
 
@@ -398,6 +399,10 @@ def materialized_sequence(
       similarity: ``cosine`` | ``euclidean`` | ``sign``.
       method: the :class:`~flexmerge_jax.methods.Method`.
       numel: the block's number of entries.
+      gram: ``f64[n, n]`` Gram matrix of ``singles`` if already known
+        (cosine and euclidean start from it).
+      precision: of the Gram computed here otherwise (see
+        :func:`~._engine.block_gram`).
     """
     from ._engine import block_gram
 
@@ -405,7 +410,7 @@ def materialized_sequence(
     static, hp = method.split()
     sims = None
     if similarity != "sign":
-        g = block_gram(singles)
+        g = block_gram(singles, precision) if gram is None else np.asarray(gram, np.float64)
         sims = (gram_sims(similarity, g, numel), np.diagonal(g).copy())
     with jax.enable_x64(True):
         out = _materialized_sequence(
