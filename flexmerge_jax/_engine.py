@@ -516,7 +516,8 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         cnts.append(np.count_nonzero(sub, axis=1))
         if gram:
             caps.append((t.take(idx, axis=1), kept.take(idx, axis=1)))
-    return {"gram": g.result() if gram else None, "below": below, "keys": keys, "counts": cnts, "caps": caps, "top": top}
+    return {"gram": g.result() if gram else None, "below": below, "keys": keys,
+            "counts": cnts, "caps": caps, "top": top}
 
 
 def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precision: str,

@@ -81,6 +81,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Literal
 
@@ -873,9 +874,9 @@ def ties_disjoint_merge(
     s = jnp.asarray(scale, jnp.float32)
     out = {}
     for k, v in x.items():
-        acc = None
-        for sel, _ in _elected_entries(v, signs[k], members):
-            t = sel if merge_func == "sum" else jnp.abs(sel)
-            acc = t if acc is None else (acc + t if merge_func == "sum" else jnp.maximum(acc, t))
-        out[k] = s * (acc if merge_func == "sum" else acc * signs[k])
+        rows = [sel for sel, _ in _elected_entries(v, signs[k], members)]  # task order
+        if merge_func == "sum":
+            out[k] = s * functools.reduce(jnp.add, rows)
+        else:
+            out[k] = s * (functools.reduce(jnp.maximum, map(jnp.abs, rows)) * signs[k])
     return out
