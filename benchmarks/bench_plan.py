@@ -18,12 +18,12 @@ a fresh subprocess, so its peak RSS (``VmHWM``) is its own:
   (``min``) and merged-vector cosine.
 * ``cut``: materializing the 2x model (``plan.at_size``) in memory, and
   ``fm.save_cut`` streaming it to disk.
+* scaling with n (4, 8, 16, 30; a 6-layer model) and with model size.
 
 Every timed quantity (reads included) runs once to compile and fill the page
 cache, then ``REPEAT`` more times; the best of those is the steady state
 (this shared 2-core machine's timings vary by ~20% from run to run; all the
 repeats are in the JSON) and ``first - best`` the compile time.
-* scaling with n (4, 8, 16, 30; a 6-layer model) and with model size.
 """
 
 from __future__ import annotations
