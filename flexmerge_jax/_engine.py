@@ -220,8 +220,7 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
         return np.asarray(_gram(leaves), np.float64)
 
 
-def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64",
-          streamed_only: bool = False) -> np.ndarray | None:
+def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") -> np.ndarray:
     """Per-block Gram matrices ``f64[B, n, n]`` in one pass over the blocks.
 
     On host-resident inputs (CPU backend) task vectors are never
@@ -233,10 +232,6 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64",
       prepared: the preprocessed source.
       raw: use the raw task vectors instead of the preprocessed ones.
       precision: see :func:`block_gram`.
-      streamed_only: return ``None`` where the Grams would need every
-        block's task vectors materialized (not host-resident, or a
-        preprocessing other than TIES trimming): for callers that
-        materialize the blocks anyway.
     """
     if precision not in GRAM_PRECISIONS:
         raise ValueError(f"gram precision must be one of {GRAM_PRECISIONS}, got {precision!r}")
@@ -244,8 +239,6 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64",
         fused = trim_pass(prepared, want_grams=True, precision=precision)
         if fused is not None:
             return fused
-        if streamed_only:
-            return None
     blocks = prepared.partition.blocks
     reads = _host_reads(prepared.source, [b.leaves for b in blocks]) \
         if raw or prepared.identity else None
@@ -256,8 +249,6 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64",
             if not np.isfinite(np.diag(g)).all():
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
         return np.stack(out)
-    if streamed_only:
-        return None
     out = []
     for b in range(len(blocks)):
         tau = prepared.tau(b)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import Prepared, grams, materialize
+from ._engine import Prepared, grams, materialize, trim_pass
 from ._flexmodel import FlexModel
 from ._schedule import (
     LINKAGE_ALIASES,
@@ -475,10 +475,12 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             grams(prepared, precision=precision), partition.numels, similarity, method.group_scale,
             method.min_merged, method.sums,
         )
-    # The singletons' Grams in one streamed pass where that is cheaper than
-    # one Gram per materialized block (TIES: fused with the thresholds).
-    pre = None if similarity == "sign" else grams(
-        prepared, raw=structured, precision=precision, streamed_only=True)
+    # TIES: the pass that finds the thresholds also yields the singletons'
+    # (trimmed) Grams; otherwise each materialized block computes its own
+    # (a separate streamed pass would read every input once more).
+    pre = None
+    if method.trims and not structured and similarity != "sign":
+        pre = trim_pass(prepared, want_grams=True, precision=precision)  # None off the host
     out = []
     for b, block in enumerate(partition.blocks):
         tau = prepared.tau(b)

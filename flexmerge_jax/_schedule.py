@@ -253,17 +253,6 @@ def _sign_sims(v: dict, numel: int) -> jax.Array:
     return agree / numel
 
 
-def gram_sims(similarity: str, g: np.ndarray, numel: int) -> np.ndarray:
-    """Cosine or euclidean similarities ``f64[n, n]`` from a Gram matrix."""
-    dg = np.diagonal(g)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if similarity == "cosine":
-            return g / (np.sqrt(dg)[:, None] * np.sqrt(dg)[None, :])
-        return -np.sqrt(np.clip(dg[:, None] - 2 * g + dg[None, :], 0, None)) / np.sqrt(
-            np.float64(numel)
-        )
-
-
 def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int):
     """Similarities of the new vector of row ``r`` against every row (f64).
 
@@ -284,7 +273,7 @@ def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int):
     if similarity == "cosine":
         dot = sum(jnp.sum(f(x) * f(new[k])[None], axis=rest(x)) for k, x in v.items())
         norms2 = norms2.at[r].set(dot[r])
-        return dot / (jnp.sqrt(dot[r]) * jnp.sqrt(norms2)), norms2
+        return _gram_sims("cosine", dot, dot[r], norms2, numel), norms2
     dist2 = sum(jnp.sum((f(x) - f(new[k])[None]) ** 2, axis=rest(x)) for k, x in v.items())
     return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel)), norms2
 
@@ -297,11 +286,13 @@ class _Materialized(Flavour):
     numel: int
 
     def init(self, inp):
-        x, singles, sims, extra, hp = inp
+        x, singles, g, extra, hp = inp
         if self.similarity == "sign":
             sims = _sign_sims(singles, self.numel)
             return (dict(singles), jnp.zeros(sims.shape[:1], jnp.float64)), sims
-        return (dict(singles), sims[1]), sims[0]
+        dg = jnp.diagonal(g)  # squared norms, carried for cosine
+        return (dict(singles), dg), _gram_sims(
+            self.similarity, g, dg[:, None], dg[None, :], jnp.float64(self.numel))
 
     def update(self, state, inp, core, a, b, root, members):
         v, norms2 = state
@@ -324,11 +315,11 @@ class _Materialized(Flavour):
 @functools.partial(
     jax.jit, static_argnames=("similarity", "method", "min_merged", "numel")
 )
-def _materialized_sequence(x, singles, sims, extra, hp, *, similarity, method, min_merged,
+def _materialized_sequence(x, singles, gram, extra, hp, *, similarity, method, min_merged,
                            numel):
     n = next(iter(x.values())).shape[0]
     flavour = _Materialized(similarity, method, min_merged, numel)
-    return _run(flavour, (x, singles, sims, extra, hp), n)
+    return _run(flavour, (x, singles, gram, extra, hp), n)
 
 
 # ----------------------------------------------------------------------------
@@ -408,13 +399,12 @@ def materialized_sequence(
 
     x, singles = canonical(x), canonical(singles)
     static, hp = method.split()
-    sims = None
-    if similarity != "sign":
-        g = block_gram(singles, precision) if gram is None else np.asarray(gram, np.float64)
-        sims = (gram_sims(similarity, g, numel), np.diagonal(g).copy())
+    if similarity != "sign" and gram is None:
+        gram = block_gram(singles, precision)
     with jax.enable_x64(True):
         out = _materialized_sequence(
-            x, singles, sims, extra, hp, similarity=similarity, method=static,
+            x, singles, None if gram is None else jnp.asarray(gram, jnp.float64), extra, hp,
+            similarity=similarity, method=static,
             min_merged=int(method.min_merged), numel=int(numel),
         )
         return _to_sequences(out)[0]
