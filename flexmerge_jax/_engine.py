@@ -309,17 +309,14 @@ class _GramSum:
         self.width = max(256, (1 << 15) // n)
         self._buf = np.empty(n * self.width, np.float64 if self._wide else np.float32)
 
-    def add(self, a: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Adds ``a a^T`` (``a [n, c]``), or ``(a * mask)(a * mask)^T``."""
+    def add(self, a: np.ndarray) -> None:
+        """Adds ``a a^T`` (``a [n, c]``)."""
         n, c = a.shape
         gemm = dgemm if self._wide else sgemm
         for j in range(0, c, self.width):
             w = min(self.width, c - j)
             s = self._buf[:n * w].reshape(n, w)
-            if mask is None:
-                s[...] = a[:, j:j + w]
-            else:
-                np.multiply(a[:, j:j + w], mask[:, j:j + w], out=s)
+            s[...] = a[:, j:j + w]
             self._upper += gemm(1.0, s.T, s.T, trans_a=1)  # s.T: Fortran order, no copy
 
     def result(self) -> np.ndarray:
@@ -491,6 +488,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
     # Buffers reused by every chunk (no allocation in the loop).
     ub = np.empty((n, cols), np.uint32)
     keptb, geb = np.empty((n, cols), bool), np.empty((n, cols), bool)
+    f32b = np.empty((n, cols), np.float32) if gram else None
     for _, t in tv_chunks(*inputs, names, cols):
         c = t.shape[1]
         u, kept = ub[:, :c], keptb[:, :c]
@@ -498,7 +496,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         top = max(top, int(u.max()))
         np.greater_equal(u, hi_c, out=kept)
         if gram:
-            g.add(t, kept)
+            g.add(np.multiply(t, kept, out=f32b[:, :c]))
         if not counts:
             continue
         ge = np.greater_equal(u, lo_c, out=geb[:, :c])
@@ -574,11 +572,11 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
         return thr, None
     tk = tkey[:, None]
     for b, g in enumerate(out):
+        plus, minus = _GramSum(n), _GramSum(n)  # float64 products: exact cancellation
         for a, kept in captured.get(b, ()):
-            x = np.where((a.view(np.uint32) & _ABS) >= tk, a, 0).astype(np.float64)
-            dc = np.where(kept, a, 0).astype(np.float64)
-            g -= dc @ dc.T
-            g += x @ x.T
+            plus.add(a * ((a.view(np.uint32) & _ABS) >= tk))
+            minus.add(a * kept)
+        g += plus.result() - minus.result()
     return thr, np.stack(out)
 
 
