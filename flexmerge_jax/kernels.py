@@ -168,6 +168,29 @@ def _elected_mean(v: jax.Array, sign: jax.Array, members: jax.Array) -> jax.Arra
     return total / jnp.maximum(count, 1.0)
 
 
+def _signed_means(v: jax.Array, members: jax.Array):
+    """``(sign of the column sum, mean of the positive entries, mean of the
+    negative entries)`` of the members' rows of ``v``, all summed in task
+    order, from one fused pass over ``v``.
+
+    The disjoint mean for an elected sign ``+1`` (``-1``) is exactly the
+    positive (negative) mean: the other entries only add zeros.
+    """
+    z = jnp.zeros((), v.dtype)
+    total = pos = neg = npos = nneg = None
+    for i in range(v.shape[0]):
+        vi = jnp.where(members[i], v[i], z)
+        p, q = vi > 0, vi < 0
+        terms = (vi, jnp.where(p, vi, z), jnp.where(q, vi, z),
+                 p.astype(jnp.float32), q.astype(jnp.float32))
+        if total is None:
+            total, pos, neg, npos, nneg = terms
+        else:
+            total, pos, neg, npos, nneg = (a + b for a, b in
+                                           zip((total, pos, neg, npos, nneg), terms))
+    return jnp.sign(total), pos / jnp.maximum(npos, 1.0), neg / jnp.maximum(nneg, 1.0)
+
+
 def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
     r"""TIES elect + disjoint mean (no trim), times :math:`\lambda`.
 
@@ -177,16 +200,22 @@ def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
     coordinate, the entries with exactly the elected sign (:math:`x>0` for
     :math:`s>0`, :math:`x<0` for :math:`s<0`) over their count (at least 1).
 
+    One read of ``x``: the block majority needs every column sign before any
+    output, so each coordinate's positive and negative means are computed
+    with its sign (an optimization barrier keeps XLA from recomputing the
+    column sums in a second pass) and the majority then only picks.
+
     Returns:
       ``{name: f32[...]}``.
     """
     members = _members(x, members)
-    signs = _elected_sign(x, members)
+    parts = jax.lax.optimization_barrier(
+        {k: _signed_means(v, members) for k, v in x.items()})
+    total = sum(jnp.sum(sg, dtype=jnp.float32) for sg, _, _ in parts.values())
+    majority = jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
     s = jnp.asarray(scale, jnp.float32)
-    out = {}
-    for k, v in x.items():
-        out[k] = s * _elected_mean(v, signs[k], members)
-    return out
+    return {k: s * jnp.where(jnp.where(sg == 0, majority, sg) > 0, mp, mn)
+            for k, (sg, mp, mn) in parts.items()}
 
 
 def consensus_masks(x: Block, merged: Block, members=None, *, consensus=0.3) -> Block:
