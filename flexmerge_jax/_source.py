@@ -172,12 +172,28 @@ def _host_resident(x) -> bool:
     )
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data starts on an ``align``-byte boundary.
+
+    XLA's CPU client aliases such host arrays instead of copying them when
+    they are passed to jitted functions (``jax.device_put``): for a block of
+    task vectors the copy costs more than computing them. The array must
+    then not be modified while a JAX array may alias it.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
 def _host_task_vector(base, fts) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy twin of :func:`_task_vector` (same float32 arithmetic)."""
+    """NumPy twin of :func:`_task_vector` (same float32 arithmetic), in a
+    64-byte aligned buffer (see :func:`aligned_empty`)."""
     b = np.asarray(base)
     if b.dtype != np.float32:
         b = b.astype(np.float32)
-    tv = np.empty((len(fts),) + b.shape, np.float32)
+    tv = aligned_empty((len(fts),) + b.shape, np.float32)
     ok = np.empty(len(fts), bool)
     for i, f in enumerate(fts):
         f = np.asarray(f)

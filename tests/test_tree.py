@@ -62,3 +62,24 @@ def test_errors_name_task_and_parameter():
         tree.task_vectors({"i": np.zeros(2, np.int32)}, [{"i": np.zeros(2, np.int32)}] * 2)
     with pytest.raises(ValueError, match="sequence"):
         tree.task_vectors(base, {"a": 1})
+
+
+def test_host_task_vectors_are_aligned_for_zero_copy():
+    """Host task vectors start on 64-byte boundaries (XLA's CPU client then
+    aliases them instead of copying) and equal f32(ft) - f32(base)."""
+    from flexmerge_jax._source import aligned_empty, host_task_vectors
+
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((33, 7)).astype(np.float32),
+            "b": rng.standard_normal(5).astype(np.float16)}
+    fts = [{k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
+           for _ in range(3)]
+    tv = host_task_vectors(["w", "b"], base, fts, ("a", "b", "c"))
+    for k, v in tv.items():
+        assert v.ctypes.data % 64 == 0 and v.dtype == np.float32
+        want = np.stack([f[k].astype(np.float32) - base[k].astype(np.float32) for f in fts])
+        np.testing.assert_array_equal(v, want)
+    assert aligned_empty((0, 4), np.float32).shape == (0, 4)
+    for shape in [(1,), (3, 5, 7)]:
+        a = aligned_empty(shape, np.float64)
+        assert a.shape == shape and a.dtype == np.float64 and a.ctypes.data % 64 == 0
