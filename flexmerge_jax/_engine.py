@@ -616,7 +616,8 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=Non
     names = list(x)
     static, hp = method.split()
     out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp, static=static)
-    out = jax.tree.map(lambda a: a[:g], out)
+    if g < bucket:
+        out = jax.tree.map(lambda a: a[:g], out)
     return out._replace(
         vector=named(out.vector, names),
         masks=None if out.masks is None else named(out.masks, names),
@@ -624,8 +625,10 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=Non
 
 
 @jax.jit
-def _add_base(base, v):
-    return (base.astype(jnp.float32) + v).astype(base.dtype)
+def _add_base(base: dict, v: dict, i) -> dict:
+    """``{k: base[k] + v[k][i]}`` in the base's dtype (one dispatch per group
+    for the whole block, not a slice and an add per leaf)."""
+    return {k: (b.astype(jnp.float32) + v[k][i]).astype(b.dtype) for k, b in base.items()}
 
 
 def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
@@ -661,10 +664,12 @@ def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = 
     routing = np.full((n,), -1, np.int32)
     rescalers = np.ones((n,), np.float32)
     gi = 0
+    if merged:  # on the device once, not once per group
+        base_dev = canonical({k: jnp.asarray(base[k]) for k in block.leaves})
+        vec = canonical({k: gm.vector[k] for k in block.leaves})
     for g in groups:
         if len(g) >= method.min_merged:
-            w = {k: _add_base(jnp.asarray(base[k]), gm.vector[k][gi]) for k in block.leaves}
-            sets.append(w)
+            sets.append(named(_add_base(base_dev, vec, np.int32(gi)), block.leaves))
             masked.append(method.uses_masks)
             routing[list(g)] = len(sets) - 1
             if method.uses_masks:
