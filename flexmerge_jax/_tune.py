@@ -120,13 +120,14 @@ def tune_scales(plan, prepared, tuning: Tuning, progress=None) -> list[float | N
             u = merge_groups(x_b[b], members, extra, method, np.ones(1, np.float32)).vector
             best_score = -np.inf
             for lam in tuning.lambdas:
-                cand = _add_base(base_b[b], {k: jnp.float32(lam) * v for k, v in u.items()}, 0)
+                cand = _add_base(base_b[b], {k: jnp.float32(lam) * v for k, v in u.items()},
+                                 np.int32(0))
                 score = float(np.mean([tuning.eval_fn(params_for(i, b, cand), i) for i in group]))
                 bar.update(1, f"step {t + 1} lambda {lam}")
                 if score > best_score:
                     best, best_score = float(lam), score
         gm = merge_groups(x_b[b], members, extra, method, np.array([best], np.float32))
-        deployed = _add_base(base_b[b], gm.vector, 0)
+        deployed = _add_base(base_b[b], gm.vector, np.int32(0))
         for i in group:
             w[i].update(deployed)
             if method.uses_masks:

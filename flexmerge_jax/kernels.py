@@ -137,10 +137,16 @@ def task_arithmetic(x: Block, members=None, *, scale=1.0) -> Block:
     return {k: s * v for k, v in average(x, members).items()}
 
 
+def _majority(colsigns) -> jax.Array:
+    """The block's fallback sign for zero column sums: the sign of the sum
+    of the column signs over all its tensors, ``+1`` if that is 0."""
+    total = sum(jnp.sum(s, dtype=jnp.float32) for s in colsigns)
+    return jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
+
+
 def _elected_sign(x: Block, members: jax.Array) -> Block:
     colsign = {k: jnp.sign(task_sum(_masked(v, members))) for k, v in x.items()}
-    total = sum(jnp.sum(s, dtype=jnp.float32) for s in colsign.values())
-    majority = jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
+    majority = _majority(colsign.values())
     return {k: jnp.where(s == 0, majority, s) for k, s in colsign.items()}
 
 
@@ -211,8 +217,7 @@ def ties_merge(x: Block, members=None, *, scale=1.0) -> Block:
     members = _members(x, members)
     parts = jax.lax.optimization_barrier(
         {k: _signed_means(v, members) for k, v in x.items()})
-    total = sum(jnp.sum(sg, dtype=jnp.float32) for sg, _, _ in parts.values())
-    majority = jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
+    majority = _majority(sg for sg, _, _ in parts.values())
     s = jnp.asarray(scale, jnp.float32)
     return {k: s * jnp.where(jnp.where(sg == 0, majority, sg) > 0, mp, mn)
             for k, (sg, mp, mn) in parts.items()}
