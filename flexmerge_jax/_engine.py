@@ -343,6 +343,13 @@ _KEY_BYTES = 1 << 28  # budget for the undecided keys captured by a pass
 _COLUMN_BYTES = 1 << 28  # budget for the undecided columns kept for the Gram correction
 
 
+def _column_budget(prepared: "Prepared") -> int:
+    """Bytes the captured columns of one pass may take (packed, see
+    :func:`_pack_columns`): one model's float32 size (the "one model" of the
+    streaming memory bound), at least :data:`_COLUMN_BYTES`."""
+    return max(_COLUMN_BYTES, 4 * prepared.layout.total)
+
+
 def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64"):
     """TIES thresholds (and, if asked, trimmed Gram matrices) on host inputs.
 
@@ -358,7 +365,9 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
        captures those inside the bracket (a fraction of a percent) and, for
        Grams, accumulates ``G_D`` over the entries above ``hi_i`` (kept
        whatever the exact threshold) while capturing every column where
-       some task is undecided;
+       some task is undecided (its possibly nonzero entries only: about
+       ``n * (1 - (1 - w)^n)`` of the ``n * d`` entries for brackets holding
+       a share ``w`` of each task's entries, times ``keep``);
     3. the exact threshold is the right captured value, and
        ``G = G_D - D_C D_C^T + X_C X_C^T`` over the captured columns ``C``
        completes the trimmed Grams exactly.
@@ -366,8 +375,9 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     If a bracket misses (the count below ``lo_i`` is not below ``k``, or
     the bracket does not reach ``k``) or too much is captured (ties, odd
     distributions), exact radix-select passes (histograms of the ``|x|``
-    bits) take over; if the captured columns exceed their budget, a second
-    pass with known thresholds computes the Grams. Results never depend on
+    bits) take over; if the captured columns exceed their budget
+    (:func:`_column_budget`: one model), a second pass with known
+    thresholds computes the Grams. Results never depend on
     the sample, only the time does.
 
     Returns ``None`` (callers take the XLA path) when the inputs are not
@@ -512,9 +522,25 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         keys.append(u.take(idx, axis=1)[sub])  # grouped by task
         cnts.append(np.count_nonzero(sub, axis=1))
         if gram:
-            caps.append((t.take(idx, axis=1), kept.take(idx, axis=1)))
+            caps.append(_pack_columns(t.take(idx, axis=1), sub | kept.take(idx, axis=1)))
     return {"gram": g.result() if gram else None, "below": below, "keys": keys,
             "counts": cnts, "caps": caps, "top": top}
+
+
+def _pack_columns(a: np.ndarray, live: np.ndarray) -> tuple:
+    """Captured columns ``a f32[n, m]`` kept sparse: the entries that may be
+    nonzero after trimming (``live``: kept or undecided; about ``keep`` of
+    them) and a bit mask of where they are. ~5x smaller than ``a`` and its
+    mask for ``keep = 0.2``."""
+    return live.shape, np.packbits(live, axis=None), a[live]
+
+
+def _unpack_columns(shape, bits: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack_columns`, zeros where nothing was kept."""
+    live = np.unpackbits(bits, count=shape[0] * shape[1]).view(bool).reshape(shape)
+    a = np.zeros(shape, np.float32)
+    a[live] = vals
+    return a
 
 
 def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precision: str,
@@ -533,6 +559,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
     cand_keys, cand_counts, captured, out = [], [], {}, []
     key_bytes, col_bytes, top = 0, 0, 0
     columns_ok = want_grams  # False once the captured columns exceed the budget
+    budget = _column_budget(prepared)
     reads = (host_inputs(src, names) for names, _ in groups) if reads is None else reads
     for (names, b), inputs in zip(groups, reads):
         r = _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
@@ -549,8 +576,8 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
             continue
         out.append(r["gram"])
         captured[b] = r["caps"]
-        col_bytes += sum(a.nbytes + m.nbytes for a, m in r["caps"])
-        if col_bytes > _COLUMN_BYTES:  # keep counting; Grams in a second pass
+        col_bytes += sum(bits.nbytes + vals.nbytes for _, bits, vals in r["caps"])
+        if col_bytes > budget:  # keep counting; Grams in a second pass
             columns_ok = False
             captured.clear()
             out.clear()
@@ -575,9 +602,11 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
     tk = tkey[:, None]
     for b, g in enumerate(out):
         plus, minus = _GramSum(n), _GramSum(n)  # float64 whatever the precision
-        for a, kept in captured.get(b, ()):
-            plus.add(a * ((a.view(np.uint32) & _ABS) >= tk))
-            minus.add(a * kept)
+        for packed in captured.get(b, ()):
+            a = _unpack_columns(*packed)
+            key = a.view(np.uint32) & _ABS
+            plus.add(a * (key >= tk))
+            minus.add(a * (key >= hi_c))
         g += plus.result() - minus.result()
     return thr, np.stack(out)
 

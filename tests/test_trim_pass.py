@@ -100,7 +100,7 @@ def test_too_many_undecided_keys_falls_back(monkeypatch):
 
 
 def test_column_budget_gives_a_second_pass(monkeypatch):
-    monkeypatch.setattr(_engine, "_COLUMN_BYTES", 0)
+    monkeypatch.setattr(_engine, "_column_budget", lambda prepared: 0)
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case()), precision="float32")
     assert scans[:2] == [(True, True), (False, True)]  # counting pass, then the Gram pass
