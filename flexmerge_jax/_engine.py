@@ -9,6 +9,7 @@ both read one block at a time, so peak memory is one block of all tasks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Sequence
 
@@ -259,7 +260,14 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
 def _host_reads(source: Source, name_lists):
     """Host inputs (:func:`~._source.host_inputs`) of each list of names in
     turn, or ``None`` if the host path does not apply; the first read is
-    the probe, so nothing is read twice."""
+    the probe, so nothing is read twice.
+
+    Sources that read files (``source.prefetch``) read the next list in a
+    background thread while the consumer computes on this one (file reads
+    release the GIL): the consumer must be done with one input, which is
+    emptied then, when it asks for the next. At most three lists' arrays
+    are alive at once (the one being emptied, the current one, the next).
+    """
     first = host_inputs(source, name_lists[0])
     if first is None:
         return None
@@ -271,7 +279,22 @@ def _host_reads(source: Source, name_lists):
         for names in name_lists[1:]:
             yield host_inputs(source, names)
 
-    return reads()
+    def prefetched():
+        nonlocal first
+        with concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read") as pool:
+            cur, first = first, None
+            for nxt in name_lists[1:]:
+                ahead = pool.submit(host_inputs, source, nxt)
+                try:
+                    yield cur
+                finally:  # release the arrays even if the consumer holds on
+                    cur[0].clear()
+                    for f in cur[1]:
+                        f.clear()
+                cur = ahead.result()
+            yield cur
+
+    return prefetched() if source.prefetch else reads()
 
 
 def _columns(n: int) -> int:

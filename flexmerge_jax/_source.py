@@ -28,6 +28,9 @@ class Source(abc.ABC):
     #: Whether :meth:`base` / :meth:`finetuned` may hand out host arrays that
     #: the NumPy streaming paths (:func:`host_inputs`) can use as they are.
     host_capable: bool = True
+    #: Whether reads are slow enough (files) that the streaming passes should
+    #: read the next block in a background thread while computing on this one.
+    prefetch: bool = False
 
     @property
     def n(self) -> int:

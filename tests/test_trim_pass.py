@@ -155,17 +155,46 @@ def test_safetensors_runs_equal_memory_runs(tmp_path):
         assert a[1].shape == (3, 1, 3)
 
 
-def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["ties", "ta"])
+def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method):
     monkeypatch.setattr(_engine, "_SAMPLE", 60)
     base, fts = _case()
     io.save_params(tmp_path / "base.safetensors", base)
     paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    kw = dict(blocks=BLOCKS, method=fm.methods.ties(keep=0.3), linkage="min")
+    m = fm.methods.ties(keep=0.3) if method == "ties" else fm.methods.task_arithmetic(0.5)
+    kw = dict(blocks=BLOCKS, method=m, linkage="min")
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         a = fm.plan(base, fts, **kw)
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         b = fm.plan(tmp_path / "base.safetensors", paths, **kw)
     assert a.events == b.events
+
+
+def test_prefetched_reads_release_and_raise(tmp_path, monkeypatch):
+    """Files are read one block ahead in a thread: each block's arrays are
+    released when the next is asked for, and a read error surfaces in the
+    consumer, naming the parameter."""
+    base, fts = _case(n=3)
+    io.save_params(tmp_path / "base.safetensors", base)
+    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    src = io.path_source(tmp_path / "base.safetensors", paths)
+    names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"]]
+    seen = []
+    for (b, fs), want in zip(_engine._host_reads(src, names), names):
+        assert list(b) == want and all(list(f) == want for f in fs)
+        np.testing.assert_array_equal(fs[1][want[0]], fts[1][want[0]])
+        if seen:
+            assert not seen[-1][0] and not any(seen[-1][1])  # the previous one, emptied
+        seen.append((b, fs))
+    reader = src._ft[2]
+    last = max(reader._offsets, key=reader._offsets.get)
+    with open(paths[2], "r+b") as f:
+        f.truncate(reader._offsets[last] + 4)
+    first = [n for n in reader.names if n != last][:1]
+    reads = _engine._host_reads(src, [first, [last]])
+    next(reads)
+    with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
+        next(reads)
 
 
 @pytest.mark.parametrize("method", ["ta", "ties"])
@@ -179,3 +208,30 @@ def test_nan_is_named(method, where):
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         with pytest.raises(ValueError, match=rf"task 3 \(task3\): the task vector of parameter '{where}' has NaN"):
             fm.plan(base, fts, blocks=BLOCKS, method=m, linkage="min")
+
+
+def test_safetensors_reads_are_exact_aligned_and_checked(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    want = {"a.f32": rng.standard_normal((3, 5)).astype(np.float32),
+            "b.bf16": rng.standard_normal((7,)).astype("bfloat16"),
+            "c.f16": rng.standard_normal((2, 2)).astype(np.float16),
+            "d.i64": np.arange(4, dtype=np.int64),  # not a float: through safetensors
+            "e.scalar": np.array(2.5, np.float32), "f.empty": np.zeros((0, 3), np.float32)}
+    path = tmp_path / "m.safetensors"
+    save_file(want, str(path))
+    reader = io._Reader(path)
+    got = reader.read(list(want)[::-1])
+    assert list(got) == list(want)[::-1]
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        np.testing.assert_array_equal(got[k], v)
+        if k != "d.i64" and v.size:  # (an empty array has no data to align)
+            assert got[k].ctypes.data % 64 == 0, k
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the file shrinks after the source was opened
+        f.truncate(size - 4)
+    last = max(want, key=lambda k: reader._offsets[k])
+    with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
+        reader.read([last])
