@@ -4,12 +4,14 @@
 preprocessing (DARE, the whole-model TIES trim thresholds, PCB thresholds):
 it hands out the preprocessed task vectors of one block at a time. The
 statistics pass (:func:`grams`) and materialization (:func:`materialize_block`)
-both read one block at a time, so peak memory is one block of all tasks.
+both read one block at a time, so peak memory is one block of all tasks (two
+when a file source reads the next block in a background thread meanwhile).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -23,6 +25,12 @@ from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
 from ._source import Source, _host_resident, host_inputs, tv_chunks
+
+
+@functools.cache
+def _reader() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that reads blocks ahead (:meth:`Prepared.in_order`)."""
+    return concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read-ahead")
 
 
 class Prepared:
@@ -46,6 +54,7 @@ class Prepared:
         self._index = self.layout.index()
         self._extra: dict[int, dict] = {}
         self._trim_threshold = None
+        self._ahead, self._in_order = None, False  # see in_order()
         self.pcb_lohi = None
         d = self.layout.total
         if method.trims:
@@ -87,8 +96,35 @@ class Prepared:
         return not self.method.trims and self.method.drop is None
 
     def tau(self, b: int) -> dict[str, jax.Array]:
-        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b``."""
-        return self.source.task_vectors(self.partition.blocks[b].leaves)
+        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b`` (read
+        ahead inside :meth:`in_order`)."""
+        pending, self._ahead = self._ahead, None
+        if pending is not None and pending[0] == b:
+            tau = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            tau = self.source.task_vectors(self.partition.blocks[b].leaves)
+        if self._in_order and b + 1 < len(self.partition):
+            leaves = self.partition.blocks[b + 1].leaves
+            self._ahead = (b + 1, _reader().submit(self.source.task_vectors, leaves))
+        return tau
+
+    @contextlib.contextmanager
+    def in_order(self):
+        """Declares that the blocks are about to be read in increasing order:
+        sources that read files (``source.prefetch``) then compute block
+        ``b + 1``'s task vectors in a background thread while the caller
+        works on block ``b`` (one block ahead at most; a block read out of
+        turn drops it, and so does leaving the context)."""
+        self._in_order = self.source.prefetch
+        try:
+            yield self
+        finally:
+            self._in_order = False
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+                self._ahead = None
 
     def x(self, b: int, tau: dict | None = None) -> dict[str, jax.Array]:
         """Preprocessed task vectors of block ``b`` (what merges and similarity use)."""
@@ -251,9 +287,10 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
         return np.stack(out)
     out = []
-    for b in range(len(blocks)):
-        tau = prepared.tau(b)
-        out.append(block_gram(tau if raw else prepared.x(b, tau), precision))
+    with prepared.in_order():
+        for b in range(len(blocks)):
+            tau = prepared.tau(b)
+            out.append(block_gram(tau if raw else prepared.x(b, tau), precision))
     return np.stack(out)
 
 
@@ -771,10 +808,12 @@ def materialize(
     """
     from ._flexmodel import FlexModel
 
-    models = [
-        materialize_block(prepared, b, groups_per_block[b], None if scales is None else scales[b])
-        for b in range(len(prepared.partition))
-    ]
+    with prepared.in_order():
+        models = [
+            materialize_block(prepared, b, groups_per_block[b],
+                              None if scales is None else scales[b])
+            for b in range(len(prepared.partition))
+        ]
     src, n, partition = prepared.source, prepared.n, prepared.partition
     unmatched = (
         src.finetuned(partition.unmatched) if partition.unmatched else [{} for _ in range(n)]

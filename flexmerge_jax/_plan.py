@@ -482,18 +482,19 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     if method.trims and not structured and similarity != "sign":
         pre = trim_pass(prepared, want_grams=True, precision=precision)  # None off the host
     out = []
-    for b, block in enumerate(partition.blocks):
-        tau = prepared.tau(b)
-        x = prepared.x(b, tau)
-        singles = tau if structured else x
-        del tau  # not held during the sequence unless singletons compare raw vectors
-        out.append(
-            materialized_sequence(
-                x, singles, prepared.extra(b, x), similarity, method, block.numel,
-                gram=None if pre is None else pre[b], precision=precision,
+    with prepared.in_order():
+        for b, block in enumerate(partition.blocks):
+            tau = prepared.tau(b)
+            x = prepared.x(b, tau)
+            singles = tau if structured else x
+            del tau  # not held during the sequence unless singletons compare raw vectors
+            out.append(
+                materialized_sequence(
+                    x, singles, prepared.extra(b, x), similarity, method, block.numel,
+                    gram=None if pre is None else pre[b], precision=precision,
+                )
             )
-        )
-        del x, singles
+            del x, singles
     return out
 
 

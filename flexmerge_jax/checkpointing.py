@@ -205,8 +205,10 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     scales = plan._group_scales(k)
 
     def blocks():
-        for b, pb in enumerate(plan.partition.blocks):
-            yield materialize_block(prepared, b, parts[pb.name], None if scales is None else scales[b])
+        with prepared.in_order():
+            for b, pb in enumerate(plan.partition.blocks):
+                yield materialize_block(prepared, b, parts[pb.name],
+                                        None if scales is None else scales[b])
 
     def write(tmp):
         src, part = prepared.source, plan.partition

@@ -155,19 +155,52 @@ def test_safetensors_runs_equal_memory_runs(tmp_path):
         assert a[1].shape == (3, 1, 3)
 
 
-@pytest.mark.parametrize("method", ["ties", "ta"])
-def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,linkage,ext", [
+    ("ties", "min", ".safetensors"), ("ta", "min", ".safetensors"),
+    ("ties", None, ".safetensors"), ("ties", "min", ""),  # "": Orbax directories
+])
+def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method, linkage, ext):
     monkeypatch.setattr(_engine, "_SAMPLE", 60)
     base, fts = _case()
-    io.save_params(tmp_path / "base.safetensors", base)
-    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    io.save_params(tmp_path / f"base{ext}", base)
+    paths = [io.save_params(tmp_path / f"t{i}{ext}", f) for i, f in enumerate(fts)]
     m = fm.methods.ties(keep=0.3) if method == "ties" else fm.methods.task_arithmetic(0.5)
-    kw = dict(blocks=BLOCKS, method=m, linkage="min")
+    kw = dict(blocks=BLOCKS, method=m, linkage=linkage)
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         a = fm.plan(base, fts, **kw)
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
-        b = fm.plan(tmp_path / "base.safetensors", paths, **kw)
+        b = fm.plan(tmp_path / f"base{ext}", paths, **kw)
     assert a.events == b.events
+
+
+def test_blocks_read_ahead_in_order(tmp_path):
+    base, fts = _case(n=3)
+    io.save_params(tmp_path / "base.safetensors", base)
+    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    src = io.path_source(tmp_path / "base.safetensors", paths)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
+    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
+    mem = MemorySource(base, fts)
+    with p.in_order():
+        got = []
+        for b in range(len(part)):
+            got.append(p.tau(b))
+            assert (p._ahead is not None) == (b + 1 < len(part))
+    for b, tau in enumerate(got):
+        want = mem.task_vectors(part.blocks[b].leaves)
+        assert list(tau) == list(want)
+        for k in tau:
+            np.testing.assert_array_equal(tau[k], want[k])
+    with p.in_order():
+        p.tau(0)
+        assert p._ahead[0] == 1
+        again = p.tau(0)  # out of turn: block 1's read is dropped
+        assert p._ahead[0] == 1
+    assert p._ahead is None  # and leaving drops it
+    np.testing.assert_array_equal(again[part.blocks[0].leaves[0]], got[0][part.blocks[0].leaves[0]])
+    p.tau(0)
+    assert p._ahead is None  # outside in_order: nothing read ahead
 
 
 def test_prefetched_reads_release_and_raise(tmp_path, monkeypatch):

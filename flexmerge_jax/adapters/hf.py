@@ -409,6 +409,8 @@ class HFSource(Source):
     must have the base's names, shapes and dtypes.
     """
 
+    prefetch = True  # files: the streaming passes read the next block ahead
+
     def __init__(self, base, finetuned: Sequence, mapping: MappingLike = None, *,
                  transpose: TransposeLike = True, task_names=None):
         if _io.is_path(finetuned) or not isinstance(finetuned, Sequence):
