@@ -741,7 +741,8 @@ def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = 
     groups = sorted(tuple(sorted(g)) for g in groups)
     merged = [g for g in groups if len(g) >= method.min_merged]
     base = src.base(block.leaves)
-    fts = src.finetuned(block.leaves) if len(merged) < len(groups) else None
+    single = [t for g in groups if len(g) < method.min_merged for t in g]
+    fts = src.finetuned_tasks(block.leaves, single)  # only the tasks kept as they are
     gm = None
     if merged:
         x = prepared.x(b)

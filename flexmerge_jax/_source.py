@@ -44,6 +44,14 @@ class Source(abc.ABC):
     def finetuned(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """For each task, ``{name: array}`` (original dtype)."""
 
+    def finetuned_tasks(self, names: Sequence[str], tasks: Sequence[int]) -> dict[int, dict]:
+        """``{task: {name: array}}`` for some tasks only (sources that read
+        files read only those tasks' files)."""
+        if not len(tasks):
+            return {}
+        fts = self.finetuned(names)
+        return {int(t): fts[t] for t in tasks}
+
     def describe(self) -> dict:
         """JSON description (used to record where a plan's inputs came from)."""
         return {"kind": type(self).__name__}

@@ -338,6 +338,9 @@ class PathSource(Source):
     def finetuned(self, names):
         return [r.read(names) for r in self._ft]
 
+    def finetuned_tasks(self, names, tasks):
+        return {int(t): self._ft[t].read(names) for t in tasks}
+
     def sample_runs(self, requests):
         base = self._base.read_runs(requests)
         fts = [r.read_runs(requests) for r in self._ft]

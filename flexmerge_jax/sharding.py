@@ -89,6 +89,10 @@ class ShardedSource(Source):
     def finetuned(self, names):
         return [{k: self._put(k, v) for k, v in f.items()} for f in self.inner.finetuned(names)]
 
+    def finetuned_tasks(self, names, tasks):
+        return {t: {k: self._put(k, v) for k, v in f.items()}
+                for t, f in self.inner.finetuned_tasks(names, tasks).items()}
+
     def task_vectors(self, names):
         # float32 subtraction on the host (bitwise the same as on device),
         # then each task vector placed shard by shard.

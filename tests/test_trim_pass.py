@@ -268,3 +268,33 @@ def test_safetensors_reads_are_exact_aligned_and_checked(tmp_path):
     last = max(want, key=lambda k: reader._offsets[k])
     with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
         reader.read([last])
+
+
+def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
+    """A cut reads the fine-tuned files of the tasks it keeps unmerged only,
+    and equals the cut of the in-memory plan."""
+    base, fts = _case(n=4)
+    io.save_params(tmp_path / "base.safetensors", base)
+    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    kw = dict(blocks=BLOCKS, method=fm.methods.ties(keep=0.3), linkage="min")
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        disk = fm.plan(tmp_path / "base.safetensors", paths, **kw)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        mem = fm.plan(base, fts, **kw)
+    step = 2  # two merges: some blocks keep singletons
+    reads = []
+    real = io._Reader.read
+    monkeypatch.setattr(io._Reader, "read", lambda self, names: (
+        reads.append((self.path.name, tuple(names))), real(self, names))[1])
+    src = disk._require_inputs().source
+    got = src.finetuned_tasks(["l0.mlp.w"], [2, 0])
+    assert list(got) == [2, 0] and reads == [("t2.safetensors", ("l0.mlp.w",)),
+                                             ("t0.safetensors", ("l0.mlp.w",))]
+    np.testing.assert_array_equal(got[2]["l0.mlp.w"], fts[2]["l0.mlp.w"])
+    a, b = disk.at_step(step), mem.at_step(step)
+    for name, blk in a.blocks.items():
+        other = b.blocks[name]
+        assert blk.groups == other.groups
+        for s, t in zip(blk.sets, other.sets):
+            for k in blk.leaves:
+                np.testing.assert_array_equal(np.asarray(s[k]), np.asarray(t[k]))

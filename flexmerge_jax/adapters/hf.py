@@ -467,6 +467,9 @@ class HFSource(Source):
     def finetuned(self, names):
         return [self._read(r, names) for r in self._ft]
 
+    def finetuned_tasks(self, names, tasks):
+        return {int(t): self._read(self._ft[t], names) for t in tasks}
+
     def describe(self) -> dict:
         return {
             "kind": "hf",
