@@ -401,13 +401,15 @@ _RUN = 256  # entries per contiguous run of the sample
 _SIGMAS = 5.0  # bracket half-width, in standard errors of the sample quantile
 _KEY_BYTES = 1 << 28  # budget for the undecided keys captured by a pass
 _COLUMN_BYTES = 1 << 28  # budget for the undecided columns kept for the Gram correction
+_DENSE_BYTES = 1 << 26  # of which the first are kept unpacked (see _pack_columns)
 
 
 def _column_budget(prepared: "Prepared") -> int:
-    """Bytes the captured columns of one pass may take (packed, see
+    """Bytes the captured columns of one pass may take (see
     :func:`_pack_columns`): one model's float32 size (the "one model" of the
-    streaming memory bound), at least :data:`_COLUMN_BYTES`."""
-    return max(_COLUMN_BYTES, 4 * prepared.layout.total)
+    streaming memory bound), at least :data:`_COLUMN_BYTES`, plus the
+    :data:`_DENSE_BYTES` kept unpacked."""
+    return max(_COLUMN_BYTES, 4 * prepared.layout.total) + _DENSE_BYTES
 
 
 def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64"):
@@ -550,8 +552,10 @@ def _sample_bracket(prepared: Prepared, k: np.ndarray) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
-def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram: bool) -> dict:
-    """The work of :func:`_bracket_scan` on one group of parameters."""
+def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram: bool,
+                dense: int = 0) -> dict:
+    """The work of :func:`_bracket_scan` on one group of parameters
+    (``dense``: bytes of captured columns that may still be kept unpacked)."""
     n = lo_c.shape[0]
     cols = _columns(n)
     g = _GramSum(n, precision) if gram else None
@@ -582,21 +586,33 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         keys.append(u.take(idx, axis=1)[sub])  # grouped by task
         cnts.append(np.count_nonzero(sub, axis=1))
         if gram:
-            caps.append(_pack_columns(t.take(idx, axis=1), sub | kept.take(idx, axis=1)))
+            caps.append(_pack_columns(t.take(idx, axis=1), sub | kept.take(idx, axis=1), dense))
+            dense -= _captured_bytes(caps[-1])
     return {"gram": g.result() if gram else None, "below": below, "keys": keys,
             "counts": cnts, "caps": caps, "top": top}
 
 
-def _pack_columns(a: np.ndarray, live: np.ndarray) -> tuple:
-    """Captured columns ``a f32[n, m]`` kept sparse: the entries that may be
+def _pack_columns(a: np.ndarray, live: np.ndarray, dense: int = 0) -> tuple:
+    """Captured columns ``a f32[n, m]`` reduced to the entries that may be
     nonzero after trimming (``live``: kept or undecided; about ``keep`` of
-    them) and a bit mask of where they are. ~5x smaller than ``a`` and its
-    mask for ``keep = 0.2``."""
+    them): ``a`` zeroed elsewhere while it fits in ``dense`` bytes, else
+    packed (a bit mask and the live entries: ~4x smaller for ``keep = 0.2``,
+    at ~5 ns per entry to pack and unpack). The last element of the tuple
+    holds the data (see :func:`_unpack_columns`)."""
+    if a.nbytes <= dense:
+        return (np.multiply(a, live, out=a),)
     return live.shape, np.packbits(live, axis=None), a[live]
 
 
-def _unpack_columns(shape, bits: np.ndarray, vals: np.ndarray) -> np.ndarray:
+def _captured_bytes(packed: tuple) -> int:
+    return sum(x.nbytes for x in packed if isinstance(x, np.ndarray))
+
+
+def _unpack_columns(*packed) -> np.ndarray:
     """Inverse of :func:`_pack_columns`, zeros where nothing was kept."""
+    if len(packed) == 1:
+        return packed[0]
+    shape, bits, vals = packed
     live = np.unpackbits(bits, count=shape[0] * shape[1]).view(bool).reshape(shape)
     a = np.zeros(shape, np.float32)
     a[live] = vals
@@ -623,7 +639,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
     reads = (host_inputs(src, names) for names, _ in groups) if reads is None else reads
     for (names, b), inputs in zip(groups, reads):
         r = _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
-                        gram=b is not None and columns_ok)
+                        gram=b is not None and columns_ok, dense=max(_DENSE_BYTES - col_bytes, 0))
         top = max(top, r["top"])
         if counts:
             below += r["below"]
@@ -636,7 +652,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
             continue
         out.append(r["gram"])
         captured[b] = r["caps"]
-        col_bytes += sum(bits.nbytes + vals.nbytes for _, bits, vals in r["caps"])
+        col_bytes += sum(map(_captured_bytes, r["caps"]))
         if col_bytes > budget:  # keep counting; Grams in a second pass
             columns_ok = False
             captured.clear()

@@ -62,13 +62,20 @@ def _spy_scans(monkeypatch):
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.05, 0.9])
-def test_sampled_bracket_path(monkeypatch, keep):
+@pytest.mark.parametrize("dense", [0, 3000, 1 << 26])  # captured columns packed / mixed / not
+def test_sampled_bracket_path(monkeypatch, keep, dense):
     # A sample smaller than the model: runs of 4 entries, cluster errors.
     monkeypatch.setattr(_engine, "_SAMPLE", 80)
     monkeypatch.setattr(_engine, "_RUN", 4)
+    monkeypatch.setattr(_engine, "_DENSE_BYTES", dense)
+    monkeypatch.setattr(_engine, "_columns", lambda n: 64)  # many chunks per block
+    kinds = []
+    real = _engine._unpack_columns
+    monkeypatch.setattr(_engine, "_unpack_columns", lambda *c: (kinds.append(len(c)), real(*c))[1])
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case(shapes={"l1.w": (40, 30), "l0.w": (30, 40), "emb": (4,)})), keep=keep)
     assert scans == [(True, True), (True, True)]  # one pass each, the bracket held
+    assert kinds and set(kinds) == {0: {3}, 3000: {1, 3}, 1 << 26: {1}}[dense]
 
 
 def test_full_sample_path(monkeypatch):
