@@ -242,8 +242,9 @@ def report(r: dict) -> str:
         f"{pc['peak_rss_mb'] / 1024:.2f} |",
         "",
         f"Peak host memory stays far below the {n * P * 4 / 2**30:.0f} GiB of task vectors: "
-        f"the planner holds one block of all tasks at a time (largest block, an MLP: {largest:,} "
-        f"parameters, {n} tasks = {n * largest * 4 / 2**30:.2f} GiB as float32).",
+        f"the planner holds one block of all tasks at a time, plus the next one being read ahead "
+        f"(largest block, an MLP: {largest:,} parameters, {n} tasks = "
+        f"{n * largest * 4 / 2**30:.2f} GiB as float32).",
         "",
         f"Spot check: `{pc['check']['parameter']}` of task 0 in the loaded cut equals a direct "
         f"NumPy float64 mean over its group {pc['check']['group_of_task0']} read from the files "

@@ -427,9 +427,9 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
        captures those inside the bracket (a fraction of a percent) and, for
        Grams, accumulates ``G_D`` over the entries above ``hi_i`` (kept
        whatever the exact threshold) while capturing every column where
-       some task is undecided (its possibly nonzero entries only: about
-       ``n * (1 - (1 - w)^n)`` of the ``n * d`` entries for brackets holding
-       a share ``w`` of each task's entries, times ``keep``);
+       some task is undecided (a share ``1 - (1 - w)^n`` of the columns for
+       brackets holding a share ``w`` of each task's entries; only their
+       possibly nonzero entries are kept, see :func:`_pack_columns`);
     3. the exact threshold is the right captured value, and
        ``G = G_D - D_C D_C^T + X_C X_C^T`` over the captured columns ``C``
        completes the trimmed Grams exactly.
@@ -597,8 +597,7 @@ def _pack_columns(a: np.ndarray, live: np.ndarray, dense: int = 0) -> tuple:
     nonzero after trimming (``live``: kept or undecided; about ``keep`` of
     them): ``a`` zeroed elsewhere while it fits in ``dense`` bytes, else
     packed (a bit mask and the live entries: ~4x smaller for ``keep = 0.2``,
-    at ~5 ns per entry to pack and unpack). The last element of the tuple
-    holds the data (see :func:`_unpack_columns`)."""
+    at ~5 ns per entry to pack and unpack)."""
     if a.nbytes <= dense:
         return (np.multiply(a, live, out=a),)
     return live.shape, np.packbits(live, axis=None), a[live]
