@@ -29,7 +29,8 @@ from ._source import Source, _host_resident, host_inputs, tv_chunks
 
 @functools.cache
 def _reader() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread that reads blocks ahead (:meth:`Prepared.in_order`)."""
+    """The thread that reads blocks ahead (:func:`_host_reads`,
+    :meth:`Prepared.in_order`)."""
     return concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read-ahead")
 
 
@@ -318,18 +319,20 @@ def _host_reads(source: Source, name_lists):
 
     def prefetched():
         nonlocal first
-        with concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read") as pool:
-            cur, first = first, None
-            for nxt in name_lists[1:]:
-                ahead = pool.submit(host_inputs, source, nxt)
-                try:
-                    yield cur
-                finally:  # release the arrays even if the consumer holds on
-                    cur[0].clear()
-                    for f in cur[1]:
-                        f.clear()
-                cur = ahead.result()
-            yield cur
+        cur, first = first, None
+        for nxt in name_lists[1:]:
+            ahead = _reader().submit(host_inputs, source, nxt)
+            try:
+                yield cur
+            except GeneratorExit:  # the consumer stopped early
+                ahead.cancel()
+                raise
+            finally:  # release the arrays even if the consumer holds on
+                cur[0].clear()
+                for f in cur[1]:
+                    f.clear()
+            cur = ahead.result()
+        yield cur
 
     return prefetched() if source.prefetch else reads()
 
