@@ -15,7 +15,8 @@ a fresh subprocess, so its peak RSS (``VmHWM``) is its own:
   or streaming from safetensors files, one per model) — the figure the plan
   time is compared with; the disk case also gives the read bandwidth.
 * ``plan``: ``fm.plan`` for ta and ties(keep=0.2) with constituent linkage
-  (``min``) and merged-vector cosine.
+  (``min``) and merged-vector cosine; the merged-vector TIES plan again with
+  ``gram_precision="float32"`` (``ties_merged_f32``).
 * ``cut``: materializing the 2x model (``plan.at_size``) in memory, and
   ``fm.save_cut`` streaming it to disk.
 * scaling with n (4, 8, 16, 30; a 6-layer model) and with model size.
@@ -177,7 +178,8 @@ def job(spec: dict) -> dict:
     elif spec["kind"] in ("plan", "cut"):
         method = fm.methods.get(spec["method"], **spec.get("hp", {}))
         kw = dict(blocks=blocks, method=method, linkage=spec["linkage"],
-                  similarity=spec.get("similarity", "cosine"))
+                  similarity=spec.get("similarity", "cosine"),
+                  gram_precision=spec.get("precision", "float64"))
         held: dict = {}  # the latest result only (released before the next run)
 
         def run_plan():
@@ -298,6 +300,12 @@ def main() -> None:
                                              "method": method, "hp": hp, "linkage": linkage})
             runs[key + "_disk"] = run_job({**common, "kind": "plan", **disk,
                                            "method": method, "hp": hp, "linkage": linkage})
+    # The same merged-vector TIES plan with float32 similarities (the
+    # reference's arithmetic; the default above is float64).
+    f32 = {"method": "ties", "hp": {"keep": 0.2}, "linkage": None, "precision": "float32"}
+    runs["plan_ties_merged_f32_memory"] = run_job({**common, "kind": "plan", "source": "memory",
+                                                   **f32})
+    runs["plan_ties_merged_f32_disk"] = run_job({**common, "kind": "plan", **disk, **f32})
     runs["cut_memory"] = run_job({**common, "kind": "cut", "source": "memory", "method": "ties",
                                   "hp": {"keep": 0.2}, "linkage": "min"})
     runs["cut_disk"] = run_job({**common, "kind": "cut", **disk, "method": "ties",

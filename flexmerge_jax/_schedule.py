@@ -253,12 +253,18 @@ def _sign_sims(v: dict, numel: int) -> jax.Array:
     return agree / numel
 
 
-def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int):
+def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int,
+              precision: str = "float64"):
     """Similarities of the new vector of row ``r`` against every row (f64).
 
-    One pass over ``v`` with products and sums in float64 (exact products of
-    float32 entries). Cosine reuses the squared norms ``norms2 [n]`` of the
-    other rows (the new row's is its dot with itself, from the same pass).
+    One pass over ``v``. ``precision="float64"``: products and sums in
+    float64 (exact products of float32 entries); ``"float32"``: products and
+    sums in float32 per leaf (no matmul, so no reduced-precision passes on
+    GPU/TPU; faster on CPU, and no emulated float64 on TPU; relative error
+    ~1e-7, the reference's arithmetic), leaves and the similarity formula
+    then in float64. Cosine reuses the squared norms ``norms2 [n]`` of the other rows
+    (the new row's is its dot with itself, from the same pass). Sign
+    agreement counts are exact either way.
 
     Returns:
       ``(f64[n] similarities, updated norms2)``.
@@ -270,11 +276,18 @@ def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int):
             jnp.sum(jnp.sign(new[k])[None] == jnp.sign(x), axis=rest(x)) for k, x in v.items()
         )
         return agree.astype(jnp.float64) / numel, norms2
+    wide = precision == "float64"
     if similarity == "cosine":
-        dot = sum(jnp.sum(f(x) * f(new[k])[None], axis=rest(x)) for k, x in v.items())
+        if wide:
+            dot = sum(jnp.sum(f(x) * f(new[k])[None], axis=rest(x)) for k, x in v.items())
+        else:
+            dot = sum(f(jnp.sum(x * new[k][None], axis=rest(x))) for k, x in v.items())
         norms2 = norms2.at[r].set(dot[r])
         return _gram_sims("cosine", dot, dot[r], norms2, numel), norms2
-    dist2 = sum(jnp.sum((f(x) - f(new[k])[None]) ** 2, axis=rest(x)) for k, x in v.items())
+    if wide:
+        dist2 = sum(jnp.sum((f(x) - f(new[k])[None]) ** 2, axis=rest(x)) for k, x in v.items())
+    else:
+        dist2 = sum(f(jnp.sum((x - new[k][None]) ** 2, axis=rest(x))) for k, x in v.items())
     return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel)), norms2
 
 
@@ -284,6 +297,7 @@ class _Materialized(Flavour):
     method: object  # static part of a Method (see Method.split)
     min_merged: int
     numel: int
+    precision: str = "float64"  # of the group-vector comparisons (see _row_sims)
 
     def init(self, inp):
         x, singles, g, extra, hp = inp
@@ -308,17 +322,18 @@ class _Materialized(Flavour):
         # A dynamic-update-slice is done in place; ``.at[root].set`` (a
         # scatter) became a select over the whole of ``v`` at every step.
         v = {k: jax.lax.dynamic_update_index_in_dim(t, new[k], root, 0) for k, t in v.items()}
-        row, norms2 = _row_sims(self.similarity, v, new, root, norms2, self.numel)
+        row, norms2 = _row_sims(self.similarity, v, new, root, norms2, self.numel,
+                                self.precision)
         return (v, norms2), row
 
 
 @functools.partial(
-    jax.jit, static_argnames=("similarity", "method", "min_merged", "numel")
+    jax.jit, static_argnames=("similarity", "method", "min_merged", "numel", "precision")
 )
 def _materialized_sequence(x, singles, gram, extra, hp, *, similarity, method, min_merged,
-                           numel):
+                           numel, precision):
     n = next(iter(x.values())).shape[0]
-    flavour = _Materialized(similarity, method, min_merged, numel)
+    flavour = _Materialized(similarity, method, min_merged, numel, precision)
     return _run(flavour, (x, singles, gram, extra, hp), n)
 
 
@@ -392,8 +407,9 @@ def materialized_sequence(
       numel: the block's number of entries.
       gram: ``f64[n, n]`` Gram matrix of ``singles`` if already known
         (cosine and euclidean start from it).
-      precision: of the Gram computed here otherwise (see
-        :func:`~._engine.block_gram`).
+      precision: ``"float64"`` or ``"float32"``: of the Gram computed here
+        if not given (see :func:`~._engine.block_gram`) and of every group
+        vector comparison (see :func:`_row_sims`).
     """
     from ._engine import block_gram
 
@@ -405,7 +421,7 @@ def materialized_sequence(
         out = _materialized_sequence(
             x, singles, None if gram is None else jnp.asarray(gram, jnp.float64), extra, hp,
             similarity=similarity, method=static,
-            min_merged=int(method.min_merged), numel=int(numel),
+            min_merged=int(method.min_merged), numel=int(numel), precision=precision,
         )
         return _to_sequences(out)[0]
 

@@ -121,6 +121,7 @@ def _plan(args):
         order=args.order,
         seed=args.order_seed,
         task_names=_names(args.task_names),
+        gram_precision=args.gram_precision,
     )
 
 
@@ -271,6 +272,9 @@ def _add_plan_flags(p):
     g.add_argument("--similarity", default="cosine", help="cosine | euclidean | sign")
     g.add_argument("--order", default="greedy", help="greedy | right-left | left-right | random")
     g.add_argument("--order-seed", type=int, default=0, help="seed of --order random")
+    g.add_argument("--gram-precision", default="float64", choices=("float64", "float32"),
+                   help="arithmetic of every similarity (default float64; float32 is faster, "
+                        "the reference's, and avoids emulated float64 on TPU)")
     g.add_argument("--task-names", help="comma-separated task names (default: file names)")
 
 

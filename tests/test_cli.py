@@ -45,8 +45,9 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
     blocks_json.write_text(json.dumps(fm.blocks.vit().block_names(fm.tree.leaf_names(z.base))))
     code, out, err = run(capsys, "plan", "--base", base, "--finetuned", *fts, "--method", "emr",
                          "--blocks", blocks_json, "--linkage", "none", "--similarity", "sign",
-                         "--out", tmp_path / "plan")
+                         "--gram-precision", "float32", "--out", tmp_path / "plan")
     assert code == 0, err
+    assert fm.load(tmp_path / "plan").config["gram_precision"] == "float32"
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2.5", "--out", tmp_path / "c")
     assert code == 0, err
     cut = fm.load(tmp_path / "c")

@@ -110,7 +110,8 @@ def tie_case(seed, n, all_equal=True, zero=True):
     return base, fts
 
 
-def compare_with_reference(base, fts, method, *, linkage, distance, order="greedy", seed=0):
+def compare_with_reference(base, fts, method, *, linkage, distance, order="greedy", seed=0,
+                           gram_precision="float64"):
     n = len(fts)
     m = fm.methods.get(method) if isinstance(method, str) else method
     hp = {k: getattr(m, k) for k in ("scale", "keep", "consensus")}
@@ -123,7 +124,7 @@ def compare_with_reference(base, fts, method, *, linkage, distance, order="greed
         r = ref.structured_reference(base, fts, BLOCKS, m.name, direction=order,
                                      distance=distance, checkpoints=(n, 3 * n), **hp)
     p = fm.plan(base, fts, blocks=BLOCKS, method=m, linkage=linkage,
-                similarity=distance, order=order, seed=seed)
+                similarity=distance, order=order, seed=seed, gram_precision=gram_precision)
     rows = [{**e, "similarity": (None if order == "random" else e["similarity"])} for e in r.events]
     if order == "random":
         assert [(e.block, e.members_a, e.members_b) for e in p.events] == [
@@ -178,10 +179,11 @@ def test_constituent_schedule_matches_reference_with_ties(n, linkage):
     ],
     ids=lambda v: getattr(v, "name", v),
 )
-@pytest.mark.parametrize("n", [4, 10])
-def test_merged_vector_schedule_matches_reference(method, distance, n):
+@pytest.mark.parametrize("n,precision", [(4, "float64"), (10, "float64"), (10, "float32")])
+def test_merged_vector_schedule_matches_reference(method, distance, n, precision):
     base, fts = tie_case(100 + n, n, all_equal=False, zero=method.name != "pcb")
-    compare_with_reference(base, fts, method, linkage=None, distance=distance)
+    compare_with_reference(base, fts, method, linkage=None, distance=distance,
+                           gram_precision=precision)
 
 
 @pytest.mark.parametrize("order", ["right-left", "left-right"])

@@ -73,6 +73,21 @@ def test_sharded_plan_equals_single_device(kind, method, linkage, similarity):
     assert_models_equal(a, b, c.n, rtol=1e-6, atol=1e-8)
 
 
+def test_sharded_float32_merged_vector_plan_equals_single_device():
+    # gram_precision="float32" compares group vectors with float32 sums:
+    # shards add in another order, so similarities agree to float32 rounding.
+    c = load_case("caseB")
+    kw = dict(blocks=c.blocks, method=fm.methods.ties(1.0, keep=0.2), linkage=None,
+              similarity="cosine", gram_precision="float32")
+    ref = fm.plan(c.base, c.finetuned, **kw)
+    sh = fm.plan(c.base, c.finetuned, mesh=mesh(AxisType.Explicit), **kw)
+    assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
+        (e.block, e.members_a, e.members_b) for e in ref.events
+    ]
+    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_statistics_do_not_gather_task_vectors():
     m = mesh(AxisType.Explicit)
     x = jax.device_put(jnp.ones((8, 32, 64), jnp.float32), NamedSharding(m, P(None, None, "model")))
