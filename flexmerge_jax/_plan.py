@@ -28,6 +28,7 @@ from ._schedule import (
 )
 from ._source import MemorySource, Source
 from ._tune import Tuning, check_tunable, tune_scales
+from .tree import layout_mismatch
 
 PyTree = Any
 ORDERS = ("greedy", "left-right", "right-left", "random")
@@ -342,19 +343,16 @@ class Plan:
             the plan's.
         """
         source = as_source(base, finetuned, self.task_names)
-        lay = source.layout
-        if (lay.names, lay.shapes, lay.dtypes) != (
-            self.layout.names, self.layout.shapes, self.layout.dtypes
-        ):
-            diff = next(
-                (
-                    f"parameter {a!r}"
-                    for a, b in zip(lay.names, self.layout.names)
-                    if a != b
-                ),
-                "the parameter shapes or dtypes",
+        msg = layout_mismatch(self.layout, source.layout, "the plan")
+        if msg:
+            raise ValueError(f"the given inputs do not match this plan ({msg})")
+        changed = _changed_inputs(self.source_info, source.describe())
+        if changed:
+            warnings.warn(
+                f"the attached inputs are not the files this plan was computed from "
+                f"({'; '.join(changed)} differ): cuts will merge their values along the "
+                f"recorded schedule", stacklevel=2,
             )
-            raise ValueError(f"the given inputs do not match this plan ({diff} differs)")
         self._prepared = Prepared(source, self.partition, self.method)
 
     def _layout_json(self) -> dict:
@@ -390,7 +388,13 @@ class Plan:
             if info.get("kind") == "paths":
                 paths = [info["base"], *info["finetuned"]]
                 if all(os.path.exists(p) for p in paths):
+                    from .io import fingerprints
+
+                    now = {**info, "fingerprints": fingerprints(info["base"], info["finetuned"])}
+                    changed = _changed_inputs(info, now)
                     try:
+                        if changed:
+                            raise ValueError(f"{'; '.join(changed)} changed since planning")
                         plan.attach(info["base"], info["finetuned"])
                     except ValueError as e:  # the files changed since planning
                         warnings.warn(
@@ -406,6 +410,21 @@ class Plan:
             f"steps={self.num_steps}, sizes {self.sizes[0]:.4g}x..{self.min_size:.4g}x, "
             f"config={self.config})"
         )
+
+
+def _changed_inputs(recorded: dict | None, current: dict | None) -> list[str]:
+    """The input files whose content fingerprints (:func:`~.io.fingerprint`)
+    differ between a plan's record and ``current`` (both ``describe()``
+    dicts); empty where either has none (in-memory inputs, older plans)."""
+    a = (recorded or {}).get("fingerprints")
+    b = (current or {}).get("fingerprints")
+    if not a or not b or len(a["finetuned"]) != len(b["finetuned"]):
+        return []
+    out = [f"the base {current['base']}"] if a["base"] != b["base"] else []
+    names = current.get("task_names") or [str(i) for i in range(len(b["finetuned"]))]
+    out += [f"task {t!r} {p}" for t, p, x, y in
+            zip(names, current["finetuned"], a["finetuned"], b["finetuned"]) if x != y]
+    return out
 
 
 def _random_order(partition, n: int, seed: int):

@@ -326,12 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line for a terminal user (no source file and line)."""
+    print(f"flexmerge: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``flexmerge`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             return int(args.fn(args) or 0)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

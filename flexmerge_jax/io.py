@@ -25,15 +25,59 @@ from typing import Any
 import numpy as np
 
 from ._source import Source, _check_names, _flat_runs
-from .tree import Layout, flatten, nest
+from .tree import Layout, flatten, layout_mismatch, nest
 
-__all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path"]
+__all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path",
+           "fingerprint"]
 
 PyTree = Any
 
 
 def is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
+
+
+_SAMPLES, _SAMPLE_BYTES = 16, 4096
+
+
+def fingerprint(path) -> str:
+    """A cheap content fingerprint of a params file or checkpoint directory.
+
+    BLAKE2b over the size and 16 evenly spaced 4 KiB samples of each file
+    (of every file of a directory, with its relative path): a few hundred
+    KiB read whatever the model size. Plans record their input files'
+    fingerprints so that files replaced since planning (re-trained, another
+    checkpoint under the same name) are noticed when the plan is loaded;
+    being a sample, it does not notice edits of a few values between
+    samples. Copies and moved files keep their fingerprint.
+
+    Returns:
+      ``"blake2b:<32 hex digits>"``.
+
+    Raises:
+      ValueError: the path does not exist.
+    """
+    import hashlib
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file or directory")
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p) if p.is_dir() else ''}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            span = max(size - _SAMPLE_BYTES, 0)
+            for k in range(_SAMPLES if size > _SAMPLE_BYTES else 1):
+                fh.seek(span * k // max(_SAMPLES - 1, 1))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return "blake2b:" + h.hexdigest()
+
+
+def fingerprints(base, finetuned) -> dict:
+    """``{"base": fingerprint, "finetuned": [fingerprint, ...]}`` of paths."""
+    return {"base": fingerprint(base), "finetuned": [fingerprint(f) for f in finetuned]}
 
 
 def detect_format(path) -> str:
@@ -315,18 +359,9 @@ class PathSource(Source):
                                  "Face files with integer buffers such as position_ids use "
                                  "flexmerge_jax.adapters.hf_source)")
         for i, r in enumerate(self._ft):
-            lay = r.layout()
-            if lay.names != self.layout.names:
-                missing = sorted(set(self.layout.names) - set(lay.names))
-                extra = sorted(set(lay.names) - set(self.layout.names))
-                what = f"lacks {missing[0]!r}" if missing else f"has extra {extra[0]!r}"
-                raise ValueError(f"task {i} ({r.path}): parameter names differ from the base ({what})")
-            for name, s1, s0, d1, d0 in zip(lay.names, lay.shapes, self.layout.shapes,
-                                            lay.dtypes, self.layout.dtypes):
-                if s1 != s0:
-                    raise ValueError(f"task {i} ({r.path}): parameter {name!r} has shape {s1}, base has {s0}")
-                if d1 != d0:
-                    raise ValueError(f"task {i} ({r.path}): parameter {name!r} has dtype {d1}, base has {d0}")
+            msg = layout_mismatch(self.layout, r.layout())
+            if msg:
+                raise ValueError(f"task {i} ({r.path}): {msg}")
         default = [Path(p).stem if Path(p).suffix else Path(p).name for p in finetuned]
         if task_names is None and len(set(default)) == len(default):
             task_names = default
@@ -353,6 +388,7 @@ class PathSource(Source):
             "base": str(self._base.path.absolute()),
             "finetuned": [str(r.path.absolute()) for r in self._ft],
             "task_names": list(self.task_names),
+            "fingerprints": fingerprints(self._base.path, [r.path for r in self._ft]),
         }
 
 

@@ -146,17 +146,25 @@ def _dtype_name(x) -> str:
 
 
 def layout_of(tree: PyTree) -> Layout:
-    """The :class:`Layout` of a params pytree (shapes and dtypes of leaves)."""
-    names, leaves, treedef = flatten(tree)
-    shapes = tuple(tuple(int(d) for d in np.shape(x)) for x in leaves)
-    dtypes = tuple(_dtype_name(x) for x in leaves)
-    for name, dt in zip(names, dtypes):
+    """The :class:`Layout` of a params pytree (shapes and dtypes of leaves).
+
+    Raises:
+      ValueError: a leaf is not floating-point (naming it).
+    """
+    layout = _layout(tree)
+    for name, dt in zip(layout.names, layout.dtypes):
         if not np.issubdtype(np.dtype(dt), np.floating) and dt != "bfloat16":
             raise ValueError(
                 f"parameter {name!r} has dtype {dt}; FlexMerge merges "
                 "floating-point parameters only (remove it from the pytree)"
             )
-    return Layout(tuple(names), shapes, dtypes, treedef)
+    return layout
+
+
+def _layout(tree: PyTree) -> Layout:
+    names, leaves, treedef = flatten(tree)
+    shapes = tuple(tuple(int(d) for d in np.shape(x)) for x in leaves)
+    return Layout(tuple(names), shapes, tuple(_dtype_name(x) for x in leaves), treedef)
 
 
 def check_finetuned(base: PyTree, finetuned: Sequence[PyTree]) -> Layout:
@@ -177,35 +185,32 @@ def check_finetuned(base: PyTree, finetuned: Sequence[PyTree]) -> Layout:
         )
     layout = layout_of(base)
     for i, ft in enumerate(finetuned):
-        names, leaves, _ = flatten(ft)
-        if tuple(names) != layout.names:
-            missing = [n for n in layout.names if n not in set(names)]
-            extra = [n for n in names if n not in set(layout.names)]
-            if missing:
-                raise ValueError(
-                    f"task {i}: parameter {missing[0]!r} of base is missing "
-                    f"({len(missing)} missing in total)"
-                )
-            if extra:
-                raise ValueError(
-                    f"task {i}: parameter {extra[0]!r} is not in base "
-                    f"({len(extra)} extra in total)"
-                )
-            raise ValueError(f"task {i}: tree structure differs from base")
-        for name, shape, dt, leaf in zip(
-            names, layout.shapes, layout.dtypes, leaves
-        ):
-            if tuple(np.shape(leaf)) != shape:
-                raise ValueError(
-                    f"task {i}: parameter {name!r} has shape "
-                    f"{tuple(np.shape(leaf))}, base has {shape}"
-                )
-            if _dtype_name(leaf) != dt:
-                raise ValueError(
-                    f"task {i}: parameter {name!r} has dtype "
-                    f"{_dtype_name(leaf)}, base has {dt}"
-                )
+        msg = layout_mismatch(layout, _layout(ft))
+        if msg:
+            raise ValueError(f"task {i}: {msg}")
     return layout
+
+
+def layout_mismatch(ref: Layout, other: Layout, ref_name: str = "base") -> str | None:
+    """The first difference of ``other`` from ``ref`` as an error message
+    fragment (``"parameter 'w' has shape (3,), base has (4,)"``), or
+    ``None`` when names, shapes and dtypes all match."""
+    if other.names != ref.names:
+        have, want = set(other.names), set(ref.names)
+        missing = [n for n in ref.names if n not in have]
+        extra = [n for n in other.names if n not in want]
+        if missing:
+            return (f"parameter {missing[0]!r} of {ref_name} is missing "
+                    f"({len(missing)} missing in total)")
+        if extra:
+            return f"parameter {extra[0]!r} is not in {ref_name} ({len(extra)} extra in total)"
+        return f"tree structure differs from {ref_name}"
+    for name, s1, s0, d1, d0 in zip(ref.names, other.shapes, ref.shapes, other.dtypes, ref.dtypes):
+        if s1 != s0:
+            return f"parameter {name!r} has shape {s1}, {ref_name} has {s0}"
+        if d1 != d0:
+            return f"parameter {name!r} has dtype {d1}, {ref_name} has {d0}"
+    return None
 
 
 def task_vectors(base: PyTree, finetuned: Sequence[PyTree]) -> PyTree:

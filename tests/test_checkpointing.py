@@ -1,6 +1,8 @@
 """save / load of FlexModels and Plans (Orbax + JSON), atomicity, bad paths."""
 
 import json
+import shutil
+import warnings
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -80,9 +82,63 @@ def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
     assert fm.load(tmp_path / "plan").has_inputs  # the files are reattached
     (tmp_path / "t1.npz").unlink()
     fm.io.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
-    with pytest.warns(UserWarning, match="without its inputs.*t1.npz.*'emb' has shape"):
+    with pytest.warns(UserWarning, match="without its inputs.*t1.npz changed since planning"):
         bare = fm.load(tmp_path / "plan")
     assert not bare.has_inputs and bare.num_steps == p.num_steps
+    with pytest.raises(ValueError, match="'emb' has shape"):
+        fm.load(tmp_path / "plan", base=tmp_path / "base.npz", finetuned=paths)
+
+
+def test_replaced_files_of_the_same_layout_are_noticed(tmp_path):
+    base, fts = random_case(5, n=3)
+    fm.io.save_params(tmp_path / "base.npz", base)
+    paths = [fm.io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    p = fm.plan(tmp_path / "base.npz", paths, blocks="by-layer", method="ta", linkage="min")
+    fm.save(tmp_path / "plan", p)
+    # Moved copies are the same inputs: attached without a word.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in [tmp_path / "base.npz", *paths]:
+        (moved / f.name).write_bytes(f.read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fm.load(tmp_path / "plan", base=moved / "base.npz",
+                        finetuned=[moved / f.name for f in paths])
+    same_params(p.at_size(2.0), again.at_size(2.0), 3)
+    # t2 re-trained (same names, shapes and dtypes, other values).
+    paths[2].unlink()
+    fm.io.save_params(paths[2], {k: v + 0.5 for k, v in fts[2].items()})
+    with pytest.warns(UserWarning, match="without its inputs.*t2.safetensors changed since planning"):
+        assert not fm.load(tmp_path / "plan").has_inputs
+    with pytest.warns(UserWarning, match="not the files this plan was computed from "
+                                         r"\(task 't2' .*t2.safetensors differ\)"):
+        forced = fm.load(tmp_path / "plan", base=tmp_path / "base.npz", finetuned=paths)
+    assert forced.has_inputs
+
+
+def test_fingerprint_samples_content_not_names(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(300_000).astype(np.float32).tobytes()  # 1.2 MB
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    fp = fm.io.fingerprint(a)
+    assert fp.startswith("blake2b:") and fp == fm.io.fingerprint(b)  # a copy
+    edited = bytearray(data)
+    edited[-1] ^= 1  # the last 4 KiB are a sample
+    b.write_bytes(bytes(edited))
+    assert fm.io.fingerprint(b) != fp
+    b.write_bytes(data + b"\0")  # the size
+    assert fm.io.fingerprint(b) != fp
+    # Directories (Orbax checkpoints): every file, with its relative path.
+    ck = fm.io.save_params(tmp_path / "ck", {"w": np.ones((64, 64), np.float32)})
+    fp_dir = fm.io.fingerprint(ck)
+    assert fm.io.fingerprint(ck) == fp_dir
+    shutil.rmtree(ck)
+    fm.io.save_params(ck, {"w": np.full((64, 64), 2.0, np.float32)})
+    assert fm.io.fingerprint(ck) != fp_dir
+    with pytest.raises(ValueError, match="no such file"):
+        fm.io.fingerprint(tmp_path / "missing")
 
 
 def test_refuses_existing_and_foreign_directories(tmp_path):

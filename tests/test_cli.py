@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -70,6 +71,25 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
         assert code == 0, err
     finally:
         shutil.move(tmp_path / "base_gone.npz", d / "base.npz")
+
+
+def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
+    z = zoo.load().subset(3, 16)
+    base = io.save_params(tmp_path / "base.npz", z.base)
+    fts = [io.save_params(tmp_path / f"{t}.npz", f) for t, f in zip(z.task_names, z.finetuned)]
+    code, out, err = run(capsys, "plan", "--base", base, "--finetuned", *fts, "--method", "ta",
+                         "--blocks", "vit", "--out", tmp_path / "plan")
+    assert code == 0, err
+    fts[1].unlink()
+    io.save_params(fts[1], jax.tree.map(lambda v: v * 2, z.finetuned[1]))  # re-trained
+    code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c")
+    assert code == 2 and "pass --base and --finetuned" in err
+    assert err.startswith(f"flexmerge: warning: loaded the plan without its inputs")
+    assert f"{fts[1]} changed since planning" in err and ".py:" not in err
+    code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c",
+                         "--base", base, "--finetuned", *fts)
+    assert code == 0 and err.count("\n") == 1
+    assert err.startswith("flexmerge: warning: the attached inputs are not the files")
 
 
 @pytest.mark.parametrize(

@@ -477,6 +477,7 @@ class HFSource(Source):
             "base": str(self._base.path.absolute()),
             "finetuned": [str(r.path.absolute()) for r in self._ft],
             "task_names": list(self.task_names),
+            "fingerprints": _io.fingerprints(self._base.path, [r.path for r in self._ft]),
         }
 
 
