@@ -262,9 +262,9 @@ def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int,
     sums in float32 per leaf (no matmul, so no reduced-precision passes on
     GPU/TPU; faster on CPU, and no emulated float64 on TPU; relative error
     ~1e-7, the reference's arithmetic), leaves and the similarity formula
-    then in float64. Cosine reuses the squared norms ``norms2 [n]`` of the other rows
-    (the new row's is its dot with itself, from the same pass). Sign
-    agreement counts are exact either way.
+    then in float64. Cosine reuses the squared norms ``norms2 [n]`` of the
+    other rows (the new row's is its dot with itself, from the same pass).
+    Sign agreement counts are exact either way.
 
     Returns:
       ``(f64[n] similarities, updated norms2)``.
