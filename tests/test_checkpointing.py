@@ -73,12 +73,18 @@ def test_plan_roundtrip_and_later_cuts(tmp_path):
         fm.load(tmp_path / "plan", base=other, finetuned=[{**f, "emb": np.zeros(5, np.float32)} for f in fts])
 
 
-def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
-    base, fts = random_case(2, n=3)
+def saved_plan_of_files(tmp_path, seed, suffix):
+    """A ta plan of 3 random models saved as files, saved to ``tmp_path/plan``."""
+    base, fts = random_case(seed, n=3)
     fm.io.save_params(tmp_path / "base.npz", base)
-    paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
+    paths = [fm.io.save_params(tmp_path / f"t{i}{suffix}", f) for i, f in enumerate(fts)]
     p = fm.plan(tmp_path / "base.npz", paths, blocks="by-layer", method="ta", linkage="min")
     fm.save(tmp_path / "plan", p)
+    return fts, paths, p
+
+
+def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
+    fts, paths, p = saved_plan_of_files(tmp_path, 2, ".npz")
     assert fm.load(tmp_path / "plan").has_inputs  # the files are reattached
     (tmp_path / "t1.npz").unlink()
     fm.io.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
@@ -90,11 +96,7 @@ def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
 
 
 def test_replaced_files_of_the_same_layout_are_noticed(tmp_path):
-    base, fts = random_case(5, n=3)
-    fm.io.save_params(tmp_path / "base.npz", base)
-    paths = [fm.io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    p = fm.plan(tmp_path / "base.npz", paths, blocks="by-layer", method="ta", linkage="min")
-    fm.save(tmp_path / "plan", p)
+    fts, paths, p = saved_plan_of_files(tmp_path, 5, ".safetensors")
     # Moved copies are the same inputs: attached without a word.
     moved = tmp_path / "moved"
     moved.mkdir()
