@@ -343,15 +343,19 @@ class Plan:
             the plan's.
         """
         source = as_source(base, finetuned, self.task_names)
+        self._attach(source, _changed_inputs(self.source_info, source.describe()))
+
+    def _attach(self, source: Source, changed: list[str]) -> None:
+        """:meth:`attach` of a built source; ``changed``: its files whose
+        fingerprints differ from the plan's record (warned about)."""
         msg = layout_mismatch(self.layout, source.layout, "the plan")
         if msg:
             raise ValueError(f"the given inputs do not match this plan ({msg})")
-        changed = _changed_inputs(self.source_info, source.describe())
         if changed:
             warnings.warn(
                 f"the attached inputs are not the files this plan was computed from "
                 f"({'; '.join(changed)} differ): cuts will merge their values along the "
-                f"recorded schedule", stacklevel=2,
+                f"recorded schedule", stacklevel=3,
             )
         self._prepared = Prepared(source, self.partition, self.method)
 
@@ -395,7 +399,8 @@ class Plan:
                     try:
                         if changed:
                             raise ValueError(f"{'; '.join(changed)} changed since planning")
-                        plan.attach(info["base"], info["finetuned"])
+                        plan._attach(as_source(info["base"], info["finetuned"], plan.task_names),
+                                     [])
                     except ValueError as e:  # the files changed since planning
                         warnings.warn(
                             f"loaded the plan without its inputs: its recorded files no longer "
@@ -421,9 +426,9 @@ def _changed_inputs(recorded: dict | None, current: dict | None) -> list[str]:
     if not a or not b or len(a["finetuned"]) != len(b["finetuned"]):
         return []
     out = [f"the base {current['base']}"] if a["base"] != b["base"] else []
-    names = current.get("task_names") or [str(i) for i in range(len(b["finetuned"]))]
     out += [f"task {t!r} {p}" for t, p, x, y in
-            zip(names, current["finetuned"], a["finetuned"], b["finetuned"]) if x != y]
+            zip(current["task_names"], current["finetuned"], a["finetuned"], b["finetuned"])
+            if x != y]
     return out
 
 

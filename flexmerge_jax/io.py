@@ -70,7 +70,7 @@ def fingerprint(path) -> str:
         with open(f, "rb") as fh:
             span = max(size - _SAMPLE_BYTES, 0)
             for k in range(_SAMPLES if size > _SAMPLE_BYTES else 1):
-                fh.seek(span * k // max(_SAMPLES - 1, 1))
+                fh.seek(span * k // (_SAMPLES - 1))
                 h.update(fh.read(_SAMPLE_BYTES))
     return "blake2b:" + h.hexdigest()
 

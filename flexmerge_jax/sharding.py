@@ -83,15 +83,17 @@ class ShardedSource(Source):
         host = np.asarray(host)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
+    def _put_all(self, arrays: dict) -> dict:
+        return {k: self._put(k, v) for k, v in arrays.items()}
+
     def base(self, names):
-        return {k: self._put(k, v) for k, v in self.inner.base(names).items()}
+        return self._put_all(self.inner.base(names))
 
     def finetuned(self, names):
-        return [{k: self._put(k, v) for k, v in f.items()} for f in self.inner.finetuned(names)]
+        return [self._put_all(f) for f in self.inner.finetuned(names)]
 
     def finetuned_tasks(self, names, tasks):
-        return {t: {k: self._put(k, v) for k, v in f.items()}
-                for t, f in self.inner.finetuned_tasks(names, tasks).items()}
+        return {t: self._put_all(f) for t, f in self.inner.finetuned_tasks(names, tasks).items()}
 
     def task_vectors(self, names):
         # float32 subtraction on the host (bitwise the same as on device),

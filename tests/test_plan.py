@@ -186,6 +186,25 @@ def test_merged_vector_schedule_matches_reference(method, distance, n, precision
                            gram_precision=precision)
 
 
+def test_float32_precision_reaches_group_vector_comparisons():
+    # Same singleton Gram for both precisions: only the comparisons of the
+    # materialized group vectors differ, by float32 rounding.
+    from flexmerge_jax._engine import block_gram
+    from flexmerge_jax._schedule import materialized_sequence
+
+    rng = np.random.default_rng(3)
+    x = {"w": rng.standard_normal((6, 64, 96)).astype(np.float32),
+         "b": rng.standard_normal((6, 96)).astype(np.float32)}
+    m = fm.methods.ties(1.0, keep=1.0)
+    g = block_gram(x, "float64")
+    numel = 64 * 96 + 96
+    wide, narrow = (materialized_sequence(x, x, None, "cosine", m, numel, gram=g, precision=p)
+                    for p in ("float64", "float32"))
+    assert (wide.a.tolist(), wide.b.tolist()) == (narrow.a.tolist(), narrow.b.tolist())
+    np.testing.assert_allclose(narrow.sim, wide.sim, rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(narrow.sim, wide.sim)  # float32 sums were used
+
+
 @pytest.mark.parametrize("order", ["right-left", "left-right"])
 @pytest.mark.parametrize(
     "method,distance",
