@@ -5,7 +5,9 @@ parameter array (format marker, task names, method and hyperparameters,
 blocks, routing tables, groups, sizes, the plan's schedule), readable
 without JAX — and ``arrays/``, one Orbax checkpoint per block (``b00000``,
 ...) plus ``unmatched``, so models are written and read block by block.
-Masks are stored bit-packed (``np.packbits``: 1 bit per parameter on disk).
+Arrays are stored uncompressed (directories written with Orbax's default
+zstd compression load too); masks bit-packed (``np.packbits``: 1 bit per
+parameter on disk).
 
 Saving is atomic: everything is written into a temporary sibling directory
 that is renamed into place only once complete, so a failure never leaves a
@@ -83,20 +85,21 @@ def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, 
     """Writes a FlexModel directory block by block (``blocks``: an iterable).
 
     Each block is its own Orbax item under ``arrays/``, so a block can be
-    written as soon as it is materialized and dropped (streaming cuts), and
-    read on its own.
+    written (in the background, while the next one is materialized) as soon
+    as it is materialized and dropped (streaming cuts), and read on its own.
     """
     metas = []
     stored = 0.0
-    for bi, (blk, pb) in enumerate(zip(blocks, partition.blocks)):
-        _write_arrays(tmp / "arrays" / _key("b", bi), _block_arrays(blk))
-        metas.append(_block_meta(blk))
-        stored += blk.stored_parameters(pb.numel)
-    if partition.unmatched:
-        _write_arrays(tmp / "arrays" / "unmatched", {
-            _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(partition.unmatched)}
-            for i, u in enumerate(unmatched)
-        })
+    with _Writer() as writer:
+        for bi, (blk, pb) in enumerate(zip(blocks, partition.blocks)):
+            writer.write(tmp / "arrays" / _key("b", bi), _block_arrays(blk))
+            metas.append(_block_meta(blk))
+            stored += blk.stored_parameters(pb.numel)
+        if partition.unmatched:
+            writer.write(tmp / "arrays" / "unmatched", {
+                _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(partition.unmatched)}
+                for i, u in enumerate(unmatched)
+            })
     stored += len(task_names) * partition.unmatched_numel
     _write_json(tmp / _META, {
         "format": FORMAT_MODEL,
@@ -145,12 +148,31 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write("\n")
 
 
-def _write_arrays(path: Path, arrays: dict) -> None:
-    import orbax.checkpoint as ocp
+class _Writer:
+    """Writes Orbax items one after another, each in the background while
+    the caller prepares the next (at most one write in flight: Orbax's
+    ``save`` first waits for the previous one). Leaving the context waits
+    for the last write (and raises its error, if any).
 
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path.absolute(), arrays)
-    ckpt.wait_until_finished()
+    Arrays are stored uncompressed: zstd saved ~8% of the bytes of float32
+    parameters and took three times as long as the write itself.
+    """
+
+    def __enter__(self):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self._ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+        return self
+
+    def write(self, path: Path, arrays: dict) -> None:
+        self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(arrays))
+
+    def __exit__(self, *exc):
+        try:
+            self._ckpt.wait_until_finished()
+        finally:
+            self._ckpt.close()
 
 
 def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
