@@ -5,14 +5,18 @@ preprocessing (DARE, the whole-model TIES trim thresholds, PCB thresholds):
 it hands out the preprocessed task vectors of one block at a time. The
 statistics pass (:func:`grams`) and materialization (:func:`materialize_block`)
 both read one block at a time, so peak memory is one block of all tasks (two
-when a file source reads the next block in a background thread meanwhile).
+when a file source reads the next block in a background thread meanwhile, or
+when the host statistics passes read and compute blocks in
+:data:`HOST_THREADS` worker threads).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -29,8 +33,7 @@ from ._source import Source, _host_resident, host_inputs, tv_chunks
 
 @functools.cache
 def _reader() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread that reads blocks ahead (:func:`_host_reads`,
-    :meth:`Prepared.in_order`)."""
+    """The thread that reads blocks ahead (:meth:`Prepared.in_order`)."""
     return concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read-ahead")
 
 
@@ -277,12 +280,15 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
         fused = trim_pass(prepared, want_grams=True, precision=precision)
         if fused is not None:
             return fused
-    blocks = prepared.partition.blocks
-    reads = _host_reads(prepared.source, [b.leaves for b in blocks]) \
+    blocks, n = prepared.partition.blocks, prepared.n
+
+    def task(b):
+        return lambda inputs: _streamed_gram(inputs, blocks[b].leaves, n, precision)
+
+    out = _host_map(prepared.source, [b.leaves for b in blocks], task) \
         if raw or prepared.identity else None
-    if reads is not None:
-        out = [_streamed_gram(inputs, blk.leaves, prepared.n, precision)
-               for blk, inputs in zip(blocks, reads)]
+    if out is not None:
+        out = list(out)
         for b, g in enumerate(out):
             if not np.isfinite(np.diag(g)).all():
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
@@ -295,46 +301,70 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
     return np.stack(out)
 
 
-def _host_reads(source: Source, name_lists):
-    """Host inputs (:func:`~._source.host_inputs`) of each list of names in
-    turn, or ``None`` if the host path does not apply; the first read is
-    the probe, so nothing is read twice.
+# Threads of the host statistics passes (:func:`_host_map`): each holds one
+# group of parameters of all tasks, so the streaming memory bound grows with
+# them; two cover this project's 2-core reference machine.
+HOST_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1))
 
-    Sources that read files (``source.prefetch``) read the next list in a
-    background thread while the consumer computes on this one (file reads
-    release the GIL): the consumer must be done with one input, which is
-    emptied then, when it asks for the next. At most three lists' arrays
-    are alive at once (the one being emptied, the current one, the next).
+
+@functools.cache
+def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
+
+
+def _host_map(source: Source, name_lists, task, first=None):
+    """Results of ``task(i)(inputs_i)`` for each list of names in turn, with
+    ``inputs_i`` its host inputs (:func:`~._source.host_inputs`), or
+    ``None`` if the host path does not apply (the first list's read is the
+    probe, so nothing is read twice; ``first``: that read, if the caller
+    probed already).
+
+    :data:`HOST_THREADS` worker threads each read a list and compute on it
+    (file reads and NumPy release the GIL), so reading and computing overlap
+    and the computing uses every core; at most that many lists are in
+    flight. ``task(i)`` is called in the consumer's thread when list ``i``
+    is submitted, after the results of lists ``< i - HOST_THREADS`` were
+    consumed (it may read state the consumer updates). Results come in
+    order; a worker's error is raised when its result is due. A consumer
+    that stops early cancels what has not started and waits for the rest.
     """
-    first = host_inputs(source, name_lists[0])
+    first = host_inputs(source, name_lists[0]) if first is None else first
     if first is None:
         return None
+    pool = _host_pool()
 
-    def reads():
+    def run(fn, names):
+        return fn(host_inputs(source, names))
+
+    def results():
         nonlocal first
-        yield first
-        first = None  # held by the consumer only
-        for names in name_lists[1:]:
-            yield host_inputs(source, names)
+        pending, nxt = collections.deque(), 0
 
-    def prefetched():
-        nonlocal first
-        cur, first = first, None
-        for nxt in name_lists[1:]:
-            ahead = _reader().submit(host_inputs, source, nxt)
-            try:
-                yield cur
-            except GeneratorExit:  # the consumer stopped early
-                ahead.cancel()
-                raise
-            finally:  # release the arrays even if the consumer holds on
-                cur[0].clear()
-                for f in cur[1]:
-                    f.clear()
-            cur = ahead.result()
-        yield cur
+        def submit():
+            nonlocal first, nxt
+            fn, i = task(nxt), nxt
+            nxt += 1
+            if i == 0:
+                inputs, first = first, None
+                pending.append(pool.submit(fn, inputs))
+            else:
+                pending.append(pool.submit(run, fn, name_lists[i]))
 
-    return prefetched() if source.prefetch else reads()
+        try:
+            while nxt < min(HOST_THREADS, len(name_lists)):
+                submit()
+            while pending:
+                out = pending.popleft().result()
+                if nxt < len(name_lists):
+                    submit()
+                yield out
+        finally:
+            for f in pending:
+                f.cancel()
+            concurrent.futures.wait(pending)
+
+    return results()
 
 
 def _columns(n: int) -> int:
@@ -453,8 +483,8 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     size = dict(zip(prepared.layout.names, prepared.layout.sizes))
     groups = [(blk.leaves, b) for b, blk in enumerate(part.blocks)]
     groups += [(c, None) for c in _chunks(part.unmatched, [size[u] for u in part.unmatched])]
-    reads = _host_reads(src, [g[0] for g in groups])
-    if reads is None:
+    first = host_inputs(src, groups[0][0])
+    if first is None:
         return None
     k = prepared.keep_count
     top = [0]
@@ -466,7 +496,8 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
                 yield t
 
     lo, hi = _sample_bracket(prepared, k)
-    res = _bracket_scan(prepared, groups, lo, hi, want_grams, precision, reads=reads)
+    res = _bracket_scan(prepared, groups, lo, hi, want_grams, precision, first=first)
+    del first
     if res is not None:
         thr, g = res
     else:  # the bracket missed or captured too much: exact radix select
@@ -622,15 +653,16 @@ def _unpack_columns(*packed) -> np.ndarray:
 
 
 def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precision: str,
-                  counts: bool = True, reads=None):
+                  counts: bool = True, first=None):
     """One pass over ``groups`` (``(names, block index or None)``) that
     classifies every ``|x|`` key against ``[lo_i, hi_i)``; see
     :func:`trim_pass`. Returns ``(thresholds, grams or None)``, or ``None``
     if a bracket missed or the captured keys exceed the budget.
 
     ``counts=False``: ``lo == hi`` are the exact threshold keys; only the
-    Grams of the kept entries are computed. ``reads``: the groups' host
-    inputs, if already being read (see :func:`_host_reads`)."""
+    Grams of the kept entries are computed. ``first``: the first group's
+    host inputs, if already read. The groups are scanned in parallel
+    (:func:`_host_map`)."""
     src, n = prepared.source, prepared.n
     lo_c, hi_c = lo.astype(np.uint32)[:, None], hi.astype(np.uint32)[:, None]
     below = np.zeros(n, np.int64)
@@ -638,27 +670,32 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
     key_bytes, col_bytes, top = 0, 0, 0
     columns_ok = want_grams  # False once the captured columns exceed the budget
     budget = _column_budget(prepared)
-    reads = (host_inputs(src, names) for names, _ in groups) if reads is None else reads
-    for (names, b), inputs in zip(groups, reads):
-        r = _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
-                        gram=b is not None and columns_ok, dense=max(_DENSE_BYTES - col_bytes, 0))
-        top = max(top, r["top"])
-        if counts:
-            below += r["below"]
-            cand_keys += r["keys"]
-            cand_counts += r["counts"]
-            key_bytes += sum(4 * k.size for k in r["keys"])
-            if key_bytes > _KEY_BYTES:
-                return None
-        if b is None or not columns_ok:
-            continue
-        out.append(r["gram"])
-        captured[b] = r["caps"]
-        col_bytes += sum(map(_captured_bytes, r["caps"]))
-        if col_bytes > budget:  # keep counting; Grams in a second pass
-            columns_ok = False
-            captured.clear()
-            out.clear()
+
+    def task(i):  # the state read here is the consumer's at submission
+        names, b = groups[i]
+        gram, dense = b is not None and columns_ok, max(_DENSE_BYTES - col_bytes, 0)
+        return lambda inputs: _scan_group(inputs, names, lo_c, hi_c, precision, counts=counts,
+                                          gram=gram, dense=dense)
+
+    with contextlib.closing(_host_map(src, [g[0] for g in groups], task, first)) as results:
+        for (_, b), r in zip(groups, results):
+            top = max(top, r["top"])
+            if counts:
+                below += r["below"]
+                cand_keys += r["keys"]
+                cand_counts += r["counts"]
+                key_bytes += sum(4 * k.size for k in r["keys"])
+                if key_bytes > _KEY_BYTES:
+                    return None
+            if b is None or not columns_ok:
+                continue
+            out.append(r["gram"])
+            captured[b] = r["caps"]
+            col_bytes += sum(map(_captured_bytes, r["caps"]))
+            if col_bytes > budget:  # keep counting; Grams in a second pass
+                columns_ok = False
+                captured.clear()
+                out.clear()
     if top >= _INF_KEY:  # NaN/Inf somewhere: name it
         _raise_nonfinite(prepared)
     if not counts:

@@ -210,31 +210,66 @@ def test_blocks_read_ahead_in_order(tmp_path):
     assert p._ahead is None  # outside in_order: nothing read ahead
 
 
-def test_prefetched_reads_release_and_raise(tmp_path, monkeypatch):
-    """Files are read one block ahead in a thread: each block's arrays are
-    released when the next is asked for, and a read error surfaces in the
-    consumer, naming the parameter."""
+def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
+    """Worker threads read each list of parameters from the files and
+    compute on it: results come in order, ``task(i)`` sees the consumer's
+    state as of submission (at most HOST_THREADS lists in flight), a read
+    error surfaces in the consumer when its result is due, naming the
+    parameter, and a consumer that stops early leaves no work running."""
+    import threading
+    import time
+
     base, fts = _case(n=3)
     io.save_params(tmp_path / "base.safetensors", base)
     paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
     src = io.path_source(tmp_path / "base.safetensors", paths)
-    names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"]]
-    seen = []
-    for (b, fs), want in zip(_engine._host_reads(src, names), names):
-        assert list(b) == want and all(list(f) == want for f in fs)
-        np.testing.assert_array_equal(fs[1][want[0]], fts[1][want[0]])
-        if seen:
-            assert not seen[-1][0] and not any(seen[-1][1])  # the previous one, emptied
-        seen.append((b, fs))
+    names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"], ["l0.attn.w"]]
+    consumed, seen, threads = [], [], set()
+
+    def task(i):
+        seen.append((i, len(consumed)))
+
+        def work(inputs):
+            threads.add(threading.current_thread().name)
+            b, fs = inputs
+            assert list(b) == names[i] and all(list(f) == names[i] for f in fs)
+            return i, fs[1][names[i][0]].copy()
+
+        return work
+
+    for i, (j, got) in enumerate(_engine._host_map(src, names, task)):
+        assert j == i
+        np.testing.assert_array_equal(got, fts[1][names[i][0]])
+        consumed.append(i)
+    w = _engine.HOST_THREADS
+    assert seen == [(i, max(0, i - w)) for i in range(len(names))]
+    assert threads and all(t.startswith("flexmerge-host") for t in threads)
+
     reader = src._ft[2]
     last = max(reader._offsets, key=reader._offsets.get)
     with open(paths[2], "r+b") as f:
         f.truncate(reader._offsets[last] + 4)
     first = [n for n in reader.names if n != last][:1]
-    reads = _engine._host_reads(src, [first, [last]])
-    next(reads)
+    results = _engine._host_map(src, [first, [last]], lambda i: lambda inputs: i)
+    assert next(results) == 0
     with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
-        next(reads)
+        next(results)
+
+    events = []  # +1 when a work starts, -1 when it ends
+
+    def counted(i):
+        def work(inputs):
+            events.append(1)
+            time.sleep(0.05)
+            events.append(-1)
+            return i
+        return work
+
+    results = _engine._host_map(src, names * 3, counted)
+    assert next(results) == 0
+    results.close()  # cancels what has not started, waits for what has
+    assert sum(events) == 0 and 0 < len(events) < 2 * len(names) * 3
+    assert _engine._host_pool()._work_queue.empty()
 
 
 @pytest.mark.parametrize("method", ["ta", "ties"])
