@@ -54,7 +54,6 @@ def test_masks_take_one_bit_per_parameter(tmp_path):
             assert packed.dtype == np.uint8 and packed.size == -(-numel // 8)
 
 
-
 def test_arrays_are_uncompressed_and_compressed_ones_still_load(tmp_path):
     base, fts = random_case(7, n=4, shapes={"l0.mlp.w": (300, 200), "l1.mlp.w": (300, 200)})
     model = fm.plan(base, fts, blocks=["l1.", "l0."], method=fm.methods.ties(keep=0.5)).at_size(1)
@@ -72,6 +71,7 @@ def test_arrays_are_uncompressed_and_compressed_ones_still_load(tmp_path):
         ckpt.wait_until_finished()
     assert sum(f.stat().st_size for f in arrays.rglob("*") if f.is_file()) < on_disk
     same_params(model, fm.load(tmp_path / "m"), 4)
+
 
 def test_plan_roundtrip_and_later_cuts(tmp_path):
     base, fts = random_case(2, n=4)
