@@ -317,8 +317,9 @@ def _host_map(source: Source, name_lists, task, first=None):
     """Results of ``task(i)(inputs_i)`` for each list of names in turn, with
     ``inputs_i`` its host inputs (:func:`~._source.host_inputs`), or
     ``None`` if the host path does not apply (the first list's read is the
-    probe, so nothing is read twice; ``first``: that read, if the caller
-    probed already).
+    probe, so nothing is read twice; ``first``: a one-element list holding
+    that read if the caller probed already, emptied here so that the caller
+    holds no reference to it while the pass runs).
 
     :data:`HOST_THREADS` worker threads each read a list and compute on it
     (file reads and NumPy release the GIL), so reading and computing overlap
@@ -329,7 +330,7 @@ def _host_map(source: Source, name_lists, task, first=None):
     order; a worker's error is raised when its result is due. A consumer
     that stops early cancels what has not started and waits for the rest.
     """
-    first = host_inputs(source, name_lists[0]) if first is None else first
+    first = host_inputs(source, name_lists[0]) if first is None else first.pop()
     if first is None:
         return None
     pool = _host_pool()
@@ -483,8 +484,8 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     size = dict(zip(prepared.layout.names, prepared.layout.sizes))
     groups = [(blk.leaves, b) for b, blk in enumerate(part.blocks)]
     groups += [(c, None) for c in _chunks(part.unmatched, [size[u] for u in part.unmatched])]
-    first = host_inputs(src, groups[0][0])
-    if first is None:
+    first = [host_inputs(src, groups[0][0])]  # handed over (see _host_map)
+    if first[0] is None:
         return None
     k = prepared.keep_count
     top = [0]
@@ -497,7 +498,6 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
 
     lo, hi = _sample_bracket(prepared, k)
     res = _bracket_scan(prepared, groups, lo, hi, want_grams, precision, first=first)
-    del first
     if res is not None:
         thr, g = res
     else:  # the bracket missed or captured too much: exact radix select
@@ -661,7 +661,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
 
     ``counts=False``: ``lo == hi`` are the exact threshold keys; only the
     Grams of the kept entries are computed. ``first``: the first group's
-    host inputs, if already read. The groups are scanned in parallel
+    host inputs, if already read (a one-element list, see :func:`_host_map`). The groups are scanned in parallel
     (:func:`_host_map`)."""
     src, n = prepared.source, prepared.n
     lo_c, hi_c = lo.astype(np.uint32)[:, None], hi.astype(np.uint32)[:, None]

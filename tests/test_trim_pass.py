@@ -244,6 +244,9 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     w = _engine.HOST_THREADS
     assert seen == [(i, max(0, i - w)) for i in range(len(names))]
     assert threads and all(t.startswith("flexmerge-host") for t in threads)
+    probe = [_engine.host_inputs(src, names[0])]  # a caller's probe is handed over
+    assert [r[0] for r in _engine._host_map(src, names, task, probe)] == [0, 1, 2, 3]
+    assert probe == []
 
     reader = src._ft[2]
     last = max(reader._offsets, key=reader._offsets.get)
