@@ -31,12 +31,6 @@ from ._schedule import canonical, named
 from ._source import Source, _host_resident, host_inputs, tv_chunks
 
 
-@functools.cache
-def _reader() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread that reads blocks ahead (:meth:`Prepared.in_order`)."""
-    return concurrent.futures.ThreadPoolExecutor(1, "flexmerge-read-ahead")
-
-
 class Prepared:
     """A source of task vectors with a method's global preprocessing applied.
 
@@ -111,7 +105,7 @@ class Prepared:
             tau = self.source.task_vectors(self.partition.blocks[b].leaves)
         if self._in_order and b + 1 < len(self.partition):
             leaves = self.partition.blocks[b + 1].leaves
-            self._ahead = (b + 1, _reader().submit(self.source.task_vectors, leaves))
+            self._ahead = (b + 1, _host_pool().submit(self.source.task_vectors, leaves))
         return tau
 
     @contextlib.contextmanager
@@ -310,6 +304,9 @@ HOST_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_
 
 @functools.cache
 def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that read (and, in :func:`_host_map`, compute on) blocks
+    beside the caller: the statistics passes' workers and the read-ahead of
+    :meth:`Prepared.in_order`."""
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
 
 
@@ -661,8 +658,8 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
 
     ``counts=False``: ``lo == hi`` are the exact threshold keys; only the
     Grams of the kept entries are computed. ``first``: the first group's
-    host inputs, if already read (a one-element list, see :func:`_host_map`). The groups are scanned in parallel
-    (:func:`_host_map`)."""
+    host inputs, if already read (a one-element list, see :func:`_host_map`).
+    The groups are scanned in parallel (:func:`_host_map`)."""
     src, n = prepared.source, prepared.n
     lo_c, hi_c = lo.astype(np.uint32)[:, None], hi.astype(np.uint32)[:, None]
     below = np.zeros(n, np.int64)
