@@ -283,7 +283,26 @@ def main() -> None:
     results: dict = {"machine": machine(), "model": model or "ViT-B/32",
                      "params_per_model": P, "n": n, "runs": {}}
     print(f"model: {P:,} parameters, n = {n}", flush=True)
-    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="fm-bench-"))
+    # The checkpoint files (~3 GB) live in a directory of our own unless
+    # --tmp names one; ours is removed when the run ends, failed or not.
+    own = None if args.tmp else tempfile.TemporaryDirectory(prefix="fm-bench-")
+    tmp = Path(args.tmp or own.name)
+    try:
+        results.update(_measure(args, model, n, tmp))
+    finally:
+        if own is not None:
+            own.cleanup()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "bench_plan_quick" if args.quick else "bench_plan"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(report(results))
+    print(report(results))
+
+
+def _measure(args, model: dict, n: int, tmp: Path) -> dict:
+    """Every measurement of the run (checkpoint files under ``tmp``)."""
+    shapes = vit_shapes(**model)
+    results: dict = {"runs": {}}
     base, fts = make_models(shapes, n)
     bpath, fpaths = write_models(tmp / "vit", base, fts)
     del base, fts
@@ -326,11 +345,7 @@ def main() -> None:
         rd = run_job({"model": m, "n": n, "kind": "read", "source": "memory"})
         P_m = sum(int(np.prod(s)) for s in vit_shapes(**m).values())
         results["scaling_size"].append({"layers": layers, "params": P_m, "plan": res, "read": rd})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "bench_plan_quick" if args.quick else "bench_plan"
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(report(results))
-    print(report(results))
+    return results
 
 
 def report(r: dict) -> str:
