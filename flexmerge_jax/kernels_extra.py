@@ -155,6 +155,15 @@ def _check_exclude(exclude) -> tuple:
     return tuple(exclude)
 
 
+def _matrices_else_mean(x: Block, members, s, exclude, merge_matrix) -> Block:
+    """``merge_matrix(name, v)`` for every matrix leaf (``v: f32[n, a, b]``);
+    ``s`` times the members' mean for the others (and names in ``exclude``)."""
+    exclude = _check_exclude(exclude)
+    rest = {k: v for k, v in x.items() if not _is_matrix(k, v, exclude)}
+    mean = average(rest, members) if rest else {}
+    return {k: s * mean[k] if k in mean else merge_matrix(k, v) for k, v in x.items()}
+
+
 def _group_slots(members: jax.Array, width, r: int):
     """Fixed-width layout of the concatenation of ``width`` components per member.
 
@@ -273,17 +282,11 @@ def tsv_merge(x: Block, members=None, *, scale=1.0, k=None, exclude=(), svd=None
     References:
       Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv:2412.00081).
     """
-    exclude = _check_exclude(exclude)
     members = _members(x, members)
     s = jnp.asarray(scale, jnp.float32)
     m1 = jnp.maximum(_icount(members), 1)
-    rest = {kk: v for kk, v in x.items() if not _is_matrix(kk, v, exclude)}
-    mean = average(rest, members) if rest else {}
-    out = {}
-    for name, v in x.items():
-        if name in mean:
-            out[name] = s * mean[name]
-            continue
+
+    def merge_matrix(name, v):
         if svd is not None and name in svd:
             U, S, Vh = svd[name]
         else:
@@ -294,8 +297,9 @@ def tsv_merge(x: Block, members=None, *, scale=1.0, k=None, exclude=(), svd=None
             width = jnp.minimum(jnp.asarray(k, jnp.int32), width)
         task, j, valid = _group_slots(members, width, r)
         Uc, Sc, Vc = _gather_components(U, S, Vh, task, j, valid)
-        out[name] = s * _mm(_polar(Uc) * Sc[None, :], _polar(Vc))
-    return out
+        return s * _mm(_polar(Uc) * Sc[None, :], _polar(Vc))
+
+    return _matrices_else_mean(x, members, s, exclude, merge_matrix)
 
 
 # --------------------------------------------------------------------------- Iso-C / Iso-CTS
@@ -327,19 +331,14 @@ def iso_c(x: Block, members=None, *, scale=1.0, exclude=()) -> Block:
     References:
       Marczak et al., No Task Left Behind, ICML 2025 (arXiv:2502.04959), Sec. 4 (Iso-C).
     """
-    exclude = _check_exclude(exclude)
     members = _members(x, members)
     s = jnp.asarray(scale, jnp.float32)
-    rest = {k: v for k, v in x.items() if not _is_matrix(k, v, exclude)}
-    mean = average(rest, members) if rest else {}
-    out = {}
-    for name, v in x.items():
-        if name in mean:
-            out[name] = s * mean[name]
-            continue
+
+    def merge_matrix(name, v):
         U, S, Vh = jnp.linalg.svd(task_sum(_masked(v, members)), full_matrices=False)
-        out[name] = (s * jnp.mean(S)) * _mm(U, Vh)
-    return out
+        return (s * jnp.mean(S)) * _mm(U, Vh)
+
+    return _matrices_else_mean(x, members, s, exclude, merge_matrix)
 
 
 def iso_cts(x: Block, members=None, *, scale=1.0, common_fraction=0.8, exclude=()) -> Block:
@@ -379,18 +378,12 @@ def iso_cts(x: Block, members=None, *, scale=1.0, common_fraction=0.8, exclude=(
     References:
       Marczak et al., No Task Left Behind, ICML 2025 (arXiv:2502.04959), Sec. 4 (Iso-CTS).
     """
-    exclude = _check_exclude(exclude)
     members = _members(x, members)
     s = jnp.asarray(scale, jnp.float32)
     m = _icount(members)
     m1 = jnp.maximum(m, 1)
-    rest = {k: v for k, v in x.items() if not _is_matrix(k, v, exclude)}
-    mean = average(rest, members) if rest else {}
-    out = {}
-    for name, v in x.items():
-        if name in mean:
-            out[name] = s * mean[name]
-            continue
+
+    def merge_matrix(name, v):
         a, b = v.shape[1:]
         r = min(a, b)
         c0 = _floor_count(r, common_fraction)
@@ -410,8 +403,9 @@ def iso_cts(x: Block, members=None, *, scale=1.0, common_fraction=0.8, exclude=(
         Ucomb = jnp.where(valid[None, :], Ug, jnp.where(common[None, :], U[:, jc], 0.0))
         Scomb = jnp.where(valid, Sg, jnp.where(common, S[jc], 0.0))
         Vcomb = jnp.where(valid[:, None], Vg, jnp.where(common[:, None], Vh[jc, :], 0.0))
-        out[name] = (s * jnp.mean(Scomb)) * _mm(_polar(Ucomb), _polar(Vcomb))
-    return out
+        return (s * jnp.mean(Scomb)) * _mm(_polar(Ucomb), _polar(Vcomb))
+
+    return _matrices_else_mean(x, members, s, exclude, merge_matrix)
 
 
 # --------------------------------------------------------------------------- Breadcrumbs
