@@ -242,7 +242,8 @@ def report(r: dict) -> str:
         f"{pc['peak_rss_mb'] / 1024:.2f} |",
         "",
         f"Peak host memory stays far below the {n * P * 4 / 2**30:.0f} GiB of task vectors: "
-        f"the planner holds one block of all tasks at a time, plus the next one being read ahead "
+        f"the statistics passes hold one block of all tasks per worker thread (two here), later "
+        f"passes and the cut the block they work on and the next one, read ahead "
         f"(largest block, an MLP: {largest:,} parameters, {n} tasks = "
         f"{n * largest * 4 / 2**30:.2f} GiB as float32).",
         "",
