@@ -141,11 +141,16 @@ class Prepared:
         return tau
 
     def extra(self, b: int, x: dict | None = None) -> dict | None:
-        """Per-block method state (PCB clip bounds and global thresholds; the
-        DELLA key of the block)."""
-        if self.method.name == "della":
-            return {"key": jax.random.fold_in(jax.random.key(int(self.method.seed)), b)}
-        if self.method.name != "pcb":
+        """Per-block method state: PCB clip bounds and global thresholds
+        (kept); DELLA's key of the block; the state every group of the block
+        shares (TSV, Breadcrumbs, DELLA: :meth:`~.methods.Method.shared_state`,
+        computed at each call from ``x``: callers ask once per block)."""
+        m = self.method
+        if m.name in ("tsv", "breadcrumbs", "della"):
+            x = self.x(b) if x is None else x
+            key = jax.random.fold_in(jax.random.key(int(m.seed)), b) if m.name == "della" else None
+            return {**({} if key is None else {"key": key}), **m.shared_state(canonical(x), key)}
+        if m.name != "pcb":
             return None
         if b not in self._extra:
             x = self.x(b) if x is None else x

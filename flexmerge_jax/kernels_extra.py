@@ -433,7 +433,8 @@ def breadcrumbs_masks(x: Block, *, top=0.01, bottom=0.85, granularity="tensor") 
 
 
 def breadcrumbs(
-    x: Block, members=None, *, top=0.01, bottom=0.85, scale=1.0, granularity="tensor"
+    x: Block, members=None, *, top=0.01, bottom=0.85, scale=1.0, granularity="tensor",
+    masks=None,
 ) -> Block:
     r"""Model Breadcrumbs: sparse masks without outliers, then the task-arithmetic **sum**.
 
@@ -453,6 +454,9 @@ def breadcrumbs(
       scale: :math:`\alpha` on the sum (authors' search 0.01-1, e.g. 0.2-0.3 for 8 tasks).
       granularity: ``"tensor"`` (paper: per layer; mergekit) or ``"node"`` (the authors'
         code: ``topk`` along the last torch axis, i.e. per output unit). Static.
+      masks: optional :func:`breadcrumbs_masks` output for ``x`` with these ``top``,
+        ``bottom`` and ``granularity`` (the masks do not depend on the group; pass them to
+        avoid two sorts of every task per group).
 
     Returns:
       ``{name: f32[...]}``.
@@ -467,7 +471,8 @@ def breadcrumbs(
     """
     members = _members(x, members)
     s = jnp.asarray(scale, jnp.float32)
-    masks = breadcrumbs_masks(x, top=top, bottom=bottom, granularity=granularity)
+    if masks is None:
+        masks = breadcrumbs_masks(x, top=top, bottom=bottom, granularity=granularity)
     return {
         k: s * task_sum(_masked(jnp.where(masks[k], v, 0.0), members)) for k, v in x.items()
     }

@@ -51,6 +51,7 @@ reference; each is tested against its outputs):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -212,8 +213,10 @@ class Method:
         Args:
           x: ``{name: f32[n, ...]}`` preprocessed task vectors of the block.
           members: ``bool[n]`` the group (``None``: all tasks).
-          extra: per-block method state (PCB bounds and thresholds, see
-            :func:`flexmerge_jax.prep.pcb_clip_bounds`); ``None`` otherwise.
+          extra: per-block method state: PCB bounds and thresholds (see
+            :func:`flexmerge_jax.prep.pcb_clip_bounds`), DELLA's ``{"key": ...}``,
+            optionally with :meth:`shared_state` (TSV, Breadcrumbs, DELLA: then
+            not recomputed for this group); ``None`` otherwise.
 
         Returns:
           :class:`GroupMerge`.
@@ -254,18 +257,22 @@ class Method:
             return kx.task_arithmetic_sum(x, members, scale=s)
         if self.name == "ties":  # merge_func in {"sum", "max"}
             return kx.ties_disjoint_merge(x, members, scale=s, merge_func=o["merge_func"])
+        shared = extra or {}
         if self.name == "tsv":
-            return kx.tsv_merge(x, members, scale=s, k=o.get("k"))
+            return kx.tsv_merge(x, members, scale=s, k=o.get("k"), svd=shared.get("svd"))
         if self.name == "iso_c":
             return kx.iso_c(x, members, scale=s)
         if self.name == "iso_cts":
             return kx.iso_cts(x, members, scale=s, common_fraction=o["common_fraction"])
         if self.name == "breadcrumbs":
-            return kx.breadcrumbs(x, members, top=o["top"], bottom=o["bottom"], scale=s)
+            return kx.breadcrumbs(x, members, top=o["top"], bottom=o["bottom"], scale=s,
+                                  masks=shared.get("masks"))
         if self.name == "della":
-            if extra is None or "key" not in extra:
+            if "pruned" in shared:
+                return kx.della_fuse(shared["pruned"], members, scale=s)
+            if "key" not in shared:
                 raise ValueError("della needs its per-block PRNG key (extra={'key': ...})")
-            return kx.della(x, members, key=extra["key"], density=o["density"],
+            return kx.della(x, members, key=shared["key"], density=o["density"],
                             epsilon=o["epsilon"], scale=s)
         if self.name == "magmax":
             return kx.magmax(x, members, scale=s)
@@ -274,6 +281,28 @@ class Method:
         if self.name == "slerp":
             return kx.slerp(x, members, t=o["t"])
         raise ValueError(f"method {self.name!r} takes no options {self.options}")
+
+    def shared_state(self, x: dict, key=None) -> dict | None:
+        """What every group of a block would otherwise recompute: the
+        group-independent part of TSV (each task's SVDs, ``"svd"``),
+        Breadcrumbs (each task's masks, ``"masks"``) and DELLA (each task's
+        pruned vector, ``"pruned"``, drawn with ``key``, the block's PRNG
+        key), computed once per block (jitted) and passed to
+        :meth:`merge_group` in ``extra``; the merges are the same.
+
+        Args:
+          x: ``{name: f32[n, ...]}`` preprocessed task vectors of the block.
+          key: the block's PRNG key (DELLA; ignored otherwise).
+
+        Returns:
+          ``{"svd" | "masks" | "pruned": ...}``, or ``None`` for the other
+          methods.
+        """
+        if self.name not in ("tsv", "breadcrumbs", "della"):
+            return None
+        if self.name == "della" and key is None:
+            raise ValueError("della needs its per-block PRNG key to prune the task vectors")
+        return _shared_state(x, key, static=self.split()[0])
 
     def group_vector(self, x: dict, members, extra) -> dict:
         """The merged group vector only (what similarities compare)."""
@@ -296,6 +325,18 @@ class Method:
     def join(self, hp: dict) -> "Method":
         """Inverse of :meth:`split` (``self`` is the static part)."""
         return dataclasses.replace(self, scale=hp["scale"], consensus=hp["consensus"])
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _shared_state(x: dict, key, *, static: Method) -> dict:
+    from . import kernels_extra as kx
+
+    o = dict(static.options)
+    if static.name == "tsv":
+        return {"svd": kx.task_svd(x)}
+    if static.name == "breadcrumbs":
+        return {"masks": kx.breadcrumbs_masks(x, top=o["top"], bottom=o["bottom"])}
+    return {"pruned": kx.magprune(x, key=key, density=o["density"], epsilon=o["epsilon"])}
 
 
 def _finite(name: str, v) -> float:

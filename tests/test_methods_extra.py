@@ -67,6 +67,47 @@ def test_della_keys_differ_per_block_and_are_deterministic():
     assert not np.array_equal(np.asarray(a["x1"]), np.asarray(c["x1"]))
 
 
+SHARED = [fm.methods.tsv(0.8), fm.methods.tsv(1.0, k=1),
+          fm.methods.breadcrumbs(0.5, top=0.05, bottom=0.5),
+          fm.methods.della(1.0, density=0.6, epsilon=0.1, seed=2)]
+
+
+@pytest.mark.parametrize("method", SHARED, ids=lambda m: m.describe())
+def test_shared_state_gives_the_groups_merges_and_the_plans(method, monkeypatch):
+    # The state computed once per block (SVDs, masks, pruned vectors) must
+    # give every group exactly what the kernel computes on its own.
+    from flexmerge_jax._schedule import canonical
+
+    base, fts = case(n=5, seed=4)
+    x = canonical(taus(base, fts, ["a.w", "a.b"]))
+    key = jax.random.key(7)
+    own = {"key": key} if method.name == "della" else None
+    shared = {**(own or {}), **method.shared_state(x, key)}
+    for members in ([1, 1, 0, 0, 0], [0, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 0]):
+        mb = jnp.asarray(members, bool)
+        got = method.merge_group(x, mb, shared).vector
+        exp = method.merge_group(x, mb, own).vector
+        for k in x:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(exp[k]), rtol=2e-6, atol=1e-7)
+    # Whole plans (merged-vector similarity: one group vector per merge) and
+    # their cuts, with and without the shared state.
+    runs = []
+    for disable in (False, True):
+        if disable:
+            monkeypatch.setattr(fm.methods.Method, "shared_state", lambda self, x, key=None: {})
+        p = fm.plan(base, fts, blocks=BLOCKS, method=method, linkage=None, similarity="cosine")
+        cut = p.at_size(2.0)
+        runs.append((p, [cut.params_for_task(t) for t in range(5)]))
+    (p1, m1), (p2, m2) = runs
+    assert [(e.block, e.members_a, e.members_b) for e in p1.events] == \
+        [(e.block, e.members_a, e.members_b) for e in p2.events]
+    np.testing.assert_allclose([e.similarity for e in p1.events],
+                               [e.similarity for e in p2.events], rtol=1e-6)
+    for a, b in zip(m1, m2):
+        for k in base:
+            np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=2e-6, atol=1e-7)
+
+
 def test_sum_convention_gram_path_equals_materialized_path():
     base, fts = case(n=5, seed=2)
     m = fm.methods.task_arithmetic(0.3, convention="sum")
