@@ -73,6 +73,9 @@ class ShardedSource(Source):
         if axis not in mesh.axis_names:
             raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
         self.inner, self.mesh, self.axis = source, mesh, axis
+        # Files: later passes read (and place) the next block in a background
+        # thread while this one is computed on, as without a mesh.
+        self.prefetch = source.prefetch
         self.layout = source.layout
         self.task_names = source.task_names
         self._shape = dict(zip(self.layout.names, self.layout.shapes))

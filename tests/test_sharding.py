@@ -1,5 +1,7 @@
 """Sharded execution (8 CPU devices, XLA_FLAGS set in conftest) == single device."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,51 @@ def test_sharded_float32_merged_vector_plan_equals_single_device():
     ]
     np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
                                rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_plan_from_files_equals_in_memory(tmp_path):
+    # Files behind a mesh: every block read from disk (the next one read and
+    # placed in a background thread) gives the single-device in-memory plan.
+    from flexmerge_jax import io
+    from flexmerge_jax._engine import Prepared
+    from flexmerge_jax.sharding import ShardedSource
+
+    c = load_case("caseB")
+    paths = []
+    for i, params in enumerate([c.base] + list(c.finetuned)):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        io.save_params(paths[-1], params)
+    kw = dict(blocks=c.blocks, method=fm.methods.ties(1.0, keep=0.2), linkage=None,
+              similarity="cosine")
+    ref = fm.plan(c.base, c.finetuned, **kw)
+    m = mesh(EX)
+    src = ShardedSource(io.PathSource(paths[0], paths[1:]), m)
+    assert src.prefetch
+    reads = []
+    real = ShardedSource.task_vectors
+
+    def task_vectors(self, names):
+        reads.append((list(names), threading.current_thread().name))
+        return real(self, names)
+
+    ShardedSource.task_vectors = task_vectors
+    try:
+        sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
+    finally:
+        ShardedSource.task_vectors = real
+    assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
+        (e.block, e.members_a, e.members_b) for e in ref.events
+    ]
+    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
+                               rtol=1e-9, atol=1e-12)
+    # The merged-vector pass read every block once, in order, each after the
+    # first ahead of its turn in a background thread (the reads of whole-model
+    # chunks for the TIES thresholds come in between).
+    blocks = [list(b.leaves) for b in ref.partition.blocks]
+    last = [r for r in reads if r[0] in blocks][-len(blocks):]
+    assert [r[0] for r in last] == blocks
+    assert all(r[1].startswith("flexmerge-host") for r in last[1:])
+    assert_models_equal(sh.at_size(3.0), ref.at_size(3.0), c.n, rtol=1e-6, atol=1e-8)
 
 
 def test_statistics_do_not_gather_task_vectors():
