@@ -461,7 +461,7 @@ def breadcrumbs(
         code: ``topk`` along the last torch axis, i.e. per output unit). Static.
       masks: optional :func:`breadcrumbs_masks` output for ``x`` with these ``top``,
         ``bottom`` and ``granularity`` (the masks do not depend on the group; pass them to
-        avoid two sorts of every task per group).
+        avoid sorting every task again for each group).
 
     Returns:
       ``{name: f32[...]}``.
