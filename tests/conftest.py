@@ -24,6 +24,20 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Frees the XLA programs a test module compiled when it ends.
+
+    JAX keeps every compiled program, each with memory maps of its own, for
+    the life of the process; the whole suite compiles thousands in one
+    process and would reach the kernel's limit on a process's memory maps
+    (``vm.max_map_count``, 65530 by default), where XLA's next compilation
+    crashes with a segmentation fault.
+    """
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
 def maybe_jit(request):
     """Runs a function eagerly or under ``jax.jit`` (static kwargs allowed)."""
