@@ -90,11 +90,10 @@ def test_sharded_float32_merged_vector_plan_equals_single_device():
                                rtol=1e-5, atol=1e-7)
 
 
-def test_sharded_plan_from_files_equals_in_memory(tmp_path):
+def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     # Files behind a mesh: every block read from disk (the next one read and
     # placed in a background thread) gives the single-device in-memory plan.
     from flexmerge_jax import io
-    from flexmerge_jax._engine import Prepared
     from flexmerge_jax.sharding import ShardedSource
 
     c = load_case("caseB")
@@ -115,11 +114,9 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path):
         reads.append((list(names), threading.current_thread().name))
         return real(self, names)
 
-    ShardedSource.task_vectors = task_vectors
-    try:
-        sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
-    finally:
-        ShardedSource.task_vectors = real
+    monkeypatch.setattr(ShardedSource, "task_vectors", task_vectors)
+    sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
+    monkeypatch.undo()
     assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
         (e.block, e.members_a, e.members_b) for e in ref.events
     ]
