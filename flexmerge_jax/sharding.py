@@ -32,10 +32,14 @@ __all__ = ["ShardedSource", "leaf_spec", "check_method"]
 WHOLE_PARAMETER_METHODS = ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "model_stock")
 
 
-def check_method(method, mesh: Mesh, axis: str = "model") -> None:
-    """Raises if ``method`` cannot run with its parameters sharded on ``mesh``."""
+def _check_axis(mesh: Mesh, axis: str) -> None:
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
+
+
+def check_method(method, mesh: Mesh, axis: str = "model") -> None:
+    """Raises if ``method`` cannot run with its parameters sharded on ``mesh``."""
+    _check_axis(mesh, axis)
     explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
     if explicit and method.name in WHOLE_PARAMETER_METHODS:
         raise ValueError(
@@ -70,8 +74,7 @@ class ShardedSource(Source):
     host_capable = False  # its arrays live on the mesh
 
     def __init__(self, source: Source, mesh: Mesh, axis: str = "model"):
-        if axis not in mesh.axis_names:
-            raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
+        _check_axis(mesh, axis)
         self.inner, self.mesh, self.axis = source, mesh, axis
         # Files: later passes read (and place) the next block in a background
         # thread while this one is computed on, as without a mesh.

@@ -201,3 +201,15 @@ def test_extra_methods_on_a_mesh(name):
     else:
         with pytest.raises(ValueError, match="needs whole parameters"):
             fm.plan(base, fts, method=method, mesh=explicit)
+
+
+def test_unknown_mesh_axis_is_named():
+    from flexmerge_jax._plan import as_source
+    from flexmerge_jax.sharding import ShardedSource
+
+    base, fts = random_inputs()
+    m = mesh(EX)
+    with pytest.raises(ValueError, match=r"mesh has no axis 'data' \(axes \('model',\)\)"):
+        fm.plan(base, fts, mesh=m, mesh_axis="data")
+    with pytest.raises(ValueError, match="mesh has no axis 'data'"):
+        ShardedSource(as_source(base, fts), m, "data")
