@@ -288,7 +288,7 @@ def main() -> None:
     own = None if args.tmp else tempfile.TemporaryDirectory(prefix="fm-bench-")
     tmp = Path(args.tmp or own.name)
     try:
-        results.update(_measure(args, model, n, tmp))
+        results.update(_measure(args, model, shapes, n, tmp))
     finally:
         if own is not None:
             own.cleanup()
@@ -299,9 +299,8 @@ def main() -> None:
     print(report(results))
 
 
-def _measure(args, model: dict, n: int, tmp: Path) -> dict:
+def _measure(args, model: dict, shapes: dict, n: int, tmp: Path) -> dict:
     """Every measurement of the run (checkpoint files under ``tmp``)."""
-    shapes = vit_shapes(**model)
     results: dict = {"runs": {}}
     base, fts = make_models(shapes, n)
     bpath, fpaths = write_models(tmp / "vit", base, fts)

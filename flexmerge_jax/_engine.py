@@ -146,7 +146,7 @@ class Prepared:
         shares (TSV, Breadcrumbs, DELLA: :meth:`~.methods.Method.shared_state`,
         computed at each call from ``x``: callers ask once per block)."""
         m = self.method
-        if m.name in ("tsv", "breadcrumbs", "della"):
+        if m.shares_state:
             x = self.x(b) if x is None else x
             key = jax.random.fold_in(jax.random.key(int(m.seed)), b) if m.name == "della" else None
             return {**({} if key is None else {"key": key}), **m.shared_state(canonical(x), key)}

@@ -150,6 +150,11 @@ class Method:
         return 3 if self.uses_masks else 2
 
     @property
+    def shares_state(self) -> bool:
+        """Groups of a block share group-independent work (:meth:`shared_state`)."""
+        return self.name in ("tsv", "breadcrumbs", "della")
+
+    @property
     def linear(self) -> bool:
         """Group vectors are linear in the task vectors (Gram-only paths)."""
         return self.name in ("avg", "ta", "consensus_ta")
@@ -298,7 +303,7 @@ class Method:
           ``{"svd" | "masks" | "pruned": ...}``, or ``None`` for the other
           methods.
         """
-        if self.name not in ("tsv", "breadcrumbs", "della"):
+        if not self.shares_state:
             return None
         if self.name == "della" and key is None:
             raise ValueError("della needs its per-block PRNG key to prune the task vectors")
