@@ -315,6 +315,34 @@ def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
 
 
+def ordered_map(fn, count: int, workers: int):
+    """``[fn(0), ..., fn(count - 1)]``, computed by ``workers`` threads.
+
+    At most ``workers`` calls are in flight (each may hold a block of all
+    tasks); results are taken in order, so the error raised is that of the
+    first failing index, and what has not started is then cancelled.
+    ``workers <= 1`` calls ``fn`` in this thread, in order.
+
+    Used for per-block work that XLA runs on one core (reductions over a
+    block's group vectors): two blocks at once use both cores.
+    """
+    if workers <= 1 or count <= 1:
+        return [fn(i) for i in range(count)]
+    out = []
+    with concurrent.futures.ThreadPoolExecutor(workers, "flexmerge-block") as pool:
+        pending, nxt = collections.deque(), 0
+        try:
+            while pending or nxt < count:
+                while nxt < count and len(pending) < workers:
+                    pending.append(pool.submit(fn, nxt))
+                    nxt += 1
+                out.append(pending.popleft().result())
+        finally:
+            for f in pending:
+                f.cancel()
+    return out
+
+
 def _host_map(source: Source, name_lists, task, first=None):
     """Results of ``task(i)(inputs_i)`` for each list of names in turn, with
     ``inputs_i`` its host inputs (:func:`~._source.host_inputs`), or

@@ -9,11 +9,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import Prepared, grams, materialize, trim_pass
+from ._engine import HOST_THREADS, Prepared, grams, materialize, ordered_map, trim_pass
 from ._flexmodel import FlexModel
 from ._schedule import (
     LINKAGE_ALIASES,
@@ -505,21 +506,28 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     pre = None
     if method.trims and not structured and similarity != "sign":
         pre = trim_pass(prepared, want_grams=True, precision=precision)  # None off the host
-    out = []
+
+    def block(b):
+        tau = prepared.tau(b)
+        x = prepared.x(b, tau)
+        singles = tau if structured else x
+        del tau  # not held during the sequence unless singletons compare raw vectors
+        return materialized_sequence(
+            x, singles, prepared.extra(b, x), similarity, method, partition.blocks[b].numel,
+            gram=None if pre is None else pre[b], precision=precision,
+        )
+
+    # The comparisons of a block's group vectors run on one core in XLA's
+    # CPU code, so blocks are computed two at a time (each worker reads its
+    # own block: reads overlap computing too). Sharded or multi-process runs
+    # keep one block at a time, in the same order on every process, reading
+    # the next block ahead instead.
+    if method.trims:
+        prepared.trim_threshold  # the global pass, once, before the blocks  # noqa: B018
+    if prepared.source.host_capable and jax.process_count() == 1:
+        return ordered_map(block, len(partition), HOST_THREADS)
     with prepared.in_order():
-        for b, block in enumerate(partition.blocks):
-            tau = prepared.tau(b)
-            x = prepared.x(b, tau)
-            singles = tau if structured else x
-            del tau  # not held during the sequence unless singletons compare raw vectors
-            out.append(
-                materialized_sequence(
-                    x, singles, prepared.extra(b, x), similarity, method, block.numel,
-                    gram=None if pre is None else pre[b], precision=precision,
-                )
-            )
-            del x, singles
-    return out
+        return [block(b) for b in range(len(partition))]
 
 
 def plan(

@@ -253,42 +253,57 @@ def _sign_sims(v: dict, numel: int) -> jax.Array:
     return agree / numel
 
 
-def _row_sims(similarity: str, v: dict, new: dict, r, norms2, numel: int,
-              precision: str = "float64"):
-    """Similarities of the new vector of row ``r`` against every row (f64).
+def _pair(similarity: str, row: dict, new: dict, precision: str) -> jax.Array:
+    """What similarity ``similarity`` needs of one group vector ``row``
+    against the new one (f64 scalar): their dot product (cosine), squared
+    distance (euclidean) or number of equal signs (sign).
 
-    One pass over ``v``. ``precision="float64"``: products and sums in
-    float64 (exact products of float32 entries); ``"float32"``: products and
-    sums in float32 per leaf (no matmul, so no reduced-precision passes on
-    GPU/TPU; faster on CPU, and no emulated float64 on TPU; relative error
-    ~1e-7, the reference's arithmetic), leaves and the similarity formula
-    then in float64. Cosine reuses the squared norms ``norms2 [n]`` of the
-    other rows (the new row's is its dot with itself, from the same pass).
-    Sign agreement counts are exact either way.
+    ``precision="float64"``: products and sums in float64 (exact products
+    of float32 entries); ``"float32"``: products and sums in float32 per
+    leaf (no matmul, so no reduced-precision passes on GPU/TPU; faster on
+    CPU, and no emulated float64 on TPU; relative error ~1e-7, the
+    reference's arithmetic), leaves then summed in float64. Sign counts are
+    exact either way.
+    """
+    f = lambda x: x.astype(jnp.float64)
+    wide = precision == "float64"
+    if similarity == "sign":
+        return sum(f(jnp.sum(jnp.sign(new[k]) == jnp.sign(x))) for k, x in row.items())
+    if similarity == "cosine":
+        if wide:
+            return sum(jnp.sum(f(x) * f(new[k])) for k, x in row.items())
+        return sum(f(jnp.sum(x * new[k])) for k, x in row.items())
+    if wide:
+        return sum(jnp.sum((f(x) - f(new[k])) ** 2) for k, x in row.items())
+    return sum(f(jnp.sum((x - new[k]) ** 2)) for k, x in row.items())
+
+
+def _row_sims(similarity: str, rows: tuple, new: dict, r, alive, norms2, numel: int,
+              precision: str = "float64"):
+    """Similarities of the new vector of row ``r`` against every live row.
+
+    ``rows``: the group vectors, one ``{name: f32[...]}`` per row (separate
+    buffers: XLA's CPU code reduces a whole row at its best speed, while
+    reductions over part of an ``[n, ...]`` array run several times slower),
+    so that only the rows of live groups (``alive: bool[n]``) are read; the
+    others' entries are 0 (never selected). Cosine reuses the squared norms
+    ``norms2 [n]`` of the other rows (the new row's is its dot with itself,
+    from the same pass). See :func:`_pair` for ``precision``.
 
     Returns:
       ``(f64[n] similarities, updated norms2)``.
     """
-    f = lambda x: x.astype(jnp.float64)
-    rest = lambda x: tuple(range(1, x.ndim))
+    zero = lambda row: jnp.zeros((), jnp.float64)
+    val = jnp.stack([
+        jax.lax.cond(alive[k], lambda row: _pair(similarity, row, new, precision), zero, row)
+        for k, row in enumerate(rows)
+    ])
     if similarity == "sign":
-        agree = sum(
-            jnp.sum(jnp.sign(new[k])[None] == jnp.sign(x), axis=rest(x)) for k, x in v.items()
-        )
-        return agree.astype(jnp.float64) / numel, norms2
-    wide = precision == "float64"
+        return val / numel, norms2
     if similarity == "cosine":
-        if wide:
-            dot = sum(jnp.sum(f(x) * f(new[k])[None], axis=rest(x)) for k, x in v.items())
-        else:
-            dot = sum(f(jnp.sum(x * new[k][None], axis=rest(x))) for k, x in v.items())
-        norms2 = norms2.at[r].set(dot[r])
-        return _gram_sims("cosine", dot, dot[r], norms2, numel), norms2
-    if wide:
-        dist2 = sum(jnp.sum((f(x) - f(new[k])[None]) ** 2, axis=rest(x)) for k, x in v.items())
-    else:
-        dist2 = sum(f(jnp.sum((x - new[k][None]) ** 2, axis=rest(x))) for k, x in v.items())
-    return -jnp.sqrt(dist2) / jnp.sqrt(jnp.float64(numel)), norms2
+        norms2 = norms2.at[r].set(val[r])
+        return _gram_sims("cosine", val, val[r], norms2, numel), norms2
+    return -jnp.sqrt(val) / jnp.sqrt(jnp.float64(numel)), norms2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,30 +316,34 @@ class _Materialized(Flavour):
 
     def init(self, inp):
         x, singles, g, extra, hp = inp
+        n = next(iter(singles.values())).shape[0]
+        rows = tuple({k: t[i] for k, t in singles.items()} for i in range(n))
         if self.similarity == "sign":
             sims = _sign_sims(singles, self.numel)
-            return (dict(singles), jnp.zeros(sims.shape[:1], jnp.float64)), sims
+            return (rows, jnp.zeros(sims.shape[:1], jnp.float64)), sims
         dg = jnp.diagonal(g)  # squared norms, carried for cosine
-        return (dict(singles), dg), _gram_sims(
+        return (rows, dg), _gram_sims(
             self.similarity, g, dg[:, None], dg[None, :], jnp.float64(self.numel))
 
     def update(self, state, inp, core, a, b, root, members):
-        v, norms2 = state
+        rows, norms2 = state
         x, _, _, extra, hp = inp
         size = core.size[root]
 
         def merged():
             return self.method.join(hp).group_vector(x, members, extra)
 
-        new = jax.lax.cond(
-            size >= self.min_merged, merged, lambda: {k: t[root] for k, t in v.items()}
-        )
-        # A dynamic-update-slice is done in place; ``.at[root].set`` (a
-        # scatter) became a select over the whole of ``v`` at every step.
-        v = {k: jax.lax.dynamic_update_index_in_dim(t, new[k], root, 0) for k, t in v.items()}
-        row, norms2 = _row_sims(self.similarity, v, new, root, norms2, self.numel,
-                                self.precision)
-        return (v, norms2), row
+        def kept():  # a group below min_merged keeps its root's vector
+            return jax.lax.switch(root, [lambda rows, k=k: rows[k] for k in range(len(rows))],
+                                  rows)
+
+        new = jax.lax.cond(size >= self.min_merged, merged, kept)
+        # Only the root's buffer is written (the others pass through).
+        rows = tuple(jax.lax.cond(root == k, lambda row: new, lambda row: row, row)
+                     for k, row in enumerate(rows))
+        row, norms2 = _row_sims(self.similarity, rows, new, root, core.alive, norms2,
+                                self.numel, self.precision)
+        return (rows, norms2), row
 
 
 @functools.partial(
