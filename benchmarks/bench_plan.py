@@ -365,8 +365,13 @@ def report(r: dict) -> str:
         f"the files' raw bytes (page cache, 64 MiB chunks, nothing computed) takes "
         f"{runs['raw_disk']['seconds']:.2f} s ({runs['raw_disk']['bytes'] / 1e9 / runs['raw_disk']['seconds']:.2f} GB/s).",
         "",
-        "| run | source | plan (s) | compile (s) | plan / one read | peak RSS (MB) |",
-        "|---|---|---|---|---|---|",
+        "The issue's tracked figure is the plan's time over one streaming read (the files); "
+        "the stricter ratio to a read from the plan's own source (memory, for in-memory plans) "
+        "is beside it.",
+        "",
+        "| run | source | plan (s) | compile (s) | plan / streaming read | plan / read, same source "
+        "| peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, v in runs.items():
         if not key.startswith("plan_"):
@@ -374,7 +379,8 @@ def report(r: dict) -> str:
         src = "memory" if key.endswith("memory") else "disk"
         ref = rd_mem if src == "memory" else rd_disk
         lines.append(f"| {key[5:].rsplit('_', 1)[0]} | {src} | {v['seconds']:.2f} | "
-                     f"{v['compile_seconds']:.2f} | {v['seconds'] / ref:.1f}x | {v['peak_rss_mb']:.0f} |")
+                     f"{v['compile_seconds']:.2f} | {v['seconds'] / rd_disk:.1f}x | "
+                     f"{v['seconds'] / ref:.1f}x | {v['peak_rss_mb']:.0f} |")
     lines += [
         "",
         f"Inputs held in memory (base + {n} fine-tuned): {base_tv_mb:.0f} MB; the in-memory "
