@@ -109,13 +109,14 @@ class Prepared:
         return tau
 
     @contextlib.contextmanager
-    def in_order(self):
+    def in_order(self, ahead: bool | None = None):
         """Declares that the blocks are about to be read in increasing order:
-        sources that read files (``source.prefetch``) then compute block
-        ``b + 1``'s task vectors in a background thread while the caller
-        works on block ``b`` (one block ahead at most; a block read out of
-        turn drops it, and so does leaving the context)."""
-        self._in_order = self.source.prefetch
+        sources that read files (``source.prefetch``), or any source if
+        ``ahead`` is true, then compute block ``b + 1``'s task vectors in a
+        background thread while the caller works on block ``b`` (one block
+        ahead at most; a block read out of turn drops it, and so does
+        leaving the context)."""
+        self._in_order = self.source.prefetch if ahead is None else ahead
         try:
             yield self
         finally:
@@ -313,34 +314,6 @@ def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
     beside the caller: the statistics passes' workers and the read-ahead of
     :meth:`Prepared.in_order`."""
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
-
-
-def ordered_map(fn, count: int, workers: int):
-    """``[fn(0), ..., fn(count - 1)]``, computed by ``workers`` threads.
-
-    At most ``workers`` calls are in flight (each may hold a block of all
-    tasks); results are taken in order, so the error raised is that of the
-    first failing index, and what has not started is then cancelled.
-    ``workers <= 1`` calls ``fn`` in this thread, in order.
-
-    Used for per-block work that XLA runs on one core (reductions over a
-    block's group vectors): two blocks at once use both cores.
-    """
-    if workers <= 1 or count <= 1:
-        return [fn(i) for i in range(count)]
-    out = []
-    with concurrent.futures.ThreadPoolExecutor(workers, "flexmerge-block") as pool:
-        pending, nxt = collections.deque(), 0
-        try:
-            while pending or nxt < count:
-                while nxt < count and len(pending) < workers:
-                    pending.append(pool.submit(fn, nxt))
-                    nxt += 1
-                out.append(pending.popleft().result())
-        finally:
-            for f in pending:
-                f.cancel()
-    return out
 
 
 def _host_map(source: Source, name_lists, task, first=None):

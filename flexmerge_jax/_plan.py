@@ -9,12 +9,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import HOST_THREADS, Prepared, grams, materialize, ordered_map, trim_pass
+from ._engine import Prepared, grams, materialize, trim_pass
 from ._flexmodel import FlexModel
 from ._schedule import (
     LINKAGE_ALIASES,
@@ -517,16 +516,12 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             gram=None if pre is None else pre[b], precision=precision,
         )
 
-    # The comparisons of a block's group vectors run on one core in XLA's
-    # CPU code, so blocks are computed two at a time (each worker reads its
-    # own block: reads overlap computing too). Sharded or multi-process runs
-    # keep one block at a time, in the same order on every process, reading
-    # the next block ahead instead.
-    if method.trims:
-        prepared.trim_threshold  # the global pass, once, before the blocks  # noqa: B018
-    if prepared.source.host_capable and jax.process_count() == 1:
-        return ordered_map(block, len(partition), HOST_THREADS)
-    with prepared.in_order():
+    # One block at a time, the next block's task vectors computed ahead in a
+    # background thread, from memory too: XLA reduces a block's group
+    # vectors on one core. (Two blocks at once in worker threads saved ~10%
+    # more of a ViT-B/32 TIES plan on two cores but raised its peak memory
+    # by 0.5-0.7 GB, past the bounds.)
+    with prepared.in_order(ahead=True):
         return [block(b) for b in range(len(partition))]
 
 

@@ -365,67 +365,7 @@ def test_summary_at_equals_the_materialized_summary(method):
         assert p.summary_at(k) == p.at_step(k).summary()
 
 
-def test_blocks_computed_two_at_a_time_give_the_same_plan(monkeypatch):
-    # Merged-vector plans compute their blocks in worker threads; with one
-    # worker the blocks run in this thread, in order. Same plan either way.
-    import threading
-
-    from flexmerge_jax import _plan
-
-    base, fts = random_case(21, n=6)
-    threads = []
-    seq = _plan.materialized_sequence
-
-    def recorded(*a, **k):
-        threads.append(threading.current_thread().name)
-        return seq(*a, **k)
-
-    monkeypatch.setattr(_plan, "materialized_sequence", recorded)
-    plans = {}
-    for workers in (1, 2):
-        monkeypatch.setattr(_plan, "HOST_THREADS", workers)
-        threads.clear()
-        plans[workers] = fm.plan(base, fts, blocks=["l1.attn", "l1.mlp", "l0.attn", "l0.mlp", "emb"],
-                                 method=fm.methods.ties(1.0, keep=0.4), linkage=None)
-        workers_used = {t.startswith("flexmerge-block") for t in threads}
-        assert len(threads) == 5 and workers_used == {workers == 2}
-    one, two = plans[1], plans[2]
-    for s1, s2 in zip(one.sequences, two.sequences, strict=True):
-        for f in s1._fields:
-            np.testing.assert_array_equal(getattr(s1, f), getattr(s2, f), err_msg=f)
-    np.testing.assert_array_equal(one.order[0], two.order[0])
-    np.testing.assert_array_equal(one.order[1], two.order[1])
-
-
-def test_ordered_map_keeps_order_and_raises_the_first_error():
-    import threading
-    import time
-
-    from flexmerge_jax._engine import ordered_map
-
-    def slow_first(i):
-        time.sleep(0.2 if i == 0 else 0.0)
-        return i * i
-
-    assert ordered_map(slow_first, 5, 2) == [0, 1, 4, 9, 16]
-    started, lock = [], threading.Lock()
-
-    def failing(i):
-        with lock:
-            started.append(i)
-        time.sleep(0.2 if i == 0 else 0.0)
-        if i <= 1:
-            raise ValueError(f"block {i}")
-        return i
-
-    # Block 1 fails first in time; block 0's error is the one raised, and
-    # nothing after the two in flight was started.
-    with pytest.raises(ValueError, match="block 0"):
-        ordered_map(failing, 6, 2)
-    assert sorted(started) == [0, 1]
-
-
-def test_parallel_blocks_name_the_first_parameter_with_nan():
+def test_merged_vector_plan_names_the_first_parameter_with_nan():
     base, fts = random_case(22, n=4)
     fts[1]["l0.mlp.w"][0, 0] = np.nan
     fts[2]["l1.mlp.w"][1, 1] = np.inf
