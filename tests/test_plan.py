@@ -366,6 +366,8 @@ def test_summary_at_equals_the_materialized_summary(method):
 
 
 def test_merged_vector_plan_names_the_first_parameter_with_nan():
+    # Blocks are read one ahead in a thread, from memory too: the error
+    # raised is still the first block's (block order, not layout order).
     base, fts = random_case(22, n=4)
     fts[1]["l0.mlp.w"][0, 0] = np.nan
     fts[2]["l1.mlp.w"][1, 1] = np.inf
