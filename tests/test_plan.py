@@ -374,3 +374,33 @@ def test_merged_vector_plan_names_the_first_parameter_with_nan():
     with pytest.raises(ValueError, match=r"task 2 \(task2\): .*'l1.mlp.w' has NaN or Inf"):
         fm.plan(base, fts, blocks=["l1.attn", "l1.mlp", "l0.attn", "l0.mlp", "emb"],
                 method="average", linkage=None, similarity="sign")
+
+
+def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
+    # In-memory sources do not prefetch elsewhere (source.prefetch is False);
+    # the merged-vector pass computes block b + 1's task vectors in a host
+    # thread while block b's merges run, each block once, in block order.
+    import threading
+
+    from flexmerge_jax._source import MemorySource
+
+    base, fts = random_case(23, n=4)
+    blocks = ["l1.attn", "l1.mlp", "l0.attn", "l0.mlp", "emb"]
+    kw = dict(blocks=blocks, method=fm.methods.ties(1.0, keep=0.4), linkage=None)
+    ref = fm.plan(base, fts, **kw)
+    assert not MemorySource.prefetch
+    reads = []
+    real = MemorySource.task_vectors
+
+    def task_vectors(self, names):
+        reads.append((list(names), threading.current_thread().name))
+        return real(self, names)
+
+    monkeypatch.setattr(MemorySource, "task_vectors", task_vectors)
+    p = fm.plan(base, fts, **kw)
+    leaves = [list(b.leaves) for b in p.partition.blocks]
+    last = [r for r in reads if r[0] in leaves][-len(leaves):]
+    assert [r[0] for r in last] == leaves
+    assert all(r[1].startswith("flexmerge-host") for r in last[1:])
+    assert [(e.block, e.members_a, e.members_b, e.similarity) for e in p.events] == \
+        [(e.block, e.members_a, e.members_b, e.similarity) for e in ref.events]
