@@ -5,9 +5,10 @@ preprocessing (DARE, the whole-model TIES trim thresholds, PCB thresholds):
 it hands out the preprocessed task vectors of one block at a time. The
 statistics pass (:func:`grams`) and materialization (:func:`materialize_block`)
 both read one block at a time, so peak memory is one block of all tasks (two
-when a file source reads the next block in a background thread meanwhile, or
-when the host statistics passes read and compute blocks in
-:data:`HOST_THREADS` worker threads).
+when a file source reads the next block in a background thread meanwhile,
+when merged-vector plans compute up to one largest block ahead
+(:func:`read_ahead`), or when the host statistics passes read and compute
+blocks in :data:`HOST_THREADS` worker threads).
 """
 
 from __future__ import annotations
@@ -96,17 +97,23 @@ class Prepared:
     def tau(self, b: int) -> dict[str, jax.Array]:
         """Raw task vectors ``{name: f32[n, ...]}`` of block ``b`` (read
         ahead inside :meth:`in_order`)."""
+        return self._read(b, trimmed=False)
+
+    def _read(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
         pending, self._ahead = self._ahead, None
-        if pending is not None and pending[0] == b:
-            tau = pending[1].result()
+        if pending is not None and pending[0] == (b, trimmed):
+            out = pending[1].result()
         else:
             if pending is not None:
                 pending[1].cancel()
-            tau = self.source.task_vectors(self.partition.blocks[b].leaves)
+            out = self._task_vectors(b, trimmed)
         if self._in_order and b + 1 < len(self.partition):
-            leaves = self.partition.blocks[b + 1].leaves
-            self._ahead = (b + 1, _host_pool().submit(self.source.task_vectors, leaves))
-        return tau
+            self._ahead = ((b + 1, trimmed), _host_pool().submit(self._task_vectors, b + 1, trimmed))
+        return out
+
+    def _task_vectors(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
+        leaves = self.partition.blocks[b].leaves
+        return self.source.task_vectors(leaves, self.trim_threshold if trimmed else None)
 
     @contextlib.contextmanager
     def in_order(self, ahead: bool | None = None):
@@ -126,9 +133,13 @@ class Prepared:
                 self._ahead = None
 
     def x(self, b: int, tau: dict | None = None) -> dict[str, jax.Array]:
-        """Preprocessed task vectors of block ``b`` (what merges and similarity use)."""
-        tau = self.tau(b) if tau is None else tau
-        return self.preprocess(tau)
+        """Preprocessed task vectors of block ``b`` (what merges and similarity
+        use), from its raw task vectors ``tau`` if given. Without ``tau``,
+        TIES-trimmed vectors are trimmed as they are computed (on the host:
+        in the same pass, no second array), and read ahead like :meth:`tau`."""
+        if tau is None and self.trim_threshold is not None:
+            return self._read(b, trimmed=True)
+        return self.preprocess(self.tau(b) if tau is None else tau)
 
     def preprocess(self, tau: dict[str, jax.Array]) -> dict[str, jax.Array]:
         m = self.method
@@ -314,6 +325,40 @@ def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
     beside the caller: the statistics passes' workers and the read-ahead of
     :meth:`Prepared.in_order`."""
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
+
+
+def read_ahead(fn, sizes: Sequence[int]):
+    """Yields ``fn(0), ..., fn(len(sizes) - 1)`` in order, computing later
+    ones in host threads while the consumer works (``fn(0)`` runs in the
+    caller's thread).
+
+    Results are computed ahead while their ``sizes`` sum to at most the
+    largest size (one result ahead at least): a run of small blocks does not
+    leave the next large one to be computed while the consumer waits, and
+    what is held ahead stays within one largest block. A consumer that
+    stops early cancels what has not started and waits for the rest; an
+    error in ``fn`` is raised when its result is due.
+    """
+    count, budget = len(sizes), max(sizes, default=0)
+    pending, nxt = collections.deque(), 1
+    try:
+        if count == 0:
+            return
+        current = fn(0)
+        for _ in range(count):
+            held = sum(sizes[j] for j, _ in pending)
+            while nxt < count and (not pending or held + sizes[nxt] <= budget):
+                pending.append((nxt, _host_pool().submit(fn, nxt)))
+                held += sizes[nxt]
+                nxt += 1
+            yield current
+            current = None  # the consumer's reference only, while the next is awaited
+            if pending:
+                current = pending.popleft()[1].result()
+    finally:
+        for _, f in pending:
+            f.cancel()
+        concurrent.futures.wait([f for _, f in pending])
 
 
 def _host_map(source: Source, name_lists, task, first=None):

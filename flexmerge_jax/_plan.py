@@ -13,7 +13,7 @@ import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import Prepared, grams, materialize, trim_pass
+from ._engine import Prepared, block_gram, grams, materialize, read_ahead
 from ._flexmodel import FlexModel
 from ._schedule import (
     LINKAGE_ALIASES,
@@ -499,30 +499,33 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             grams(prepared, precision=precision), partition.numels, similarity, method.group_scale,
             method.min_merged, method.sums,
         )
-    # TIES: the pass that finds the thresholds also yields the singletons'
-    # (trimmed) Grams; otherwise each materialized block computes its own
-    # (a separate streamed pass would read every input once more).
-    pre = None
-    if method.trims and not structured and similarity != "sign":
-        pre = trim_pass(prepared, want_grams=True, precision=precision)  # None off the host
+    # TIES: one pass over every parameter finds the trim thresholds first.
+    # Each block's inputs (task vectors, trimmed as they are computed; their
+    # Gram; the method's block state) are then computed in host threads
+    # ahead of the sequences (read_ahead: up to one largest block ahead, so
+    # that a run of small blocks does not leave the next large one waiting),
+    # while XLA reduces the comparisons on one core: the Gram of a block read
+    # anyway costs no read, and on the second core little time.
+    if method.trims:
+        prepared.trim_threshold  # noqa: B018 (computes the thresholds)
 
-    def block(b):
-        tau = prepared.tau(b)
-        x = prepared.x(b, tau)
-        singles = tau if structured else x
-        del tau  # not held during the sequence unless singletons compare raw vectors
-        return materialized_sequence(
-            x, singles, prepared.extra(b, x), similarity, method, partition.blocks[b].numel,
-            gram=None if pre is None else pre[b], precision=precision,
-        )
+    def inputs(b):
+        if structured:  # singletons compare raw vectors
+            singles = prepared.tau(b)
+            x = prepared.x(b, singles)
+        else:
+            x = singles = prepared.x(b)
+        gram = None if similarity == "sign" else block_gram(singles, precision)
+        return x, singles, prepared.extra(b, x), gram
 
-    # One block at a time, the next block's task vectors computed ahead in a
-    # background thread, from memory too: XLA reduces a block's group
-    # vectors on one core. (Two blocks at once in worker threads saved ~10%
+    # One block at a time. (Two blocks at once in worker threads saved ~10%
     # more of a ViT-B/32 TIES plan on two cores but raised its peak memory
     # by 0.5-0.7 GB, past the bounds.)
-    with prepared.in_order(ahead=True):
-        return [block(b) for b in range(len(partition))]
+    return [
+        materialized_sequence(x, singles, extra, similarity, method, partition.blocks[b].numel,
+                              gram=gram, precision=precision)
+        for b, (x, singles, extra, gram) in enumerate(read_ahead(inputs, partition.numels))
+    ]
 
 
 def plan(

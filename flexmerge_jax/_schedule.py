@@ -271,11 +271,22 @@ def _pair(similarity: str, row: dict, new: dict, precision: str) -> jax.Array:
         return sum(f(jnp.sum(jnp.sign(new[k]) == jnp.sign(x))) for k, x in row.items())
     if similarity == "cosine":
         if wide:
-            return sum(jnp.sum(f(x) * f(new[k])) for k, x in row.items())
+            return sum(_total(f(x) * f(new[k])) for k, x in row.items())
         return sum(f(jnp.sum(x * new[k])) for k, x in row.items())
     if wide:
-        return sum(jnp.sum((f(x) - f(new[k])) ** 2) for k, x in row.items())
+        return sum(_total((f(x) - f(new[k])) ** 2) for k, x in row.items())
     return sum(f(jnp.sum((x - new[k]) ** 2)) for k, x in row.items())
+
+
+def _total(x: jax.Array) -> jax.Array:
+    """``sum(x)`` as a sum of partial sums over ``x``'s last axis: XLA's CPU
+    code then keeps many independent accumulators instead of one dependency
+    chain, ~1.3x faster for the float64 products of a large leaf (the order
+    of float64 additions is XLA's either way). No reshape, so sharded
+    leaves reduce as they lie."""
+    if x.ndim < 2:
+        return jnp.sum(x)
+    return jnp.sum(jnp.sum(x, axis=-1))
 
 
 def _row_sims(similarity: str, rows: tuple, new: dict, r, alive, norms2, numel: int,
@@ -326,6 +337,17 @@ class _Materialized(Flavour):
             self.similarity, g, dg[:, None], dg[None, :], jnp.float64(self.numel))
 
     def update(self, state, inp, core, a, b, root, members):
+        # After the last merge nothing is left to compare: its group vector
+        # (a merge of every task) is never computed.
+        n = core.alive.shape[0]
+        return jax.lax.cond(
+            jnp.sum(core.alive) > 1,
+            lambda state: self._update(state, inp, core, root, members),
+            lambda state: (state, jnp.zeros((n,), jnp.float64)),
+            state,
+        )
+
+    def _update(self, state, inp, core, root, members):
         rows, norms2 = state
         x, _, _, extra, hp = inp
         size = core.size[root]

@@ -71,7 +71,7 @@ class Source(abc.ABC):
         names = [r[0] for r in requests]
         return _runs(self.base(names), self.finetuned(names), requests)
 
-    def task_vectors(self, names: Sequence[str]) -> dict[str, Any]:
+    def task_vectors(self, names: Sequence[str], threshold=None) -> dict[str, Any]:
         """``{name: f32[n, ...]}`` task vectors, checked finite.
 
         On the CPU backend, host-resident inputs (NumPy, or JAX arrays on the
@@ -80,13 +80,19 @@ class Source(abc.ABC):
         Otherwise one jitted kernel computes them on the default device. Both
         compute ``f32(theta_i) - f32(theta_0)``, bit for bit the same.
 
+        Args:
+          names: the parameters.
+          threshold: optional ``f32[n]`` TIES trim thresholds: entries with
+            ``|x| < threshold[i]`` are zeroed (:func:`~.prep.trim`, bit for
+            bit), on the host in the same pass as the subtraction.
+
         Raises:
           ValueError: naming the first task and parameter with NaN/Inf.
         """
         base = self.base(names)
         fts = self.finetuned(names)
         if _all_host(names, base, fts):
-            return host_task_vectors(names, base, fts, self.task_names)
+            return host_task_vectors(names, base, fts, self.task_names, threshold)
         out, oks = {}, []
         for name in names:
             out[name], ok = _task_vector(
@@ -94,7 +100,12 @@ class Source(abc.ABC):
             )
             oks.append(ok)
         _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
-        return out
+        if threshold is None:
+            return out
+        from .prep import trim
+
+        thr = jnp.asarray(threshold, jnp.float32)
+        return {k: trim(v, thr) for k, v in out.items()}
 
 
 def _flat_runs(arr, starts, length) -> np.ndarray:
@@ -151,11 +162,14 @@ def tv_chunks(base: dict, fts: Sequence[dict], names: Sequence[str], columns: in
             yield name, t
 
 
-def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names) -> dict[str, np.ndarray]:
-    """``{name: np.float32[n, ...]}`` computed by NumPy on the host, checked finite."""
+def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names,
+                      threshold=None) -> dict[str, np.ndarray]:
+    """``{name: np.float32[n, ...]}`` computed by NumPy on the host, checked
+    finite, trimmed in place if ``threshold`` (``f32[n]``) is given (see
+    :meth:`Source.task_vectors`)."""
     out, oks = {}, []
     for name in names:
-        out[name], ok = _host_task_vector(base[name], [f[name] for f in fts])
+        out[name], ok = _host_task_vector(base[name], [f[name] for f in fts], threshold)
         oks.append(ok)
     _check_finite(names, oks, task_names)
     return out
@@ -198,9 +212,13 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
-def _host_task_vector(base, fts) -> tuple[np.ndarray, np.ndarray]:
+_TRIM_COLUMNS = 1 << 16  # entries per chunk of the fused subtract-and-trim (256 KB)
+
+
+def _host_task_vector(base, fts, threshold=None) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin of :func:`_task_vector` (same float32 arithmetic), in a
-    64-byte aligned buffer (see :func:`aligned_empty`)."""
+    64-byte aligned buffer (see :func:`aligned_empty`); with ``threshold``,
+    each task's row is trimmed as it is computed (:func:`_trim_into`)."""
     b = np.asarray(base)
     if b.dtype != np.float32:
         b = b.astype(np.float32)
@@ -208,9 +226,45 @@ def _host_task_vector(base, fts) -> tuple[np.ndarray, np.ndarray]:
     ok = np.empty(len(fts), bool)
     for i, f in enumerate(fts):
         f = np.asarray(f)
-        np.subtract(f if f.dtype == np.float32 else f.astype(np.float32), b, out=tv[i])
-        ok[i] = np.isfinite(tv[i]).all()
+        f = f if f.dtype == np.float32 else f.astype(np.float32)
+        if threshold is None:
+            np.subtract(f, b, out=tv[i])
+            ok[i] = np.isfinite(tv[i]).all()
+        else:
+            ok[i] = _trim_into(tv[i].reshape(-1), f.reshape(-1), b.reshape(-1), threshold[i])
     return tv, ok
+
+
+_ABS_BITS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+
+
+def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool:
+    """``out = where(|f - b| >= threshold, f - b, 0)`` (flat float32 arrays),
+    chunk by chunk while each chunk is in cache; returns whether every
+    ``f - b`` is finite.
+
+    Works on the bits: ``|x|`` with the sign bit cleared is monotone in
+    ``|x|`` as an unsigned integer, and a kept entry is ANDed with all ones,
+    a dropped one with zero (``+0.0``, as :func:`~.prep.trim` writes).
+    NaN entries compare above every threshold (kept, and reported).
+    """
+    thr = np.float32(threshold)
+    # |x| >= thr as keys: every entry for thr <= 0, none for a NaN thr.
+    key = np.uint32(0) if thr <= 0 else np.uint32(0xFFFFFFFF) if np.isnan(thr) \
+        else thr.view(np.uint32)
+    bits = out.view(np.uint32)
+    tmp = np.empty(min(_TRIM_COLUMNS, out.size), np.uint32)
+    top = np.uint32(0)
+    for j in range(0, out.size, _TRIM_COLUMNS):
+        o, t = out[j:j + _TRIM_COLUMNS], tmp[:min(_TRIM_COLUMNS, out.size - j)]
+        np.subtract(f[j:j + _TRIM_COLUMNS], b[j:j + _TRIM_COLUMNS], out=o)
+        np.bitwise_and(o.view(np.uint32), _ABS_BITS, out=t)
+        top = max(top, t.max())
+        np.greater_equal(t, key, out=t, casting="unsafe")  # 1: kept, 0: dropped
+        np.negative(t, out=t)  # all ones, or zero
+        np.bitwise_and(bits[j:j + _TRIM_COLUMNS], t, out=bits[j:j + _TRIM_COLUMNS])
+    return bool(top < _INF_BITS)
 
 
 @jax.jit

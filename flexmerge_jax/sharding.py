@@ -101,11 +101,11 @@ class ShardedSource(Source):
     def finetuned_tasks(self, names, tasks):
         return {t: self._put_all(f) for t, f in self.inner.finetuned_tasks(names, tasks).items()}
 
-    def task_vectors(self, names):
-        # float32 subtraction on the host (bitwise the same as on device),
-        # then each task vector placed shard by shard.
+    def task_vectors(self, names, threshold=None):
+        # float32 subtraction (and trim) on the host (bitwise the same as on
+        # device), then each task vector placed shard by shard.
         out = host_task_vectors(names, self.inner.base(names), self.inner.finetuned(names),
-                                self.task_names)
+                                self.task_names, threshold)
         return {k: self._put(k, v, lead=1) for k, v in out.items()}
 
     def describe(self) -> dict:

@@ -205,6 +205,23 @@ def test_float32_precision_reaches_group_vector_comparisons():
     assert not np.array_equal(narrow.sim, wide.sim)  # float32 sums were used
 
 
+@pytest.mark.parametrize("shape", [(40, 768), (5,), (3, 7), (2, 3, 256), (), (9, 0)])
+def test_partial_sums_of_comparisons_are_the_float64_sum(shape):
+    # _total reassociates the float64 sums of the comparisons (partial sums
+    # over the last axis): still the float64 sum.
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from flexmerge_jax._schedule import _total
+
+    x = np.random.default_rng(len(shape)).standard_normal(shape) * 1e3
+    with jax.enable_x64(True):
+        got = float(_total(jnp.asarray(x)))
+    np.testing.assert_allclose(got, math.fsum(x.ravel()), rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize("order", ["right-left", "left-right"])
 @pytest.mark.parametrize(
     "method,distance",
@@ -378,8 +395,8 @@ def test_merged_vector_plan_names_the_first_parameter_with_nan():
 
 def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
     # In-memory sources do not prefetch elsewhere (source.prefetch is False);
-    # the merged-vector pass computes block b + 1's task vectors in a host
-    # thread while block b's merges run, each block once, in block order.
+    # the merged-vector pass computes the next blocks' (trimmed) task
+    # vectors in host threads while block b's merges run, each block once.
     import threading
 
     from flexmerge_jax._source import MemorySource
@@ -392,15 +409,19 @@ def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
     reads = []
     real = MemorySource.task_vectors
 
-    def task_vectors(self, names):
-        reads.append((list(names), threading.current_thread().name))
-        return real(self, names)
+    def task_vectors(self, names, threshold=None):
+        reads.append((list(names), threading.current_thread().name, threshold))
+        return real(self, names, threshold)
 
     monkeypatch.setattr(MemorySource, "task_vectors", task_vectors)
     p = fm.plan(base, fts, **kw)
     leaves = [list(b.leaves) for b in p.partition.blocks]
-    last = [r for r in reads if r[0] in leaves][-len(leaves):]
-    assert [r[0] for r in last] == leaves
-    assert all(r[1].startswith("flexmerge-host") for r in last[1:])
+    blockwise = [r for r in reads if r[0] in leaves]
+    assert sorted(leaves.index(r[0]) for r in blockwise) == list(range(len(leaves)))
+    first = next(r for r in blockwise if r[0] == leaves[0])
+    assert not first[1].startswith("flexmerge-host")
+    assert all(r[1].startswith("flexmerge-host") for r in blockwise if r is not first)
+    # trimmed while computed: the thresholds go with every block's read
+    assert all(r[2] is not None for r in blockwise)
     assert [(e.block, e.members_a, e.members_b, e.similarity) for e in p.events] == \
         [(e.block, e.members_a, e.members_b, e.similarity) for e in ref.events]

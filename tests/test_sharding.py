@@ -110,9 +110,9 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     reads = []
     real = ShardedSource.task_vectors
 
-    def task_vectors(self, names):
-        reads.append((list(names), threading.current_thread().name))
-        return real(self, names)
+    def task_vectors(self, names, threshold=None):
+        reads.append((list(names), threading.current_thread().name, threshold))
+        return real(self, names, threshold)
 
     monkeypatch.setattr(ShardedSource, "task_vectors", task_vectors)
     sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
@@ -122,13 +122,14 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     ]
     np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
                                rtol=1e-9, atol=1e-12)
-    # The merged-vector pass read every block once, in order, each after the
-    # first ahead of its turn in a background thread (the reads of whole-model
-    # chunks for the TIES thresholds come in between).
+    # The merged-vector pass read every block once, trimmed as read, each
+    # after the first ahead of its turn in a background thread (the reads of
+    # whole-model chunks for the TIES thresholds come before, untrimmed).
     blocks = [list(b.leaves) for b in ref.partition.blocks]
-    last = [r for r in reads if r[0] in blocks][-len(blocks):]
-    assert [r[0] for r in last] == blocks
-    assert all(r[1].startswith("flexmerge-host") for r in last[1:])
+    trimmed = [r for r in reads if r[2] is not None]
+    assert sorted(blocks.index(r[0]) for r in trimmed) == list(range(len(blocks)))
+    assert not trimmed[0][1].startswith("flexmerge-host") and trimmed[0][0] == blocks[0]
+    assert all(r[1].startswith("flexmerge-host") for r in trimmed[1:])
     assert_models_equal(sh.at_size(3.0), ref.at_size(3.0), c.n, rtol=1e-6, atol=1e-8)
 
 

@@ -201,9 +201,9 @@ def test_blocks_read_ahead_in_order(tmp_path):
             np.testing.assert_array_equal(tau[k], want[k])
     with p.in_order():
         p.tau(0)
-        assert p._ahead[0] == 1
+        assert p._ahead[0] == (1, False)  # (block, trimmed)
         again = p.tau(0)  # out of turn: block 1's read is dropped
-        assert p._ahead[0] == 1
+        assert p._ahead[0] == (1, False)
     assert p._ahead is None  # and leaving drops it
     np.testing.assert_array_equal(again[part.blocks[0].leaves[0]], got[0][part.blocks[0].leaves[0]])
     p.tau(0)
@@ -343,3 +343,98 @@ def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
         for s, t in zip(blk.sets, other.sets):
             for k in blk.leaves:
                 np.testing.assert_array_equal(np.asarray(s[k]), np.asarray(t[k]))
+
+
+def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
+    """``Source.task_vectors(names, threshold)`` trims in the subtraction's
+    pass (host: on the bits, chunk by chunk; device: XLA), bit for bit
+    ``prep.trim`` of the untrimmed vectors, signed zeros included: ties at
+    the threshold kept, thresholds <= 0 keep everything, a NaN threshold
+    keeps nothing; NaN/Inf inputs still raise naming the parameter."""
+    import jax.numpy as jnp
+
+    from flexmerge_jax import _source
+
+    base, fts = _case(n=4)
+    fts[1]["l0.mlp.w"] = base["l0.mlp.w"].copy()  # a task vector of zeros
+    src = MemorySource(base, fts)
+    names = list(src.layout.names)
+    raw = src.task_vectors(names)
+    tie = float(np.abs(raw["emb"][2]).max())  # |x| == threshold: kept
+    cases = [np.array([0.1, 0.5, tie, 0.0], np.float32),
+             np.array([-1.0, np.nan, 0.3, 1e30], np.float32)]
+    for thr in cases:
+        want = {k: np.asarray(prep.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
+        host = src.task_vectors(names, thr)
+        with monkeypatch.context() as m:  # the device (XLA) path
+            m.setattr(_source, "_all_host", lambda *a: False)
+            dev = src.task_vectors(names, thr)
+        for got in (host, dev):
+            assert list(got) == names
+            for k in names:
+                g = np.asarray(got[k])
+                np.testing.assert_array_equal(g, want[k])
+                np.testing.assert_array_equal(np.signbit(g), np.signbit(want[k]))
+    assert np.count_nonzero(src.task_vectors(["emb"], cases[0])["emb"][2]) >= 1
+    assert not np.any(src.task_vectors(names, cases[1])["l0.mlp.w"][1])  # NaN: none kept
+    np.testing.assert_array_equal(src.task_vectors(names, cases[1])["emb"][0], raw["emb"][0])
+    # across chunk boundaries of the fused pass
+    monkeypatch.setattr(_source, "_TRIM_COLUMNS", 7)
+    np.testing.assert_array_equal(src.task_vectors(names, cases[0])["l1.mlp.w"],
+                                  np.asarray(prep.trim(jnp.asarray(raw["l1.mlp.w"]),
+                                                       jnp.asarray(cases[0]))))
+    fts[3]["l1.attn.w"] = fts[3]["l1.attn.w"].copy()
+    fts[3]["l1.attn.w"].flat[5] = np.inf
+    bad = MemorySource(base, fts)
+    with pytest.raises(ValueError, match=r"task 3 \(task3\).*'l1\.attn\.w'"):
+        bad.task_vectors(names, cases[0])
+
+
+def test_read_ahead_holds_at_most_one_largest_result_ahead():
+    """``read_ahead`` yields every result in order and computes later ones
+    in host threads while the sizes of those held ahead fit the largest size
+    (one at least); stopping early cancels the rest; an error is raised when
+    its result is due."""
+    import threading
+    import time
+
+    sizes = [1, 10, 1, 1, 4, 4, 10, 1]
+    started, threads = [], {}
+
+    def fn(i):
+        started.append(i)
+        threads[i] = threading.current_thread().name
+        return i * i
+
+    got = []
+    for i, r in enumerate(_engine.read_ahead(fn, sizes)):
+        got.append(r)
+        time.sleep(0.05)  # the workers start what was submitted
+        ahead = sorted(j for j in list(started) if j > i)
+        assert ahead == list(range(i + 1, i + 1 + len(ahead)))  # the next ones, in order
+        assert len(ahead) <= 1 or sum(sizes[j] for j in ahead) <= max(sizes)
+        if i + 1 < len(sizes):
+            assert ahead  # the next one at least
+    assert got == [i * i for i in range(len(sizes))]
+    assert sorted(started) == list(range(len(sizes)))
+    assert not threads[0].startswith("flexmerge-host")
+    assert all(threads[i].startswith("flexmerge-host") for i in range(1, len(sizes)))
+    # [1, 1, 1, 1] ahead of a size-1 item fit a budget of 10 all at once
+    started.clear()
+    it = _engine.read_ahead(fn, [1, 1, 1, 1, 10])
+    assert next(it) == 0
+    time.sleep(0.05)
+    assert sorted(started) == [0, 1, 2, 3]  # not 4: 1 + 1 + 1 + 10 > 10
+    it.close()  # stopping early: nothing left running, nothing more started
+    assert sorted(started) == [0, 1, 2, 3]
+    assert list(_engine.read_ahead(fn, [])) == []
+
+    def failing(i):
+        if i == 2:
+            raise RuntimeError("block 2")
+        return i
+
+    it = _engine.read_ahead(failing, [1, 1, 1])
+    assert [next(it), next(it)] == [0, 1]
+    with pytest.raises(RuntimeError, match="block 2"):
+        next(it)
