@@ -289,26 +289,10 @@ def _total(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(x, axis=-1))
 
 
-def _row_sims(similarity: str, rows: tuple, new: dict, r, alive, norms2, numel: int,
-              precision: str = "float64"):
-    """Similarities of the new vector of row ``r`` against every live row.
-
-    ``rows``: the group vectors, one ``{name: f32[...]}`` per row (separate
-    buffers: XLA's CPU code reduces a whole row at its best speed, while
-    reductions over part of an ``[n, ...]`` array run several times slower),
-    so that only the rows of live groups (``alive: bool[n]``) are read; the
-    others' entries are 0 (never selected). Cosine reuses the squared norms
-    ``norms2 [n]`` of the other rows (the new row's is its dot with itself,
-    from the same pass). See :func:`_pair` for ``precision``.
-
-    Returns:
-      ``(f64[n] similarities, updated norms2)``.
-    """
-    zero = lambda row: jnp.zeros((), jnp.float64)
-    val = jnp.stack([
-        jax.lax.cond(alive[k], lambda row: _pair(similarity, row, new, precision), zero, row)
-        for k, row in enumerate(rows)
-    ])
+def _finish_sims(similarity: str, val, r, norms2, numel: int):
+    """Similarities of row ``r`` from its comparisons ``val f64[n]`` (dots
+    for cosine, with ``val[r]`` its squared norm; squared distances; equal
+    signs). Returns ``(f64[n] similarities, updated norms2)``."""
     if similarity == "sign":
         return val / numel, norms2
     if similarity == "cosine":
@@ -319,63 +303,110 @@ def _row_sims(similarity: str, rows: tuple, new: dict, r, alive, norms2, numel: 
 
 @dataclasses.dataclass(frozen=True)
 class _Materialized(Flavour):
+    """Group vectors materialized by the method, compared on full tensors.
+
+    A group's vector lies in one of two places: a singleton (or a group
+    below ``min_merged``, which keeps its root's vector) reads its task's
+    row of the input ``rows`` (never copied: on the host they alias the
+    caller's arrays); a merged group's vector is in one of ``n // 2``
+    *slots*, enough since live merged groups are disjoint and have two
+    tasks at least. Every place is a separate buffer (XLA's CPU code
+    reduces a whole buffer at its best speed, while reductions over part
+    of an ``[n, ...]`` array run several times slower), and only the live
+    places are read, each behind a ``lax.cond``: a new vector costs one
+    comparison per live group. State: ``(slots, slot_of int32[n] (-1: the
+    input row), squared norms f64[n])``.
+    """
+
     similarity: str
     method: object  # static part of a Method (see Method.split)
     min_merged: int
     numel: int
-    precision: str = "float64"  # of the group-vector comparisons (see _row_sims)
+    precision: str = "float64"  # of the group-vector comparisons (see _pair)
 
     def init(self, inp):
-        x, singles, g, extra, hp = inp
-        n = next(iter(singles.values())).shape[0]
-        rows = tuple({k: t[i] for k, t in singles.items()} for i in range(n))
+        x, singles, rows, g, extra, hp = inp
+        n = len(rows)
+        slots = tuple({k: jnp.zeros_like(v) for k, v in rows[0].items()}
+                      for _ in range(max(1, n // 2)))
+        slot_of = jnp.full((n,), -1, jnp.int32)
         if self.similarity == "sign":
             sims = _sign_sims(singles, self.numel)
-            return (rows, jnp.zeros(sims.shape[:1], jnp.float64)), sims
+            return (slots, slot_of, jnp.zeros(sims.shape[:1], jnp.float64)), sims
         dg = jnp.diagonal(g)  # squared norms, carried for cosine
-        return (rows, dg), _gram_sims(
+        return (slots, slot_of, dg), _gram_sims(
             self.similarity, g, dg[:, None], dg[None, :], jnp.float64(self.numel))
 
     def update(self, state, inp, core, a, b, root, members):
         # After the last merge nothing is left to compare: its group vector
         # (a merge of every task) is never computed.
         n = core.alive.shape[0]
+        loser = a + b - root
         return jax.lax.cond(
             jnp.sum(core.alive) > 1,
-            lambda state: self._update(state, inp, core, root, members),
+            lambda state: self._update(state, inp, core, root, loser, members),
             lambda state: (state, jnp.zeros((n,), jnp.float64)),
             state,
         )
 
-    def _update(self, state, inp, core, root, members):
-        rows, norms2 = state
-        x, _, _, extra, hp = inp
-        size = core.size[root]
+    def _update(self, state, inp, core, root, loser, members):
+        slots, slot_of, norms2 = state
+        x, _, rows, _, extra, hp = inp
+        n, nslots = len(rows), len(slots)
+        merged = core.size[root] >= self.min_merged
 
-        def merged():
+        def vector():
             return self.method.join(hp).group_vector(x, members, extra)
 
-        def kept():  # a group below min_merged keeps its root's vector
-            return jax.lax.switch(root, [lambda rows, k=k: rows[k] for k in range(len(rows))],
-                                  rows)
+        def own():  # below min_merged: the root's own row, where it lies
+            return jax.lax.switch(root, [lambda k=k: rows[k] for k in range(n)])
 
-        new = jax.lax.cond(size >= self.min_merged, merged, kept)
-        # Only the root's buffer is written (the others pass through).
-        rows = tuple(jax.lax.cond(root == k, lambda row: new, lambda row: row, row)
-                     for k, row in enumerate(rows))
-        row, norms2 = _row_sims(self.similarity, rows, new, root, core.alive, norms2,
-                                self.numel, self.precision)
-        return (rows, norms2), row
+        # (Groups always reach min_merged <= 2: no cond, no copy.)
+        new = vector() if self.min_merged <= 2 else jax.lax.cond(merged, vector, own)
+        # A merged vector goes to a slot no other live group holds (the
+        # root's own included). Only that slot's buffer is written: the
+        # others pass through their conds in place.
+        others = core.alive & (jnp.arange(n) != root)
+        held = jnp.stack([jnp.any(others & (slot_of == j)) for j in range(nslots)])
+        s = jnp.argmin(held).astype(jnp.int32)
+        slots = tuple(jax.lax.cond(merged & (s == j), lambda sl: new, lambda sl: sl, sl)
+                      for j, sl in enumerate(slots))
+        slot_of = jnp.where(merged, slot_of.at[loser].set(-1).at[root].set(s), slot_of)
+        pair = lambda v: _pair(self.similarity, v, new, self.precision)
+        zero = lambda v: jnp.zeros((), jnp.float64)
+        in_row = core.alive & (slot_of < 0)
+        val = jnp.stack([jax.lax.cond(in_row[k], pair, zero, rows[k]) for k in range(n)])
+        for j, sl in enumerate(slots):
+            owner = core.alive & (slot_of == j)
+            v = jax.lax.cond(jnp.any(owner), pair, zero, sl)
+            val = val + jnp.where(owner, v, 0.0)
+        row, norms2 = _finish_sims(self.similarity, val, root, norms2, self.numel)
+        return (slots, slot_of, norms2), row
 
 
 @functools.partial(
     jax.jit, static_argnames=("similarity", "method", "min_merged", "numel", "precision")
 )
-def _materialized_sequence(x, singles, gram, extra, hp, *, similarity, method, min_merged,
+def _materialized_sequence(x, singles, rows, gram, extra, hp, *, similarity, method, min_merged,
                            numel, precision):
     n = next(iter(x.values())).shape[0]
+    if rows is None:  # device arrays: one buffer per row, sliced here
+        rows = tuple({k: t[i] for k, t in singles.items()} for i in range(n))
     flavour = _Materialized(similarity, method, min_merged, numel, precision)
-    return _run(flavour, (x, singles, gram, extra, hp), n)
+    return _run(flavour, (x, singles, rows, gram, extra, hp), n)
+
+
+def _host_rows(singles: dict):
+    """Per-task rows of host-resident ``singles`` as NumPy views (jit
+    arguments that alias them when 64-byte aligned), else ``None``."""
+    from ._source import _host_resident
+
+    leaves = list(singles.values())
+    if not leaves or not all(_host_resident(v) for v in leaves):
+        return None
+    arrays = {k: np.asarray(v) for k, v in singles.items()}
+    n = leaves[0].shape[0]
+    return tuple({k: v[i] for k, v in arrays.items()} for i in range(n))
 
 
 # ----------------------------------------------------------------------------
@@ -450,7 +481,7 @@ def materialized_sequence(
         (cosine and euclidean start from it).
       precision: ``"float64"`` or ``"float32"``: of the Gram computed here
         if not given (see :func:`~._engine.block_gram`) and of every group
-        vector comparison (see :func:`_row_sims`).
+        vector comparison (see :func:`_pair`).
     """
     from ._engine import block_gram
 
@@ -460,7 +491,8 @@ def materialized_sequence(
         gram = block_gram(singles, precision)
     with jax.enable_x64(True):
         out = _materialized_sequence(
-            x, singles, None if gram is None else jnp.asarray(gram, jnp.float64), extra, hp,
+            x, singles, _host_rows(singles),
+            None if gram is None else jnp.asarray(gram, jnp.float64), extra, hp,
             similarity=similarity, method=static,
             min_merged=int(method.min_merged), numel=int(numel), precision=precision,
         )

@@ -186,6 +186,30 @@ def test_merged_vector_schedule_matches_reference(method, distance, n, precision
                            gram_precision=precision)
 
 
+@pytest.mark.parametrize("method,distance", [
+    (fm.methods.ties(1.0, keep=0.5), "cosine"),
+    (fm.methods.emr(), "euclidean"),  # groups of 2 keep their root's vector
+    (fm.methods.pcb(1.0, keep=0.3), "cosine"),
+], ids=lambda v: getattr(v, "name", v))
+def test_merged_vector_plan_with_every_group_vector_slot_in_use(method, distance):
+    # Tasks in near-duplicate pairs, the pairs far apart: each block's first
+    # n/2 merges form the pairs, so n/2 merged groups are live at once
+    # (every slot of _Materialized holds one), then the pairs merge.
+    rng = np.random.default_rng(11)
+    n = 8
+    base, _ = random_case(11, n=1)
+    fts = []
+    for _ in range(n // 2):  # independent directions: pairs nearly orthogonal
+        f = {k: (v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
+        fts += [f, {k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(np.float32)
+                    for k, v in f.items()}]
+    p = fm.plan(base, fts, blocks=BLOCKS, method=method, linkage=None, similarity=distance)
+    b0 = [e for e in p.events if e.block == p.events[0].block]
+    pairs = {frozenset((i, i + 1)) for i in range(0, n, 2)}
+    assert {frozenset(e.members_a + e.members_b) for e in b0[: n // 2]} == pairs
+    compare_with_reference(base, fts, method, linkage=None, distance=distance)
+
+
 def test_float32_precision_reaches_group_vector_comparisons():
     # Same singleton Gram for both precisions: only the comparisons of the
     # materialized group vectors differ, by float32 rounding.
