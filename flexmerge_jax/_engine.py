@@ -116,14 +116,15 @@ class Prepared:
         return self.source.task_vectors(leaves, self.trim_threshold if trimmed else None)
 
     @contextlib.contextmanager
-    def in_order(self, ahead: bool | None = None):
+    def in_order(self):
         """Declares that the blocks are about to be read in increasing order:
-        sources that read files (``source.prefetch``), or any source if
-        ``ahead`` is true, then compute block ``b + 1``'s task vectors in a
-        background thread while the caller works on block ``b`` (one block
-        ahead at most; a block read out of turn drops it, and so does
-        leaving the context)."""
-        self._in_order = self.source.prefetch if ahead is None else ahead
+        sources that read files (``source.prefetch``) then compute block
+        ``b + 1``'s task vectors (raw or trimmed, as block ``b``'s were
+        asked for) in a background thread while the caller works on block
+        ``b`` (one block ahead at most; a block read out of turn drops it,
+        and so does leaving the context). Merged-vector plans read ahead
+        with :func:`read_ahead` instead, from memory too."""
+        self._in_order = self.source.prefetch
         try:
             yield self
         finally:
