@@ -521,9 +521,10 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     # One block at a time. (Two blocks at once in worker threads saved ~10%
     # more of a ViT-B/32 TIES plan on two cores but raised its peak memory
     # by 0.5-0.7 GB, past the bounds.)
+    scratch: dict = {}  # group-vector buffers reused by blocks of the same shapes
     return [
         materialized_sequence(x, singles, extra, similarity, method, partition.blocks[b].numel,
-                              gram=gram, precision=precision)
+                              gram=gram, precision=precision, scratch=scratch)
         for b, (x, singles, extra, gram) in enumerate(read_ahead(inputs, partition.numels))
     ]
 
