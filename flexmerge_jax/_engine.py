@@ -29,7 +29,7 @@ from . import prep
 from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
-from ._source import Source, _host_resident, host_inputs, tv_chunks
+from ._source import _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, tv_chunks
 
 
 class Prepared:
@@ -475,9 +475,8 @@ def _chunked_gram(chunks, n: int, precision: str) -> np.ndarray:
     return g.result()
 
 
-# |x| as the bits of a float32 with the sign cleared: monotone in |x|.
-_ABS = np.uint32(0x7FFFFFFF)
-_INF_KEY = 0x7F800000
+# |x| keys: the bits of a float32 with the sign cleared (_source._ABS_BITS),
+# monotone in |x|; _INF_BITS and above are Inf/NaN.
 _NO_KEY = 0x80000000  # above every |x| key, NaN included
 _SAMPLE = 1 << 20  # entries per task in the sample that brackets the thresholds
 _RUN = 256  # entries per contiguous run of the sample
@@ -542,7 +541,7 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     def all_chunks():
         for names, _ in groups:
             for _, t in tv_chunks(*host_inputs(src, names), names, _columns(n)):
-                top[0] = max(top[0], int((t.view(np.uint32) & _ABS).max()))
+                top[0] = max(top[0], int((t.view(np.uint32) & _ABS_BITS).max()))
                 yield t
 
     lo, hi = _sample_bracket(prepared, k)
@@ -552,7 +551,7 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     else:  # the bracket missed or captured too much: exact radix select
         sel = prep.RadixSelect(k, magnitude=True)
         sel.first_pass(all_chunks())
-        if top[0] >= _INF_KEY:  # histograms cannot tell NaN/Inf: name it
+        if top[0] >= _INF_BITS:  # histograms cannot tell NaN/Inf: name it
             _raise_nonfinite(prepared)
         thr, g = sel.second_pass(all_chunks()), None
     prepared._trim_threshold = thr
@@ -604,7 +603,7 @@ def _sample_bracket(prepared: Prepared, k: np.ndarray) -> tuple[np.ndarray, np.n
             if len(starts):
                 requests.append((name, starts, length))
         if requests:
-            parts += [r.view(np.uint32) & _ABS for r in src.sample_runs(requests)]
+            parts += [r.view(np.uint32) & _ABS_BITS for r in src.sample_runs(requests)]
     lo, hi = np.zeros(n, np.uint32), np.full(n, _NO_KEY, np.uint32)
     if not parts:  # nothing sampled: the widest bracket (the pass falls back)
         return lo, hi
@@ -651,7 +650,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
     for _, t in tv_chunks(*inputs, names, cols):
         c = t.shape[1]
         u, kept = ub[:, :c], keptb[:, :c]
-        np.bitwise_and(t.view(np.uint32), _ABS, out=u)
+        np.bitwise_and(t.view(np.uint32), _ABS_BITS, out=u)
         top = max(top, int(u.max()))
         np.greater_equal(u, hi_c, out=kept)
         if gram:
@@ -745,7 +744,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
                 columns_ok = False
                 captured.clear()
                 out.clear()
-    if top >= _INF_KEY:  # NaN/Inf somewhere: name it
+    if top >= _INF_BITS:  # NaN/Inf somewhere: name it
         _raise_nonfinite(prepared)
     if not counts:
         return lo.view(np.float32), np.stack(out)
@@ -768,7 +767,7 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
         plus, minus = _GramSum(n), _GramSum(n)  # float64 whatever the precision
         for packed in captured.get(b, ()):
             a = _unpack_columns(*packed)
-            key = a.view(np.uint32) & _ABS
+            key = a.view(np.uint32) & _ABS_BITS
             plus.add(a * (key >= tk))
             minus.add(a * (key >= hi_c))
         g += plus.result() - minus.result()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .prep import trim
 from .tree import Layout, check_finetuned, flatten
 
 PyTree = Any
@@ -94,18 +95,14 @@ class Source(abc.ABC):
         if _all_host(names, base, fts):
             return host_task_vectors(names, base, fts, self.task_names, threshold)
         out, oks = {}, []
+        thr = None if threshold is None else jnp.asarray(threshold, jnp.float32)
         for name in names:
             out[name], ok = _task_vector(
-                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts)
+                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts), thr
             )
             oks.append(ok)
         _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
-        if threshold is None:
-            return out
-        from .prep import trim
-
-        thr = jnp.asarray(threshold, jnp.float32)
-        return {k: trim(v, thr) for k, v in out.items()}
+        return out
 
 
 def _flat_runs(arr, starts, length) -> np.ndarray:
@@ -235,6 +232,8 @@ def _host_task_vector(base, fts, threshold=None) -> tuple[np.ndarray, np.ndarray
     return tv, ok
 
 
+# |x| as the bits of a float32 with the sign cleared: monotone in |x| as an
+# unsigned integer; keys from _INF_BITS up are Inf or NaN.
 _ABS_BITS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 
@@ -268,12 +267,14 @@ def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool
 
 
 @jax.jit
-def _task_vector(base, fts):
+def _task_vector(base, fts, threshold=None):
     """Task vectors ``f32[n, ...]`` and, fused in the same pass, ``bool[n]``
-    whether each task's entries are all finite."""
+    whether each task's entries are all finite; trimmed by ``threshold``
+    (``f32[n]``, :func:`~.prep.trim`) if given."""
     b = base.astype(jnp.float32)
     tv = jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
-    return tv, jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
+    ok = jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
+    return (tv if threshold is None else trim(tv, threshold)), ok
 
 
 def default_task_names(n: int) -> tuple[str, ...]:

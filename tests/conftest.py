@@ -71,3 +71,30 @@ def random_case(seed: int, n: int = 5, shapes=None, scale: float = 1e-2):
             }
         )
     return base, fts
+
+
+def record_task_vector_reads(monkeypatch, source_cls) -> list:
+    """Records every ``source_cls.task_vectors`` call as ``(names, thread
+    name, threshold)`` in the returned list (the reads still happen)."""
+    import threading
+
+    reads, real = [], source_cls.task_vectors
+
+    def task_vectors(self, names, threshold=None):
+        reads.append((list(names), threading.current_thread().name, threshold))
+        return real(self, names, threshold)
+
+    monkeypatch.setattr(source_cls, "task_vectors", task_vectors)
+    return reads
+
+
+def assert_blocks_read_ahead_trimmed(reads, blocks) -> None:
+    """A merged-vector TIES plan read each block (``blocks``: leaf lists)
+    once, trimmed as read, the first in the caller's thread and the others
+    ahead of their turn in host threads."""
+    blockwise = [r for r in reads if r[0] in blocks]
+    assert sorted(blocks.index(r[0]) for r in blockwise) == list(range(len(blocks)))
+    assert all(r[2] is not None for r in blockwise)
+    first = next(r for r in blockwise if r[0] == blocks[0])
+    assert not first[1].startswith("flexmerge-host")
+    assert all(r[1].startswith("flexmerge-host") for r in blockwise if r is not first)

@@ -7,7 +7,7 @@ import pytest
 
 import flexmerge_jax as fm
 import reference as ref
-from conftest import random_case
+from conftest import assert_blocks_read_ahead_trimmed, random_case, record_task_vector_reads
 from oracle_utils import list_runs, load_case, load_run, trajectory_key
 
 SIM_TOL = dict(rtol=1e-5, atol=2e-6)
@@ -455,8 +455,6 @@ def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
     # In-memory sources do not prefetch elsewhere (source.prefetch is False);
     # the merged-vector pass computes the next blocks' (trimmed) task
     # vectors in host threads while block b's merges run, each block once.
-    import threading
-
     from flexmerge_jax._source import MemorySource
 
     base, fts = random_case(23, n=4)
@@ -464,22 +462,8 @@ def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
     kw = dict(blocks=blocks, method=fm.methods.ties(1.0, keep=0.4), linkage=None)
     ref = fm.plan(base, fts, **kw)
     assert not MemorySource.prefetch
-    reads = []
-    real = MemorySource.task_vectors
-
-    def task_vectors(self, names, threshold=None):
-        reads.append((list(names), threading.current_thread().name, threshold))
-        return real(self, names, threshold)
-
-    monkeypatch.setattr(MemorySource, "task_vectors", task_vectors)
+    reads = record_task_vector_reads(monkeypatch, MemorySource)
     p = fm.plan(base, fts, **kw)
-    leaves = [list(b.leaves) for b in p.partition.blocks]
-    blockwise = [r for r in reads if r[0] in leaves]
-    assert sorted(leaves.index(r[0]) for r in blockwise) == list(range(len(leaves)))
-    first = next(r for r in blockwise if r[0] == leaves[0])
-    assert not first[1].startswith("flexmerge-host")
-    assert all(r[1].startswith("flexmerge-host") for r in blockwise if r is not first)
-    # trimmed while computed: the thresholds go with every block's read
-    assert all(r[2] is not None for r in blockwise)
+    assert_blocks_read_ahead_trimmed(reads, [list(b.leaves) for b in p.partition.blocks])
     assert [(e.block, e.members_a, e.members_b, e.similarity) for e in p.events] == \
         [(e.block, e.members_a, e.members_b, e.similarity) for e in ref.events]

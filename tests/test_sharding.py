@@ -1,7 +1,5 @@
 """Sharded execution (8 CPU devices, XLA_FLAGS set in conftest) == single device."""
 
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import flexmerge_jax as fm
 from flexmerge_jax import prep
 from flexmerge_jax._engine import _gram
+from conftest import assert_blocks_read_ahead_trimmed, record_task_vector_reads
 from oracle_utils import load_case
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (CPU) devices")
@@ -107,14 +106,7 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     m = mesh(EX)
     src = ShardedSource(io.PathSource(paths[0], paths[1:]), m)
     assert src.prefetch
-    reads = []
-    real = ShardedSource.task_vectors
-
-    def task_vectors(self, names, threshold=None):
-        reads.append((list(names), threading.current_thread().name, threshold))
-        return real(self, names, threshold)
-
-    monkeypatch.setattr(ShardedSource, "task_vectors", task_vectors)
+    reads = record_task_vector_reads(monkeypatch, ShardedSource)
     sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
     monkeypatch.undo()
     assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
@@ -125,11 +117,7 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     # The merged-vector pass read every block once, trimmed as read, each
     # after the first ahead of its turn in a background thread (the reads of
     # whole-model chunks for the TIES thresholds come before, untrimmed).
-    blocks = [list(b.leaves) for b in ref.partition.blocks]
-    trimmed = [r for r in reads if r[2] is not None]
-    assert sorted(blocks.index(r[0]) for r in trimmed) == list(range(len(blocks)))
-    assert not trimmed[0][1].startswith("flexmerge-host") and trimmed[0][0] == blocks[0]
-    assert all(r[1].startswith("flexmerge-host") for r in trimmed[1:])
+    assert_blocks_read_ahead_trimmed(reads, [list(b.leaves) for b in ref.partition.blocks])
     assert_models_equal(sh.at_size(3.0), ref.at_size(3.0), c.n, rtol=1e-6, atol=1e-8)
 
 
