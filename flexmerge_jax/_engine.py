@@ -29,7 +29,9 @@ from . import prep
 from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
-from ._source import _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, tv_chunks
+from ._source import (
+    _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, reuse_buffers, tv_chunks,
+)
 
 
 class Prepared:
@@ -912,7 +914,7 @@ def materialize(
     """
     from ._flexmodel import FlexModel
 
-    with prepared.in_order():
+    with prepared.in_order(), reuse_buffers():
         models = [
             materialize_block(prepared, b, groups_per_block[b],
                               None if scales is None else scales[b])

@@ -26,7 +26,7 @@ from ._schedule import (
     materialized_sequence,
     replay,
 )
-from ._source import MemorySource, Source
+from ._source import MemorySource, Source, reuse_buffers
 from ._tune import Tuning, check_tunable, tune_scales
 from .tree import layout_mismatch
 
@@ -615,7 +615,8 @@ def plan(
         seqs, ordr = _random_order(partition, n, int(seed))
     else:
         structured = order != "greedy"
-        seqs = _sequences(prepared, linkage, similarity, structured, gram_precision)
+        with reuse_buffers():  # streamed blocks reuse freed host buffers
+            seqs = _sequences(prepared, linkage, similarity, structured, gram_precision)
         if structured:
             idx = list(range(len(partition)))
             if order == "left-right":
