@@ -5,6 +5,7 @@ import gc
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -161,3 +162,22 @@ def test_plan_reuses_host_buffers_and_is_unchanged(tmp_path, monkeypatch, from_f
     for i in range(5):
         for k, v in ref.params_for_task(i).items():
             np.testing.assert_array_equal(np.asarray(cut.params_for_task(i)[k]), np.asarray(v))
+
+
+def test_pool_waits_for_xla_to_finish_reading_a_buffer():
+    """A buffer passed to a computation that is still running (dispatch is
+    asynchronous) is not handed out again, even once Python dropped it."""
+    slow = jax.jit(lambda m: jax.lax.fori_loop(0, 30, lambda i, c: jnp.tanh(c @ m), m))
+    src = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32) / 30
+    want = np.asarray(slow(src.copy()))
+    with reuse_buffers():
+        a = aligned_empty((512, 512), np.float32)
+        a[:] = src
+        out = slow(a)  # reads a (aliased) while we go on
+        addr, running = a.ctypes.data, not out.is_ready()
+        del a
+        b = aligned_empty((512, 512), np.float32)
+        b[:] = np.nan  # would poison the running computation if it were a's buffer
+        if running:
+            assert b.ctypes.data != addr
+        np.testing.assert_array_equal(np.asarray(out), want)
