@@ -30,7 +30,7 @@ from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
 from ._source import (
-    _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, reuse_buffers, tv_chunks,
+    _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, tv_chunks,
 )
 
 
@@ -914,7 +914,7 @@ def materialize(
     """
     from ._flexmodel import FlexModel
 
-    with prepared.in_order(), reuse_buffers():
+    with prepared.in_order():
         models = [
             materialize_block(prepared, b, groups_per_block[b],
                               None if scales is None else scales[b])

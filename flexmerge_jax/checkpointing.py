@@ -217,7 +217,6 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     block of all tasks at a time, never the whole output model.
     """
     from ._engine import materialize_block
-    from ._source import reuse_buffers
 
     if (size is None) == (step is None):
         raise ValueError("give exactly one of size= or step=")
@@ -228,7 +227,7 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     scales = plan._group_scales(k)
 
     def blocks():
-        with prepared.in_order(), reuse_buffers():
+        with prepared.in_order():
             for b, pb in enumerate(plan.partition.blocks):
                 yield materialize_block(prepared, b, parts[pb.name],
                                         None if scales is None else scales[b])

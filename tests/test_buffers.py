@@ -120,7 +120,7 @@ def test_pool_never_hands_a_buffer_to_two_threads():
 def test_plan_reuses_host_buffers_and_is_unchanged(tmp_path, monkeypatch, from_files):
     """A merged-vector TIES plan (task vectors trimmed as read, one
     ``[n, ...]`` array per leaf) reuses its buffers, and gives the plan it
-    gives without the pool; so does a cut."""
+    gives without the pool."""
     from safetensors.numpy import save_file
 
     monkeypatch.setattr(_source, "POOL_MIN_BYTES", 1)
@@ -150,18 +150,12 @@ def test_plan_reuses_host_buffers_and_is_unchanged(tmp_path, monkeypatch, from_f
     pooled = fm.plan(base, fts, **kw)
     (pool,) = pools
     assert pool.taken > 0 and pool.allocated < pool.taken
-    cut = pooled.at_size(2.0)
 
     monkeypatch.setattr(_plan, "reuse_buffers", contextlib.nullcontext)
-    monkeypatch.setattr(fm._engine, "reuse_buffers", contextlib.nullcontext)
     plain = fm.plan(base, fts, **kw)
     for s, t in zip(pooled.sequences, plain.sequences):
         for u, v in zip(s, t):
             np.testing.assert_array_equal(u, v)
-    ref = plain.at_size(2.0)
-    for i in range(5):
-        for k, v in ref.params_for_task(i).items():
-            np.testing.assert_array_equal(np.asarray(cut.params_for_task(i)[k]), np.asarray(v))
 
 
 def test_pool_waits_for_xla_to_finish_reading_a_buffer():
