@@ -29,9 +29,7 @@ from . import prep
 from .blocks import Partition
 from .methods import Method
 from ._schedule import canonical, named
-from ._source import (
-    _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, tv_chunks,
-)
+from ._source import _ABS_BITS, _INF_BITS, Source, _host_resident, host_inputs, tv_chunks
 
 
 class Prepared:

@@ -243,8 +243,10 @@ class _BufferPool:
 
     Memory bound: before a new buffer is allocated, idle ones (least
     recently taken first) are freed until the pool holds no more than the
-    largest amount of memory it has seen in use at once, so pooling never
-    raises the peak of what the buffers would have used without it.
+    most memory its buffers were ever in use at once. It may hold that much
+    while less is in use, so the process's peak can still rise where other
+    allocations peak at another moment (cuts, whose outputs pile up, do not
+    pool for that reason).
     """
 
     def __init__(self):
@@ -294,9 +296,10 @@ _pool_lock = threading.Lock()
 
 @contextlib.contextmanager
 def reuse_buffers():
-    """Within this context, :func:`aligned_empty` reuses large host buffers
-    that nothing references any more (see :class:`_BufferPool`); the pool is
-    dropped when the last (possibly nested, or concurrent) context exits.
+    """While this context is open, :func:`aligned_empty` (in any thread)
+    reuses large host buffers that nothing references any more (see
+    :class:`_BufferPool`); the pool is dropped when the last (possibly
+    nested, or concurrent) context exits.
 
     Yields the pool (its ``taken`` / ``allocated`` counts tell how much was
     reused).
