@@ -1,4 +1,4 @@
-"""The host buffer pool of streaming passes (``_source.reuse_buffers``)."""
+"""The host buffer pool of merged-vector plans (``_source.reuse_buffers``)."""
 
 import contextlib
 import gc
@@ -136,8 +136,8 @@ def test_plan_reuses_host_buffers_and_is_unchanged(tmp_path, monkeypatch, from_f
             save_file(f, str(tmp_path / f"t{i}.safetensors"))
         base = str(tmp_path / "base.safetensors")
         fts = [str(tmp_path / f"t{i}.safetensors") for i in range(5)]
-    kw = dict(blocks=[f"l{i}.{k}" for i in range(4) for k in ("attn", "mlp")], method=fm.methods.get("ties", keep=0.3),
-              linkage=None, similarity="cosine")
+    kw = dict(blocks=[f"l{i}.{k}" for i in range(4) for k in ("attn", "mlp")],
+              method=fm.methods.get("ties", keep=0.3), linkage=None, similarity="cosine")
     pools = []
 
     @contextlib.contextmanager
