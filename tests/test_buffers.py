@@ -55,9 +55,10 @@ def test_pool_reuses_a_buffer_only_once_nothing_references_it():
         assert g.ctypes.data == d_addr
 
 
-def test_pool_holds_no_more_than_was_in_use_at_once():
+def test_pool_holds_at_most_slack_times_what_was_in_use_at_once():
     """Random takes and releases of a few sizes: the pool's memory never
-    exceeds the most the live arrays ever needed at once, and it reuses."""
+    exceeds SLACK times the most the live arrays ever needed at once, and
+    it reuses."""
     rng = np.random.default_rng(0)
     live, peak = [], 0
     with reuse_buffers() as pool:
@@ -67,8 +68,8 @@ def test_pool_holds_no_more_than_was_in_use_at_once():
             else:
                 live.append(_mb(float(rng.choice([1, 1.5, 2, 4]))))
             peak = max(peak, sum(a.nbytes + 64 for a in live))
-            assert pool.held_bytes <= peak
-        assert pool.allocated < 0.7 * pool.taken
+            assert pool.held_bytes <= pool.SLACK * peak
+        assert pool.allocated < 0.5 * pool.taken
 
 
 def test_pool_is_scoped_to_the_outermost_context():
