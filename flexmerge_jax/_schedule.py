@@ -369,7 +369,8 @@ class _Materialized(Flavour):
         # root's own included). Only that slot's buffer is written: the
         # others pass through their conds in place.
         others = core.alive & (jnp.arange(n) != root)
-        held = jnp.stack([jnp.any(others & (slot_of == j)) for j in range(nslots)])
+        held = jnp.any(others[None, :] & (slot_of[None, :] == jnp.arange(nslots)[:, None]),
+                       axis=1)
         s = jnp.argmin(held).astype(jnp.int32)
         slots = tuple(jax.lax.cond(merged & (s == j), lambda sl: new, lambda sl: sl, sl)
                       for j, sl in enumerate(slots))
