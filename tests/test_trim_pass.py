@@ -213,9 +213,11 @@ def test_blocks_read_ahead_in_order(tmp_path):
 def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     """Worker threads read each list of parameters from the files and
     compute on it: results come in order, ``task(i)`` sees the consumer's
-    state as of submission (at most HOST_THREADS lists in flight), a read
-    error surfaces in the consumer when its result is due, naming the
-    parameter, and a consumer that stops early leaves no work running."""
+    state as of submission (``ahead`` lists submitted, HOST_QUEUE by
+    default, at least HOST_THREADS; at most HOST_THREADS of them read and
+    computed on at once), a read error
+    surfaces in the consumer when its result is due, naming the parameter,
+    and a consumer that stops early leaves no work running."""
     import threading
     import time
 
@@ -237,17 +239,33 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
 
         return work
 
-    for i, (j, got) in enumerate(_engine._host_map(src, names, task)):
-        assert j == i
-        np.testing.assert_array_equal(got, fts[1][names[i][0]])
-        consumed.append(i)
-    w = _engine.HOST_THREADS
-    assert seen == [(i, max(0, i - w)) for i in range(len(names))]
+    for ahead, w in [(None, _engine.HOST_QUEUE), (1, _engine.HOST_THREADS)]:
+        consumed.clear(), seen.clear()
+        for i, (j, got) in enumerate(_engine._host_map(src, names, task, ahead=ahead)):
+            assert j == i
+            np.testing.assert_array_equal(got, fts[1][names[i][0]])
+            consumed.append(i)
+        assert seen == [(i, max(0, i - w)) for i in range(len(names))]
     assert threads and all(t.startswith("flexmerge-host") for t in threads)
     probe = [_engine.host_inputs(src, names[0])]  # a caller's probe is handed over
     assert [r[0] for r in _engine._host_map(src, names, task, probe)] == [0, 1, 2, 3]
     assert probe == []
 
+    events, lock = [], threading.Lock()  # +1 when a work starts, -1 when it ends
+
+    def counted(i):
+        def work(inputs):
+            with lock:
+                events.append(1)
+            time.sleep(0.05)
+            with lock:
+                events.append(-1)
+            return i
+        return work
+
+    assert list(_engine._host_map(src, names * 3, counted)) == list(range(len(names) * 3))
+    running = np.cumsum(events)  # the memory bound: HOST_THREADS lists at once
+    assert running.max() == _engine.HOST_THREADS and running[-1] == 0
     reader = src._ft[2]
     last = max(reader._offsets, key=reader._offsets.get)
     with open(paths[2], "r+b") as f:
@@ -258,16 +276,7 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
         next(results)
 
-    events = []  # +1 when a work starts, -1 when it ends
-
-    def counted(i):
-        def work(inputs):
-            events.append(1)
-            time.sleep(0.05)
-            events.append(-1)
-            return i
-        return work
-
+    events.clear()
     results = _engine._host_map(src, names * 3, counted)
     assert next(results) == 0
     results.close()  # cancels what has not started, waits for what has
