@@ -581,11 +581,14 @@ def plan(
         cut models are sharded over its ``mesh_axis`` on parameter dims
         (see :mod:`flexmerge_jax.sharding`).
       mesh_axis: the mesh axis to shard parameters over.
-      gram_precision: ``"float64"`` (default: Gram matrices and the
-        comparisons of materialized group vectors, hence every similarity the
-        schedule compares, in float64) or ``"float32"`` (HIGHEST-precision
-        float32 like the reference; faster, no emulated float64 on TPU, and
-        ties closer than ~1e-7 may then be decided differently).
+      gram_precision: ``"float64"`` (default: every similarity the schedule
+        compares is a float64 sum: Gram matrices of exact products, and
+        comparisons of materialized group vectors of float32 products, each
+        rounded once, so cosines within ~6e-8 of the exact values and
+        independent of the order of summation) or ``"float32"``
+        (HIGHEST-precision float32 like the reference; faster, no emulated
+        float64 on TPU, and ties closer than ~1e-7 may then be decided
+        differently).
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,

@@ -280,6 +280,39 @@ def test_partial_sums_of_comparisons_are_the_float64_sum(shape):
     np.testing.assert_allclose(got, math.fsum(x.ravel()), rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_float64_comparisons_sum_float32_products_in_float64(similarity):
+    # "float64" comparisons: each product (difference) rounded once to
+    # float32, the sum in float64 -- bounded against the exact value, and
+    # equal to the float64 sum of those rounded terms, so no float32 sums.
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from flexmerge_jax._schedule import _pair
+
+    rng = np.random.default_rng(7)
+    shapes = {"w": (48, 640), "b": (640,)}
+    a = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    b = {k: (0.5 * a[k] + rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    with jax.enable_x64(True):
+        got = float(_pair(similarity, {k: jnp.asarray(v) for k, v in a.items()},
+                          {k: jnp.asarray(v) for k, v in b.items()}, "float64"))
+    wide = {k: (a[k].astype(np.float64), b[k].astype(np.float64)) for k in a}
+    if similarity == "cosine":
+        terms = np.concatenate([(a[k] * b[k]).ravel() for k in a]).astype(np.float64)
+        exact = np.concatenate([(x * y).ravel() for x, y in wide.values()])  # exact products
+    else:
+        terms = np.concatenate([(a[k] - b[k]).ravel() for k in a]).astype(np.float64) ** 2
+        exact = np.concatenate([((x - y) ** 2).ravel() for x, y in wide.values()])
+    scale = math.fsum(np.abs(exact))
+    assert abs(got - math.fsum(terms)) <= 1e-13 * scale  # float64 sums of the rounded terms
+    bound = (2.0**-24 if similarity == "cosine" else 2.0**-23) * scale
+    assert abs(got - math.fsum(exact)) <= bound
+    assert abs(math.fsum(terms) - math.fsum(exact)) > 1e-13 * scale  # the terms were rounded
+
+
 @pytest.mark.parametrize("order", ["right-left", "left-right"])
 @pytest.mark.parametrize(
     "method,distance",
