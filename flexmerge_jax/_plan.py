@@ -584,7 +584,7 @@ def plan(
       gram_precision: ``"float64"`` (default: every similarity the schedule
         compares is a float64 sum: Gram matrices of exact products, and
         comparisons of materialized group vectors of float32 products, each
-        rounded once, so cosines within ~6e-8 of the exact values and
+        rounded once, so cosines within ~1.2e-7 of the exact values and
         independent of the order of summation) or ``"float32"``
         (HIGHEST-precision float32 like the reference; faster, no emulated
         float64 on TPU, and ties closer than ~1e-7 may then be decided

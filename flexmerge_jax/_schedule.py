@@ -261,16 +261,17 @@ def _pair(similarity: str, row: dict, new: dict, precision: str) -> jax.Array:
     ``precision="float64"``: float32 products (differences, for euclidean),
     each rounded once as float32 arithmetic rounds it, summed in float64.
     A dot product is then within ``2^-24 sum|a_j b_j| <= 2^-24 |a| |b|`` of
-    the exact one (a cosine within ~6e-8; squared distances within ``2^-23``
-    relative), and the float64 sums make the result independent of the
-    order of summation to ~1e-16: shards, devices and XLA's reassociations
-    give the same similarities, hence the same plan. (Exact float64 products
-    cost 2.5x as much on XLA's CPU backend, where each float32 operand is
-    widened in a separate pass; the Gram matrices, one BLAS product per
-    block, stay exact.) ``"float32"``: products and sums in float32 per
-    leaf (no matmul, so no reduced-precision passes on GPU/TPU; relative
-    error ~1e-7, the reference's arithmetic), leaves then summed in float64.
-    Sign counts are exact either way.
+    the exact one (a cosine, whose squared norms are such sums too, within
+    ~``2^-23`` = 1.2e-7; squared distances within ``2^-23`` relative), and
+    the float64 sums make the result independent of the order of summation
+    to ~1e-16: shards, devices and XLA's reassociations give the same
+    similarities, hence the same plan. (Exact float64 products cost 2.5x as
+    much on XLA's CPU backend, where each float32 operand is widened in a
+    separate pass; the Gram matrices, one BLAS product per block, stay
+    exact.) ``"float32"``: products and sums in float32 per leaf (no
+    matmul, so no reduced-precision passes on GPU/TPU; relative error
+    ~1e-7, the reference's arithmetic), leaves then summed in float64. Sign
+    counts are exact either way.
     """
     f = lambda x: x.astype(jnp.float64)
     wide = precision == "float64"
