@@ -215,9 +215,9 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     compute on it: results come in order, ``task(i)`` sees the consumer's
     state as of submission (``ahead`` lists submitted, HOST_QUEUE by
     default, at least HOST_THREADS; at most HOST_THREADS of them read and
-    computed on at once), a read error
-    surfaces in the consumer when its result is due, naming the parameter,
-    and a consumer that stops early leaves no work running."""
+    computed on at once), a read error surfaces in the consumer when its
+    result is due, naming the parameter, and a consumer that stops early
+    leaves no work running."""
     import threading
     import time
 
