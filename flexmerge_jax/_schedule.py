@@ -274,26 +274,16 @@ def _pair(similarity: str, row: dict, new: dict, precision: str) -> jax.Array:
     counts are exact either way.
     """
     f = lambda x: x.astype(jnp.float64)
-    wide = precision == "float64"
     if similarity == "sign":
         return sum(f(jnp.sum(jnp.sign(new[k]) == jnp.sign(x))) for k, x in row.items())
-    if similarity == "cosine":
-        if wide:
-            return sum(_total(f(x * new[k])) for k, x in row.items())
-        return sum(f(jnp.sum(x * new[k])) for k, x in row.items())
-    if wide:
-        return sum(_total(f(x - new[k]) ** 2) for k, x in row.items())
-    return sum(f(jnp.sum((x - new[k]) ** 2)) for k, x in row.items())
 
+    def leaf(x, y):
+        t = x * y if similarity == "cosine" else x - y  # float32, rounded once
+        if precision == "float64":
+            t = f(t)  # widened before any sum (and, for euclidean, the square)
+        return f(jnp.sum(t if similarity == "cosine" else t * t))
 
-def _total(x: jax.Array) -> jax.Array:
-    """``sum(x)`` as a sum of partial sums over ``x``'s last axis (the order
-    of float64 additions is XLA's either way; side by side, on XLA's CPU
-    backend, as fast as one sum). No reshape, so sharded leaves reduce as
-    they lie."""
-    if x.ndim < 2:
-        return jnp.sum(x)
-    return jnp.sum(jnp.sum(x, axis=-1))
+    return sum(leaf(x, new[k]) for k, x in row.items())
 
 
 def _finish_sims(similarity: str, val, r, norms2, numel: int):

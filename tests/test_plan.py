@@ -263,23 +263,6 @@ def test_float32_precision_reaches_group_vector_comparisons():
     assert not np.array_equal(narrow.sim, wide.sim)  # float32 sums were used
 
 
-@pytest.mark.parametrize("shape", [(40, 768), (5,), (3, 7), (2, 3, 256), (), (9, 0)])
-def test_partial_sums_of_comparisons_are_the_float64_sum(shape):
-    # _total reassociates the float64 sums of the comparisons (partial sums
-    # over the last axis): still the float64 sum.
-    import math
-
-    import jax
-    import jax.numpy as jnp
-
-    from flexmerge_jax._schedule import _total
-
-    x = np.random.default_rng(len(shape)).standard_normal(shape) * 1e3
-    with jax.enable_x64(True):
-        got = float(_total(jnp.asarray(x)))
-    np.testing.assert_allclose(got, math.fsum(x.ravel()), rtol=1e-12, atol=1e-9)
-
-
 @pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
 def test_float64_comparisons_sum_float32_products_in_float64(similarity):
     # "float64" comparisons: each product (difference) rounded once to
