@@ -337,10 +337,11 @@ def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
 
 
-def read_ahead(fn, sizes: Sequence[int]):
+def read_ahead(fn, sizes: Sequence[int], threads: bool = True):
     """Yields ``fn(0), ..., fn(len(sizes) - 1)`` in order, computing later
     ones in host threads while the consumer works (``fn(0)`` runs in the
-    caller's thread).
+    caller's thread; with ``threads=False`` every call does, in turn: for
+    ``fn`` that issue device programs with collectives across processes).
 
     Results are computed ahead while their ``sizes`` sum to at most the
     largest size (one result ahead at least): a run of small blocks does not
@@ -349,6 +350,9 @@ def read_ahead(fn, sizes: Sequence[int]):
     stops early cancels what has not started and waits for the rest; an
     error in ``fn`` is raised when its result is due.
     """
+    if not threads:
+        yield from map(fn, range(len(sizes)))
+        return
     count, budget = len(sizes), max(sizes, default=0)
     pending, nxt = collections.deque(), 1
     try:

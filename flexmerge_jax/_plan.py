@@ -529,7 +529,8 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             materialized_sequence(x, singles, extra, similarity, method,
                                   partition.blocks[b].numel, gram=gram, precision=precision,
                                   scratch=scratch)
-            for b, (x, singles, extra, gram) in enumerate(read_ahead(inputs, partition.numels))
+            for b, (x, singles, extra, gram) in enumerate(read_ahead(inputs, partition.numels,
+                                                             threads=not prepared.source.main_thread_only))
         ]
 
 

@@ -35,6 +35,11 @@ class Source(abc.ABC):
     #: Whether reads are slow enough (files) that the streaming passes should
     #: read the next block in a background thread while computing on this one.
     prefetch: bool = False
+    #: Whether device programs on this source's arrays must all be issued
+    #: from the caller's thread: when a mesh spans processes, programs that
+    #: carry collectives must be issued in the same order on every process,
+    #: which worker threads cannot promise.
+    main_thread_only: bool = False
 
     @property
     def n(self) -> int:

@@ -62,6 +62,12 @@ def leaf_spec(shape: Sequence[int], mesh: Mesh, axis: str = "model") -> P:
     return P(*spec)
 
 
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether ``mesh`` holds devices of other processes (``jax.distributed``)."""
+    me = jax.process_index()
+    return any(d.process_index != me for d in mesh.devices.flat)
+
+
 class ShardedSource(Source):
     """Wraps a :class:`Source` so every array it returns lives on ``mesh``.
 
@@ -79,6 +85,7 @@ class ShardedSource(Source):
         # Files: later passes read (and place) the next block in a background
         # thread while this one is computed on, as without a mesh.
         self.prefetch = source.prefetch
+        self.main_thread_only = spans_processes(mesh)
         self.layout = source.layout
         self.task_names = source.task_names
         self._shape = dict(zip(self.layout.names, self.layout.shapes))

@@ -1,0 +1,64 @@
+"""One process of the multi-process tests (``tests/test_multihost.py``).
+
+    python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_DIR
+
+Every process runs the same calls on a mesh over all processes' devices (as
+users on a TPU pod do), then process 0 writes what it computed to
+``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` (the cut's parameters,
+gathered from every process). With NUM_PROCESSES = 1 it is the single-process
+reference the test compares with. Devices per process come from XLA_FLAGS,
+set by the test.
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    pid, nproc, port, data, out = sys.argv[1:6]
+    pid, nproc = int(pid), int(nproc)
+    import jax
+
+    if nproc > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
+                                   initialization_timeout=60)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import flexmerge_jax as fm
+
+    mesh = jax.make_mesh((jax.device_count(),), ("model",))
+    base = f"{data}/base.safetensors"
+    fts = [f"{data}/t{i}.safetensors" for i in range(4)]
+    blocks = fm.blocks.by_layer()
+    result, plans = {}, {}
+    for name, method, linkage in [
+        # First, while nothing is compiled: threads that compile and run
+        # programs with collectives beside the main thread made processes
+        # issue them in different orders.
+        ("ties_merged", fm.methods.ties(keep=0.2), None),
+        ("ta_min", fm.methods.task_arithmetic(1.5), "min"),
+        ("ties_min", fm.methods.ties(keep=0.2), "min"),
+    ]:
+        p = fm.plan(base, fts, blocks=blocks, method=method, linkage=linkage, mesh=mesh)
+        plans[name] = p
+        result[name] = [[e.block, list(e.members_a), list(e.members_b), float(e.similarity)]
+                        for e in p.events]
+    model = plans["ties_merged"].at_size(2.0)
+    result["cut_n_models"] = float(model.n_models)
+    params = {}
+    for t in range(model.n):
+        for path, v in jax.tree_util.tree_leaves_with_path(model.params_for_task(t)):
+            # A collective: every process gathers every shard, in the same order.
+            params[f"{t}/{jax.tree_util.keystr(path)}"] = np.asarray(
+                multihost_utils.process_allgather(v, tiled=True))
+    if pid == 0:
+        np.savez(f"{out}/params.npz", **params)
+        with open(f"{out}/result.json", "w") as f:
+            json.dump(result, f)
+    print(f"process {pid} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
