@@ -65,6 +65,19 @@ class Source(abc.ABC):
         """JSON description (used to record where a plan's inputs came from)."""
         return {"kind": type(self).__name__}
 
+    def base_region(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The base entries ``base[name][index]`` (original dtype; ``index``:
+        one slice per dimension, as a sharding's shard indices). The default
+        reads the parameter whole; file sources read only the region."""
+        return np.asarray(self.base([name])[name])[index]
+
+    def finetuned_region(self, name: str, index: tuple[slice, ...],
+                         tasks: Sequence[int]) -> list[np.ndarray]:
+        """``[finetuned[t][name][index] for t in tasks]`` (see
+        :meth:`base_region`)."""
+        got = self.finetuned_tasks([name], tasks)
+        return [np.asarray(got[int(t)][name])[index] for t in tasks]
+
     def sample_runs(self, requests: Sequence[tuple[str, np.ndarray, int]]) -> list[np.ndarray]:
         """Task-vector entries in contiguous runs, for sampling statistics.
 
@@ -111,6 +124,24 @@ class Source(abc.ABC):
             oks.append(ok)
         _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
         return out
+
+
+def region_runs(shape: Sequence[int], index: tuple[slice, ...]) -> tuple[np.ndarray, int]:
+    """The region ``index`` (one step-1 slice per dimension) of a C-ordered
+    array of ``shape`` as contiguous runs of its flat entries: ``(starts
+    int64[r], length)``, in the region's C order. A region cut on dimension
+    ``d`` only has one run per index of the dimensions before ``d``."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+    cut = [d for d, ((a, b), n) in enumerate(zip(bounds, shape)) if (a, b) != (0, n)]
+    last = cut[-1] if cut else 0  # dimensions after `last` are whole
+    strides = np.cumprod((1, *shape[::-1]))[::-1][1:].astype(np.int64)  # elements
+    a, b = bounds[last] if shape else (0, 1)
+    length = (b - a) * int(np.prod(shape[last + 1:], dtype=np.int64)) if shape else 1
+    starts = np.zeros(1, np.int64) + (a * strides[last] if shape else 0)
+    for d in range(last - 1, -1, -1):  # outer dimensions, innermost first
+        lo, hi = bounds[d]
+        starts = (np.arange(lo, hi, dtype=np.int64)[:, None] * strides[d] + starts).reshape(-1)
+    return starts, int(length)
 
 
 def _flat_runs(arr, starts, length) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._source import Source, _check_names, _flat_runs
+from ._source import Source, _check_names, _flat_runs, region_runs
 from .tree import Layout, flatten, layout_mismatch, nest
 
 __all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path",
@@ -225,6 +225,17 @@ class _Reader:
                 out.append(runs)
         return out
 
+    def read_region(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read([name])[name][index]``: from safetensors only the region's
+        byte ranges (one per run of contiguous entries); other formats read
+        the parameter whole."""
+        if self.format != "safetensors" or self._dtype[name] not in _RUN_DTYPES:
+            return self.read([name])[name][index]
+        shape = dict(zip(self.names, self.shapes))[name]
+        starts, length = region_runs(shape, index)
+        region = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+        return self.read_runs([(name, starts, length)])[0].reshape(region)
+
     def _read_orbax(self, names):
         import orbax.checkpoint as ocp
 
@@ -375,6 +386,12 @@ class PathSource(Source):
 
     def finetuned_tasks(self, names, tasks):
         return {int(t): self._ft[t].read(names) for t in tasks}
+
+    def base_region(self, name, index):
+        return self._base.read_region(name, index)
+
+    def finetuned_region(self, name, index, tasks):
+        return [self._ft[t].read_region(name, index) for t in tasks]
 
     def sample_runs(self, requests):
         base = self._base.read_runs(requests)

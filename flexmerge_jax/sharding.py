@@ -9,9 +9,10 @@ min/max in the kernels). No task vector is ever gathered on one device.
 Use ``fm.plan(..., mesh=mesh)`` (or wrap any source in
 :class:`ShardedSource`). Each parameter is sharded on its largest dimension
 divisible by the mesh axis size (parameters with none stay replicated).
-Arrays are placed with ``jax.make_array_from_callback``, so on several hosts
-(after ``jax.distributed.initialize()``) each process only places its own
-shards. Meshes with ``Auto`` or ``Explicit`` axis types both work.
+Arrays are placed with ``jax.make_array_from_callback`` from regions of the
+inputs, so on several hosts (after ``jax.distributed.initialize()``) each
+process reads (from safetensors: byte ranges), subtracts and places only its
+own shards. Meshes with ``Auto`` or ``Explicit`` axis types both work.
 """
 
 from __future__ import annotations
@@ -90,30 +91,50 @@ class ShardedSource(Source):
         self.task_names = source.task_names
         self._shape = dict(zip(self.layout.names, self.layout.shapes))
 
-    def _put(self, name: str, host: np.ndarray, lead: int = 0) -> jax.Array:
+    def _place(self, name: str, fetch, lead: tuple[int, ...] = ()) -> jax.Array:
+        """The global array ``f[*lead, *shape(name)]`` whose shards this
+        process holds come from ``fetch(index)`` (``index``: one slice per
+        parameter dimension; returns ``[*lead, *region]``). Each distinct
+        region is fetched once (devices holding replicas share it), and only
+        this process's regions are fetched: on several hosts each reads its
+        own slices."""
         spec = leaf_spec(self._shape[name], self.mesh, self.axis)
-        sharding = NamedSharding(self.mesh, P(*([None] * lead), *spec))
-        host = np.asarray(host)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        sharding = NamedSharding(self.mesh, P(*([None] * len(lead)), *spec))
+        shape = (*lead, *self._shape[name])
+        fetched: dict = {}
 
-    def _put_all(self, arrays: dict) -> dict:
-        return {k: self._put(k, v) for k, v in arrays.items()}
+        def shard(idx):
+            region = idx[len(lead):]
+            key = tuple(s.indices(n)[:2] for s, n in zip(region, self._shape[name]))
+            if key not in fetched:
+                fetched[key] = fetch(region)
+            return fetched[key][idx[:len(lead)]]
+
+        return jax.make_array_from_callback(shape, sharding, shard)
 
     def base(self, names):
-        return self._put_all(self.inner.base(names))
+        return {k: self._place(k, lambda idx, k=k: self.inner.base_region(k, idx)) for k in names}
 
     def finetuned(self, names):
-        return [self._put_all(f) for f in self.inner.finetuned(names)]
+        return list(self.finetuned_tasks(names, range(self.n)).values())
 
     def finetuned_tasks(self, names, tasks):
-        return {t: self._put_all(f) for t, f in self.inner.finetuned_tasks(names, tasks).items()}
+        return {int(t): {k: self._place(
+            k, lambda idx, k=k, t=t: self.inner.finetuned_region(k, idx, [t])[0]) for k in names}
+            for t in tasks}
 
     def task_vectors(self, names, threshold=None):
-        # float32 subtraction (and trim) on the host (bitwise the same as on
-        # device), then each task vector placed shard by shard.
-        out = host_task_vectors(names, self.inner.base(names), self.inner.finetuned(names),
-                                self.task_names, threshold)
-        return {k: self._put(k, v, lead=1) for k, v in out.items()}
+        # Per region: float32 subtraction (and trim) on the host, bit for bit
+        # the same as on device, from only that region of the inputs.
+        def fetch(k, idx):
+            base = {k: self.inner.base_region(k, idx)}
+            fts = [{k: r} for r in self.inner.finetuned_region(k, idx, range(self.n))]
+            return host_task_vectors([k], base, fts, self.task_names, threshold)[k]
+
+        return {k: self._place(k, lambda idx, k=k: fetch(k, idx), lead=(self.n,)) for k in names}
+
+    def sample_runs(self, requests):
+        return self.inner.sample_runs(requests)
 
     def describe(self) -> dict:
         return self.inner.describe()

@@ -5,13 +5,20 @@
 Every process runs the same calls on a mesh over all processes' devices (as
 users on a TPU pod do), then process 0 writes what it computed to
 ``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` (the cut's parameters,
-gathered from every process). With NUM_PROCESSES = 1 it is the single-process
+gathered from every process), and every process writes the bytes it read
+while planning to ``OUT_DIR/read<ID>.json``. With NUM_PROCESSES = 1 it is the single-process
 reference the test compares with. Devices per process come from XLA_FLAGS,
 set by the test.
 """
 
 import json
 import sys
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read with read(2)-like calls (page cache too)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def main() -> None:
@@ -33,6 +40,7 @@ def main() -> None:
     fts = [f"{data}/t{i}.safetensors" for i in range(4)]
     blocks = fm.blocks.by_layer()
     result, plans = {}, {}
+    read_before = _bytes_read()
     for name, method, linkage in [
         # First, while nothing is compiled: threads that compile and run
         # programs with collectives beside the main thread made processes
@@ -45,6 +53,8 @@ def main() -> None:
         plans[name] = p
         result[name] = [[e.block, list(e.members_a), list(e.members_b), float(e.similarity)]
                         for e in p.events]
+    with open(f"{out}/read{pid}.json", "w") as f:  # every process: what it read to plan
+        json.dump(_bytes_read() - read_before, f)
     model = plans["ties_merged"].at_size(2.0)
     result["cut_n_models"] = float(model.n_models)
     params = {}

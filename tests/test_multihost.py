@@ -93,3 +93,14 @@ def test_two_process_cut_equals_one_process(runs):
     assert sorted(a.files) == sorted(b.files) and len(a.files) == 4 * 18
     for k in a.files:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def test_each_process_reads_only_its_own_slices(runs):
+    single, multi = runs
+    alone = json.loads((single / "read0.json").read_text())
+    per_process = [json.loads((multi / f"read{i}.json").read_text()) for i in range(2)]
+    # Every parameter is sharded over the 4 devices, 2 per process: each
+    # process reads half the inputs' entries (plus headers, and TIES samples).
+    assert alone > 4 * 9 * 6 * 64 * 128 * 4  # the inputs, read at least once
+    for b in per_process:
+        assert b < 0.6 * alone, (per_process, alone)
