@@ -122,7 +122,42 @@ def _plan(args):
         seed=args.order_seed,
         task_names=_names(args.task_names),
         gram_precision=args.gram_precision,
+        mesh=_mesh(args),
     )
+
+
+def _distributed() -> None:
+    """``jax.distributed.initialize()`` for ``--distributed``: the coordinator,
+    process count and id from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID when set, else JAX's own cluster detection (Cloud TPU,
+    SLURM, Open MPI, Kubernetes). On CPU, collectives go through gloo."""
+    import jax
+
+    kw = {}
+    for key, env, cast in [("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
+                           ("num_processes", "JAX_NUM_PROCESSES", int),
+                           ("process_id", "JAX_PROCESS_ID", int)]:
+        if os.environ.get(env):
+            try:
+                kw[key] = cast(os.environ[env])
+            except ValueError:
+                raise UserError(f"{env}={os.environ[env]!r} is not a valid {key}") from None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU client only
+    jax.distributed.initialize(**kw)
+
+
+def _mesh(args):
+    """The ``--mesh`` device mesh (one ``model`` axis), or ``None``."""
+    spec = getattr(args, "mesh", None)
+    if spec is None:
+        return None
+    import jax
+
+    total = jax.device_count()
+    count = total if spec == "all" else int(spec) if spec.isdigit() else None
+    if count is None or not 1 <= count <= total:
+        raise UserError(f"--mesh: 'all' or a device count from 1 to {total} (got {spec!r})")
+    return jax.make_mesh((count,), ("model",), devices=jax.devices()[:count])
 
 
 def _check_out(args) -> None:
@@ -276,6 +311,13 @@ def _add_plan_flags(p):
                    help="arithmetic of every similarity (default float64; float32 is faster, "
                         "the reference's, and avoids emulated float64 on TPU)")
     g.add_argument("--task-names", help="comma-separated task names (default: file names)")
+    g = p.add_argument_group("devices (docs/multi_host.md)")
+    g.add_argument("--mesh", metavar="all|N",
+                   help="shard parameters over a 1-D mesh of the first N devices (all: every "
+                        "device of every process)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (every process runs the same "
+                        "command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +377,8 @@ def main(argv=None) -> int:
     """Entry point of the ``flexmerge`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "distributed", False):
+            _distributed()
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning

@@ -202,3 +202,21 @@ def test_unknown_mesh_axis_is_named():
         fm.plan(base, fts, mesh=m, mesh_axis="data")
     with pytest.raises(ValueError, match="mesh has no axis 'data'"):
         ShardedSource(as_source(base, fts), m, "data")
+
+
+def test_cli_mesh_flag_gives_the_unsharded_model(tmp_path, capsys):
+    from conftest import random_case
+    from flexmerge_jax import io
+    from flexmerge_jax.cli import main
+
+    base, fts = random_case(3, n=3, shapes={"l0.w": (16, 8), "l1.w": (8, 24), "l1.b": (8,),
+                                            "emb": (3,)})
+    b = io.save_params(tmp_path / "base.safetensors", base)
+    f = [io.save_params(tmp_path / f"t{i}.safetensors", x) for i, x in enumerate(fts)]
+    common = ["merge", "--base", str(b), "--finetuned", *map(str, f), "--method", "ties",
+              "--keep", "0.2", "--size", "2"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--mesh", "8", "--out", str(tmp_path / "sharded")]) == 0
+    assert main([*common, "--mesh", "9", "--out", str(tmp_path / "bad")]) == 2
+    assert "--mesh: 'all' or a device count from 1 to 8 (got '9')" in capsys.readouterr().err
+    assert_models_equal(fm.load(tmp_path / "plain"), fm.load(tmp_path / "sharded"), 3)
