@@ -6,7 +6,8 @@
     flexmerge cut PLAN --size 2 --out DIR
     flexmerge inspect DIR
 
-Params files: ``.npz``, ``.safetensors`` or Orbax checkpoint directories.
+Params paths: ``.npz``, ``.safetensors``, Hugging Face model directories (or their
+``model.safetensors.index.json``) or Orbax checkpoint directories.
 User mistakes print one line ``flexmerge: error: ...`` and exit with 2.
 """
 
@@ -283,7 +284,7 @@ def cmd_demo(args) -> int:
 
 
 def _add_inputs(p, required=True):
-    p.add_argument("--base", required=required, help="base params file (.npz/.safetensors/Orbax dir)")
+    p.add_argument("--base", required=required, help="base params (.npz/.safetensors file, Hugging Face dir or index, Orbax dir)")
     p.add_argument("--finetuned", nargs="+", required=required, metavar="PATH",
                    help="fine-tuned params files, one per task (same layout as --base)")
 

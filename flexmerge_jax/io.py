@@ -1,4 +1,13 @@
-"""Params files on disk: ``.npz``, ``.safetensors`` and Orbax checkpoints.
+"""Params files on disk: ``.npz``, ``.safetensors``, Hugging Face model
+directories and Orbax checkpoints.
+
+A params *path* is any of: a ``.npz`` or ``.safetensors`` file; a Hugging
+Face model directory (``config.json`` beside one ``model.safetensors``, or
+beside ``model.safetensors.index.json`` and its shards, read lazily tensor by
+tensor across the shards); the ``*.safetensors.index.json`` file itself; an
+Orbax checkpoint directory. One shard of a sharded checkpoint is refused
+(naming its index): merging it alone would silently merge part of a model.
+PyTorch pickles (``.bin``, ``.pt``) are refused with how to convert them.
 
 * :func:`load_params` / :func:`save_params` — whole pytrees (by file type).
 * :class:`PathSource` — a :class:`~flexmerge_jax.Source` over one base file
@@ -15,6 +24,7 @@ the same ``"/"``-joined names); Orbax trees are named by their key paths.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 import zipfile
@@ -28,7 +38,7 @@ from ._source import Source, _check_names, _flat_runs, region_runs
 from .tree import Layout, flatten, layout_mismatch, nest
 
 __all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path",
-           "fingerprint"]
+           "fingerprint", "hf_weights", "task_name"]
 
 PyTree = Any
 
@@ -63,10 +73,16 @@ def fingerprint(path) -> str:
     if not p.exists():
         raise ValueError(f"{p}: no such file or directory")
     h = hashlib.blake2b(digest_size=16)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    elif p.name.endswith(INDEX_SUFFIX):  # the index and every shard it names
+        files = [p, *(p.parent / s for s in _index_shards(p).values())]
+    else:
+        files = [p]
+    root = p if p.is_dir() else p.parent
     for f in files:
         size = f.stat().st_size
-        h.update(f"{f.relative_to(p) if p.is_dir() else ''}\0{size}\0".encode())
+        h.update(f"{f.relative_to(root) if len(files) > 1 or p.is_dir() else ''}\0{size}\0".encode())
         with open(f, "rb") as fh:
             span = max(size - _SAMPLE_BYTES, 0)
             for k in range(_SAMPLES if size > _SAMPLE_BYTES else 1):
@@ -80,11 +96,76 @@ def fingerprints(base, finetuned) -> dict:
     return {"base": fingerprint(base), "finetuned": [fingerprint(f) for f in finetuned]}
 
 
-def detect_format(path) -> str:
-    """``"npz"``, ``"safetensors"`` or ``"orbax"``.
+INDEX_SUFFIX = ".safetensors.index.json"
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _torch_error(p: Path) -> ValueError:
+    return ValueError(
+        f"{p}: a PyTorch pickle, which flexmerge_jax does not read (it would need torch and "
+        "runs arbitrary code); convert it to safetensors first, e.g. transformers' "
+        "model.save_pretrained(dir, safe_serialization=True) or "
+        "safetensors.torch.save_file(torch.load(path), 'model.safetensors')")
+
+
+def _index_shards(index: Path) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of a ``*.safetensors.index.json``."""
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+        if not (isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
+            raise TypeError("weight_map is not a {name: file} object")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    return wm
+
+
+def hf_weights(directory) -> Path | None:
+    """The weights of a Hugging Face model directory: its
+    ``*.safetensors.index.json`` if it has one, else its single
+    ``.safetensors`` file; ``None`` when it has neither.
 
     Raises:
-      ValueError: the path does not exist or is not a params file we read.
+      ValueError: several indexes, several ``.safetensors`` files without an
+        index, or only PyTorch pickles (``pytorch_model.bin``).
+    """
+    d = Path(directory)
+    indexes = sorted(d.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise ValueError(f"{d}: several safetensors indexes ({', '.join(i.name for i in indexes)}); "
+                         "pass the one to read")
+    if indexes:
+        return indexes[0]
+    files = sorted(d.glob("*.safetensors"))
+    if len(files) > 1:
+        raise ValueError(f"{d}: several .safetensors files and no {INDEX_SUFFIX[1:]} index "
+                         f"({', '.join(f.name for f in files[:3])}, ...); pass the file to read")
+    if files:
+        return files[0]
+    torch = sorted(f for f in d.iterdir() if f.suffix in _TORCH_SUFFIXES)
+    if torch:
+        raise _torch_error(torch[0])
+    return None
+
+
+def _owning_index(shard: Path) -> Path | None:
+    """The index beside ``shard`` that lists it as one of its shards."""
+    for index in sorted(shard.parent.glob("*" + INDEX_SUFFIX)):
+        try:
+            if shard.name in set(_index_shards(index).values()):
+                return index
+        except ValueError:
+            continue
+    return None
+
+
+def detect_format(path) -> str:
+    """``"npz"``, ``"safetensors"``, ``"hf"`` (a Hugging Face model directory
+    or a safetensors index file) or ``"orbax"``.
+
+    Raises:
+      ValueError: the path does not exist, is not a params file we read, is
+        one shard of a sharded checkpoint (the message names the index) or a
+        PyTorch pickle (the message says how to convert it).
     """
     p = Path(path)
     if not p.exists():
@@ -97,31 +178,101 @@ def detect_format(path) -> str:
                 f"{p}: a flexmerge_jax output directory, not a params checkpoint "
                 "(load it with flexmerge_jax.load)"
             )
-        raise ValueError(f"{p}: a directory that is not an Orbax checkpoint")
+        if hf_weights(p) is not None:
+            return "hf"
+        raise ValueError(f"{p}: a directory that is neither an Orbax checkpoint nor a Hugging Face "
+                         "model directory (no model.safetensors or model.safetensors.index.json)")
+    if p.name.endswith(INDEX_SUFFIX):
+        return "hf"
     if p.suffix == ".npz":
         return "npz"
     if p.suffix == ".safetensors":
+        index = _owning_index(p)
+        if index is not None:
+            raise ValueError(f"{p}: one shard of the sharded checkpoint {index}; pass the index "
+                             "or its directory to read the whole model")
         return "safetensors"
-    raise ValueError(f"{p}: unsupported params file (use .npz, .safetensors or an Orbax directory)")
+    if p.suffix in _TORCH_SUFFIXES:
+        raise _torch_error(p)
+    raise ValueError(f"{p}: unsupported params file (use .npz, .safetensors, a Hugging Face model "
+                     "directory or index, or an Orbax directory)")
+
+
+def task_name(path) -> str:
+    """A task's default name from its params path: the file's stem, or the
+    directory's name (for an index file, its directory's)."""
+    p = Path(path)
+    if p.name.endswith(INDEX_SUFFIX):
+        return p.absolute().parent.name
+    return p.stem if p.suffix and not p.is_dir() else p.name
 
 
 class _Reader:
-    """Lazy access to one params file: names/shapes/dtypes, then arrays."""
+    """Lazy access to one params path: names/shapes/dtypes, then arrays.
 
-    def __init__(self, path):
+    ``path`` is what the user gave (named in messages, recorded in plans);
+    ``file`` is what is read: the same, or a Hugging Face directory's
+    ``.safetensors`` file or index. A sharded checkpoint reads through one
+    reader per shard (``_shards``), each tensor from the shard holding it.
+    """
+
+    def __init__(self, path, _format: str | None = None):
         self.path = Path(path)
-        self.format = detect_format(path)
-        try:
-            self.names, self.shapes, self.dtypes = self._header()
-        except Exception as e:  # corrupt/foreign files: one clear line
-            raise ValueError(f"{self.path}: cannot read {self.format} params ({e})") from None
+        self.format = _format or detect_format(path)
+        self.file = self.path
+        if self.format == "hf":
+            self.file = self.path if self.path.is_file() else hf_weights(self.path)
+            if self.file.suffix == ".safetensors":
+                self.format = "safetensors"
+        if self.format == "hf":  # shard readers name the file at fault themselves
+            self.names, self.shapes, self.dtypes = self._index_header()
+        else:
+            try:
+                self.names, self.shapes, self.dtypes = self._header()
+            except Exception as e:  # corrupt/foreign files: one clear line
+                raise ValueError(f"{self.file}: cannot read {self.format} params ({e})") from None
         if not self.names:
             raise ValueError(f"{self.path}: contains no parameters")
+
+    def _index_header(self):
+        """Names/shapes/dtypes of a sharded checkpoint, from its shards' headers."""
+        wm = _index_shards(self.file)
+        self._shards: dict[str, _Reader] = {}
+        for shard in sorted(set(wm.values())):
+            f = self.file.parent / shard
+            if not f.is_file():
+                raise ValueError(f"{self.file}: lists the shard {shard}, which does not exist")
+            self._shards[shard] = _Reader(f, "safetensors")
+        self._shard_of = {}
+        header = {}
+        for shard, r in self._shards.items():
+            for k, shp, dt in zip(r.names, r.shapes, r.dtypes):
+                if wm.get(k) == shard:
+                    self._shard_of[k] = r
+                    header[k] = (shp, dt)
+        missing = sorted(set(wm) - set(header))
+        if missing:
+            raise ValueError(f"{self.file}: lists {missing[0]!r} in {wm[missing[0]]}, which "
+                             f"lacks it ({len(missing)} missing)")
+        keys = sorted(header)
+        return keys, [header[k][0] for k in keys], [header[k][1] for k in keys]
+
+    def shard_map(self) -> dict[str, str] | None:
+        """``{name: shard file name}`` of a sharded checkpoint, else ``None``."""
+        if self.format != "hf":
+            return None
+        return {k: r.file.name for k, r in self._shard_of.items()}
+
+    def _by_shard(self, names) -> dict:
+        groups: dict = {}
+        for k in names:
+            groups.setdefault(self._shard_of[k], []).append(k)
+        return groups
 
     def _header(self):
         if self.format == "npz":
             out = []
-            with zipfile.ZipFile(self.path) as zf:
+            with zipfile.ZipFile(self.file) as zf:
                 for member in zf.namelist():
                     if not member.endswith(".npy"):
                         continue
@@ -136,11 +287,11 @@ class _Reader:
         if self.format == "safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="numpy") as f:
+            with safe_open(str(self.file), framework="numpy") as f:
                 keys = sorted(f.keys())
                 shapes = [tuple(f.get_slice(k).get_shape()) for k in keys]
                 dtypes = [_st_dtype(f.get_slice(k).get_dtype()) for k in keys]
-            self._offsets = _st_offsets(self.path)
+            self._offsets = _st_offsets(self.file)
             self._dtype = dict(zip(keys, dtypes))
             return keys, shapes, dtypes
         import jax
@@ -163,8 +314,13 @@ class _Reader:
 
     def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(names)
+        if self.format == "hf":
+            got = {}
+            for r, sub in self._by_shard(names).items():
+                got.update(r.read(sub))
+            return {k: got[k] for k in names}
         if self.format == "npz":
-            with np.load(self.path) as z:
+            with np.load(self.file) as z:
                 return {k: z[k] for k in names}
         if self.format == "safetensors":
             return self._read_safetensors(names)
@@ -179,7 +335,7 @@ class _Reader:
 
         out, other = {}, []
         shape = dict(zip(self.names, self.shapes))
-        with open(self.path, "rb", buffering=0) as f:
+        with open(self.file, "rb", buffering=0) as f:
             for k in names:
                 if self._dtype[k] not in _RUN_DTYPES:
                     other.append(k)
@@ -190,13 +346,13 @@ class _Reader:
                 while got < a.nbytes:
                     r = f.readinto(view[got:])
                     if not r:
-                        raise ValueError(f"{self.path}: truncated data for parameter {k!r}")
+                        raise ValueError(f"{self.file}: truncated data for parameter {k!r}")
                     got += r
                 out[k] = a
         if other:
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="numpy") as f:
+            with safe_open(str(self.file), framework="numpy") as f:
                 out.update({k: f.get_tensor(k) for k in other})
         return {k: out[k] for k in names}
 
@@ -205,13 +361,22 @@ class _Reader:
         the flat entries ``[s, s + length)``. Safetensors: byte ranges in the
         file's dtype, nothing else read; other formats: the parameters read
         whole, runs as float32."""
+        if self.format == "hf":
+            out: list = [None] * len(requests)
+            groups: dict = {}
+            for j, req in enumerate(requests):
+                groups.setdefault(self._shard_of[req[0]], []).append(j)
+            for r, idx in groups.items():
+                for j, runs in zip(idx, r.read_runs([requests[j] for j in idx])):
+                    out[j] = runs
+            return out
         ranged = self.format == "safetensors" and all(
             self._dtype[r[0]] in _RUN_DTYPES for r in requests)
         if not ranged:
             got = self.read([r[0] for r in requests])
             return [_flat_runs(got[name], st, ln) for name, st, ln in requests]
         out = []
-        with open(self.path, "rb", buffering=0) as f:
+        with open(self.file, "rb", buffering=0) as f:
             fd = f.fileno()
             for name, starts, length in requests:
                 dt = np.dtype(_RUN_DTYPES[self._dtype[name]])
@@ -220,7 +385,7 @@ class _Reader:
                 for i, s in enumerate(np.asarray(starts, np.int64)):
                     buf = os.pread(fd, want, begin + int(s) * dt.itemsize)
                     if len(buf) != want:
-                        raise ValueError(f"{self.path}: truncated data for parameter {name!r}")
+                        raise ValueError(f"{self.file}: truncated data for parameter {name!r}")
                     runs[i] = np.frombuffer(buf, dt)
                 out.append(runs)
         return out
@@ -373,7 +538,7 @@ class PathSource(Source):
             msg = layout_mismatch(self.layout, r.layout())
             if msg:
                 raise ValueError(f"task {i} ({r.path}): {msg}")
-        default = [Path(p).stem if Path(p).suffix else Path(p).name for p in finetuned]
+        default = [task_name(p) for p in finetuned]
         if task_names is None and len(set(default)) == len(default):
             task_names = default
         self.task_names = _check_names(task_names, len(finetuned))

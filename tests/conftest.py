@@ -98,3 +98,32 @@ def assert_blocks_read_ahead_trimmed(reads, blocks) -> None:
     first = next(r for r in blockwise if r[0] == blocks[0])
     assert not first[1].startswith("flexmerge-host")
     assert all(r[1].startswith("flexmerge-host") for r in blockwise if r is not first)
+
+
+def write_hf_dir(path, tensors: dict, shards: int = 1, extra_files=("config.json",)):
+    """A Hugging Face-style model directory: ``config.json`` (and any
+    ``extra_files``, each holding its own name) beside one
+    ``model.safetensors`` or ``shards`` shards and ``model.safetensors.index.json``
+    (tensors dealt round-robin in sorted order, so every shard holds some)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True)
+    for f in extra_files:
+        (path / f).write_text(json.dumps({"file": f}))
+    if shards == 1:
+        save_file(dict(tensors), str(path / "model.safetensors"))
+        return path
+    keys, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        save_file(part, str(path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(np.asarray(t).nbytes for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return path

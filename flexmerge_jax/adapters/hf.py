@@ -448,7 +448,7 @@ class HFSource(Source):
                 if rs[h] != shapes[h] or rd[h] != dtypes[h]:
                     raise ValueError(f"task {i} ({r.path}): {h!r} is {rd[h]}{list(rs[h])}, "
                                      f"base has {dtypes[h]}{list(shapes[h])}")
-        default = [Path(p).stem for p in finetuned]
+        default = [_io.task_name(p) for p in finetuned]
         if task_names is None and len(set(default)) == len(default):
             task_names = default
         self.task_names = _check_names(task_names, len(finetuned))
