@@ -7,14 +7,16 @@ Typical use::
     model = plan.at_size(2.0)          # a 2x model: routing tables + params
     params = model.params_for_task(3)  # task 3's full params pytree
     fm.save("out/model_2x", model)
+    fm.export(model, "out/deploy", format="hf")   # one Hugging Face directory per task
 """
 
-from . import baselines, blocks, io, kernels, methods, prep, serve, tree
+from . import baselines, blocks, io, kernels, methods, prep, progress, serve, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
 from ._tune import Tuning
 from .checkpointing import load, save, save_cut
+from ._export import export
 from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 
 __version__ = "0.1.0"
@@ -37,6 +39,8 @@ __all__ = [
     "save",
     "load",
     "save_cut",
+    "export",
+    "progress",
     "Plan",
     "Event",
     "Tuning",

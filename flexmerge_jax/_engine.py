@@ -954,4 +954,5 @@ def materialize(
         unmatched=unmatched,
         n_models=n_models,
         step=step,
+        source=src.describe(),
     )

@@ -78,6 +78,9 @@ class FlexModel:
       n_models: deployed size in units of one model (reference accounting).
       step: number of merges applied (``None`` for a one-shot merge).
       blocks: ``{block name: BlockModel}`` in block order.
+      source: where the inputs came from (a :meth:`Source.describe`
+        dict, e.g. the base checkpoint's path, which :func:`~flexmerge_jax.export`
+        mirrors), or ``None``.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class FlexModel:
         unmatched: Sequence[dict[str, Any]],
         n_models: float,
         step: int | None,
+        source: dict | None = None,
     ):
         self.layout = layout
         self.partition = partition
@@ -100,6 +104,7 @@ class FlexModel:
         self.unmatched = list(unmatched)
         self.n_models = float(n_models)
         self.step = step
+        self.source = source
 
     @property
     def n(self) -> int:

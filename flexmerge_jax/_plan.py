@@ -27,6 +27,7 @@ from ._schedule import (
     replay,
 )
 from ._source import MemorySource, Source, reuse_buffers
+from .progress import counting
 from ._tune import Tuning, check_tunable, tune_scales
 from .tree import layout_mismatch
 
@@ -558,8 +559,9 @@ def plan(
         :class:`Source`).
       finetuned: n params pytrees (or checkpoint paths) of the same layout.
       blocks: block specification: a :mod:`flexmerge_jax.blocks` spec, a
-        preset name (``"vit"``, ``"clip-vit-b32"``, ...) or an ordered list of
-        substrings; default one block per parameter.
+        preset name (``"vit"``, ``"clip-vit-b32"``, ...), an ordered list of
+        substrings or the path of a JSON file holding one; default one block
+        per parameter.
       method: a :mod:`flexmerge_jax.methods` method or its name.
       linkage: constituent similarity (cosine of member task vectors):
         ``"min"``, ``"mean"`` or ``"max"`` over member pairs. The reference's
@@ -577,7 +579,9 @@ def plan(
       tune: a :class:`~flexmerge_jax.Tuning` to choose :math:`\\lambda` per
         merge on validation data, as the reference's ``--USE_VAL`` (the
         chosen values are in ``plan.scales`` and used by every cut).
-      progress: progress bar for tuning (default: when stderr is a terminal).
+      progress: report the parameters read and the tuning on stderr
+        (``None``: :data:`flexmerge_jax.progress.DEFAULT`, a bar when stderr
+        is a terminal).
       mesh: a ``jax.sharding.Mesh``: task vectors, statistics, merges and the
         cut models are sharded over its ``mesh_axis`` on parameter dims
         (see :mod:`flexmerge_jax.sharding`).
@@ -617,20 +621,23 @@ def plan(
         check_method(method, mesh, mesh_axis)
         source = ShardedSource(source, mesh, mesh_axis)
     partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
-    prepared = Prepared(source, partition, method)
+    counted, bar = counting(source, "plan", progress)
+    prepared = Prepared(counted, partition, method)
     n = source.n
-    if order == "random":
-        seqs, ordr = _random_order(partition, n, int(seed))
-    else:
-        structured = order != "greedy"
-        seqs = _sequences(prepared, linkage, similarity, structured, gram_precision)
-        if structured:
-            idx = list(range(len(partition)))
-            if order == "left-right":
-                idx = idx[::-1]
-            ordr = (np.repeat(idx, n - 1), np.tile(np.arange(n - 1), len(idx)))
+    with bar:
+        if order == "random":
+            seqs, ordr = _random_order(partition, n, int(seed))
         else:
-            ordr = interleave(seqs)
+            structured = order != "greedy"
+            seqs = _sequences(prepared, linkage, similarity, structured, gram_precision)
+            if structured:
+                idx = list(range(len(partition)))
+                if order == "left-right":
+                    idx = idx[::-1]
+                ordr = (np.repeat(idx, n - 1), np.tile(np.arange(n - 1), len(idx)))
+            else:
+                ordr = interleave(seqs)
+    prepared.source = source  # cuts report their own progress
     config = {
         "gram_precision": gram_precision,
         "linkage": linkage,
@@ -661,6 +668,7 @@ def merge(
     *,
     blocks=None,
     task_names: Sequence[str] | None = None,
+    progress: bool | None = None,
 ):
     """One-shot merge of all n tasks (the 1x end of the size axis).
 
@@ -672,6 +680,7 @@ def merge(
         rescalers, PCB normalisation, TIES zero-sign fallback). Default: every
         parameter its own block.
       task_names: optional task names.
+      progress: report the parameters read on stderr (see :func:`plan`).
 
     Returns:
       For methods without masks, the merged params pytree. For mask methods,
@@ -693,13 +702,15 @@ def merge(
             "them per task"
         )
     _check_pairwise(method, source.n)
-    prepared = Prepared(source, partition, method)
+    counted, bar = counting(source, "merge", progress)
+    prepared = Prepared(counted, partition, method)
     n = source.n
     everyone = tuple(range(n))
     groups = [[everyone] for _ in partition.blocks]
-    if method.uses_masks:
-        # One masked group per block: base + merged vector + n 1-bit masks.
-        size = 2 + n / 32 if n > 2 else float(n)
-        return materialize(prepared, groups, n_models=size, step=None)
-    model = materialize(prepared, groups, n_models=1.0, step=None)
+    with bar:
+        if method.uses_masks:
+            # One masked group per block: base + merged vector + n 1-bit masks.
+            size = 2 + n / 32 if n > 2 else float(n)
+            return materialize(prepared, groups, n_models=size, step=None)
+        model = materialize(prepared, groups, n_models=1.0, step=None)
     return model.params_for_task(0)

@@ -14,8 +14,6 @@ import dataclasses
 import io as _io
 import json
 import math
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 
 from . import methods as methods_lib
 from ._plan import plan as make_plan
+from .progress import Progress
 
 __all__ = ["sweep", "SweepResult", "SweepPoint", "default_sizes", "Progress"]
 
@@ -34,33 +33,6 @@ def default_sizes(n: int) -> list[float]:
     """1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, ..., n (dense near 1x)."""
     sizes = [1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0] + [float(k) for k in range(4, n + 1)]
     return sorted({s for s in sizes if s <= n} | {float(n)})
-
-
-class Progress:
-    """A dependency-free progress bar on stderr (silent when not a TTY unless forced)."""
-
-    def __init__(self, total: int, label: str = "", enabled: bool | None = None):
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.t0 = time.time()
-
-    def update(self, k: int = 1, note: str = "") -> None:
-        self.done += k
-        if not self.enabled:
-            return
-        frac = min(self.done / self.total, 1.0)
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        el = time.time() - self.t0
-        eta = el / frac - el if frac > 0 else 0.0
-        sys.stderr.write(
-            f"\r{self.label} [{bar}] {self.done}/{self.total} {el:5.0f}s eta {eta:4.0f}s {note[:30]:30s}"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +295,8 @@ def sweep(
         ties, emr).
       ft_accuracy: per-task accuracy of the fine-tuned models; evaluated
         (step 0) when omitted.
-      progress: show a progress bar (default: when stderr is a terminal).
+      progress: report the models evaluated on stderr (see
+        :mod:`flexmerge_jax.progress`; default: a bar when stderr is a terminal).
 
     Returns:
       A :class:`SweepResult`.
@@ -371,7 +344,8 @@ def sweep(
             steps[round(p.min_size, 6)] = p.num_steps  # always show the smallest model
         jobs.append((label, p, steps))
     distinct = sum(len(set(st.values())) for _, _, st in jobs)
-    bar = Progress((distinct + (ft_accuracy is None)) * n, "sweep", progress)
+    bar = Progress((distinct + (ft_accuracy is None)) * n, "sweep", progress,
+                   unit="evaluations")
     if ft_accuracy is None:
         model0 = first.at_step(0)
         ft = []

@@ -73,7 +73,7 @@ def tune_scales(plan, prepared, tuning: Tuning, progress=None) -> list[float | N
     """
     from ._engine import _add_base, merge_groups
     from ._flexmodel import _deploy_masked
-    from ._sweep import Progress
+    from .progress import Progress
 
     method, part, layout = prepared.method, prepared.partition, prepared.layout
     src, n = prepared.source, prepared.n

@@ -20,6 +20,9 @@ Specifications:
   parameter names.
 * :func:`preset` — named lists of the reference (``clip-vit-b32``,
   ``clip-vit-l14``, ``t5-base``, ...), usable from the CLI.
+* :func:`from_json` — a JSON file holding the ordered list of block names
+  (substring rule), the file ``flexmerge --blocks`` takes; ``blocks=`` takes
+  its path too.
 
 Parameters matched by no block stay per task (never merged) but are counted
 in the size, as in the reference; :func:`resolve` warns with their names.
@@ -47,6 +50,7 @@ __all__ = [
     "vit",
     "bert",
     "preset",
+    "from_json",
     "PRESETS",
     "resolve",
     "UnmatchedParametersWarning",
@@ -512,18 +516,46 @@ def preset(name: str) -> BlockSpec:
     return PRESETS[key]()
 
 
+def from_json(path) -> BlockSpec:
+    """:func:`from_substrings` of the JSON list of block names in a file.
+
+    Raises:
+      ValueError: the file is missing, not JSON, or not a list of strings.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: block list file not found")
+    try:
+        names = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{p}: must hold a JSON list of block names (strings)")
+    return from_substrings(names)
+
+
 def as_spec(blocks) -> BlockSpec:
-    """Coerces ``None`` / preset name / list of substrings / spec to a spec."""
+    """Coerces ``None`` / preset name / path of a JSON block list / list of
+    substrings / spec to a spec (a string ending in ``.json``, or naming an
+    existing file, is a path)."""
+    import os
+
     if blocks is None:
         return per_leaf()
     if isinstance(blocks, BlockSpec):
         return blocks
+    if isinstance(blocks, os.PathLike) or (isinstance(blocks, str) and (
+            blocks.endswith(".json") or os.path.isfile(blocks))):
+        return from_json(blocks)
     if isinstance(blocks, str):
         return preset(blocks)
     if isinstance(blocks, Sequence):
         return from_substrings(blocks)
     raise ValueError(
-        "blocks must be a BlockSpec, a preset name or a list of block names, "
+        "blocks must be a BlockSpec, a preset name, a JSON file path or a list of block names, "
         f"got {type(blocks).__name__}"
     )
 

@@ -81,7 +81,7 @@ def _block_meta(b: BlockModel) -> dict:
 
 
 def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, step,
-                 blocks, unmatched) -> None:
+                 blocks, unmatched, source) -> None:
     """Writes a FlexModel directory block by block (``blocks``: an iterable).
 
     Each block is its own Orbax item under ``arrays/``, so a block can be
@@ -112,6 +112,7 @@ def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, 
         "partition": partition.to_json(),
         "blocks": metas,
         "stored_parameters": stored,
+        "source": source,
     })
 
 
@@ -199,7 +200,7 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
         def write(tmp):
             _write_model(tmp, layout=obj.layout, partition=obj.partition, method=obj.method,
                          task_names=obj.task_names, n_models=obj.n_models, step=obj.step,
-                         blocks=obj.blocks.values(), unmatched=obj.unmatched)
+                         blocks=obj.blocks.values(), unmatched=obj.unmatched, source=obj.source)
     elif isinstance(obj, Plan):
         def write(tmp):
             _write_json(tmp / _META, _plan_meta(obj))
@@ -209,14 +210,16 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
 
 
 def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: int | None = None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, progress: bool | None = None) -> Path:
     """Cuts ``plan`` at a size (or step) and saves the model, block by block.
 
     Equivalent to ``save(path, plan.at_size(size))`` but each block is
     materialized, written and released in turn, so host memory holds one
-    block of all tasks at a time, never the whole output model.
+    block of all tasks at a time, never the whole output model. ``progress``
+    reports the blocks written (see :mod:`flexmerge_jax.progress`).
     """
     from ._engine import materialize_block
+    from .progress import Progress
 
     if (size is None) == (step is None):
         raise ValueError("give exactly one of size= or step=")
@@ -227,17 +230,18 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     scales = plan._group_scales(k)
 
     def blocks():
-        with prepared.in_order():
+        with prepared.in_order(), Progress(len(plan.partition), "cut", progress, "blocks") as bar:
             for b, pb in enumerate(plan.partition.blocks):
                 yield materialize_block(prepared, b, parts[pb.name],
                                         None if scales is None else scales[b])
+                bar.update(1, pb.name)
 
     def write(tmp):
         src, part = prepared.source, plan.partition
         unmatched = src.finetuned(part.unmatched) if part.unmatched else [{} for _ in range(plan.n)]
         _write_model(tmp, layout=plan.layout, partition=part, method=plan.method,
                      task_names=plan.task_names, n_models=float(plan.sizes[k]), step=int(k),
-                     blocks=blocks(), unmatched=unmatched)
+                     blocks=blocks(), unmatched=unmatched, source=plan.source_info)
 
     return _atomic(Path(path), write, overwrite)
 
@@ -351,6 +355,7 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
         unmatched=unmatched,
         n_models=meta["n_models"],
         step=meta["step"],
+        source=meta.get("source"),
     )
 
 

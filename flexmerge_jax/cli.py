@@ -4,6 +4,7 @@
     flexmerge merge --base B --finetuned F1 F2 ... --method ties --size 2 --out DIR
     flexmerge plan  --base B --finetuned F1 F2 ... --method ties --out PLAN
     flexmerge cut PLAN --size 2 --out DIR
+    flexmerge export DIR --all-tasks --format hf --out DEPLOY
     flexmerge inspect DIR
 
 Params paths: ``.npz``, ``.safetensors``, Hugging Face model directories (or their
@@ -79,25 +80,6 @@ def _method(args):
     return methods.get(args.method, **hp)
 
 
-def _blocks(spec: str | None):
-    from . import blocks
-
-    if spec is None:
-        return None
-    p = Path(spec)
-    if p.suffix == ".json" or p.is_file():
-        if not p.is_file():
-            raise UserError(f"{p}: block list file not found")
-        try:
-            names = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}: not valid JSON ({e})") from None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise UserError(f"{p}: must hold a JSON list of block names (strings)")
-        return blocks.from_substrings(names)
-    return blocks.preset(spec)
-
-
 def _linkage(v: str):
     return None if v.lower() == "none" else v
 
@@ -115,7 +97,7 @@ def _plan(args):
     return plan(
         args.base,
         args.finetuned,
-        blocks=_blocks(args.blocks),
+        blocks=args.blocks,
         method=_method(args),
         linkage=_linkage(args.linkage),
         similarity=args.similarity,
@@ -212,6 +194,26 @@ def cmd_cut(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ._export import export
+    from ._flexmodel import FlexModel
+    from .checkpointing import load
+
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; export writes a new directory")
+    model = load(args.model)
+    if not isinstance(model, FlexModel):
+        raise UserError(f"{args.model}: a plan, not a model; cut it first "
+                        "(flexmerge cut PLAN --size S --out DIR)")
+    task = args.task
+    if task is not None and task not in model.task_names and task.isdigit():
+        task = int(task)
+    export(model, args.out, task=task, format=args.format, base=args.base)
+    what = "every task" if task is None else f"task {model.task_names[model.task_index(task)]}"
+    _say(f"exported {what} of {args.model} as {args.format} to {args.out}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .checkpointing import load
     from ._plan import Plan
@@ -264,7 +266,7 @@ def cmd_demo(args) -> int:
             plans[m] = plan(z.base, z.finetuned, blocks="vit", method=presets[m],
                             linkage="min", task_names=z.task_names)
     _say(f"planned {len(plans)} method(s) in {time.time() - t0:.1f}s; evaluating {len(sizes)} sizes")
-    res = sweep(plans, z.evaluate, sizes, progress=None if not args.no_progress else False)
+    res = sweep(plans, z.evaluate, sizes, progress=False if args.no_progress else None)
     out = Path(args.out)
     paths = res.write(out, plot=not args.no_plot)
     _say("")
@@ -325,8 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flexmerge", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress on stderr (default: a bar on a terminal, else a line "
+                            "every 10 s)")
 
-    p = sub.add_parser("demo", help="plan and sweep sizes on the bundled model zoo")
+    def add(name, **kw):
+        return sub.add_parser(name, parents=[quiet], **kw)
+
+    p = add("demo", help="plan and sweep sizes on the bundled model zoo")
     p.add_argument("--out", default="flexmerge-demo", help="output directory (JSON, CSV, PNG)")
     p.add_argument("--methods", default=DEMO_METHODS,
                    help=f"comma-separated, or 'all' (every method and baseline; ~5 min); "
@@ -338,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("merge", help="plan and save the model at one size")
+    p = add("merge", help="plan and save the model at one size")
     _add_inputs(p)
     _add_plan_flags(p)
     p.add_argument("--size", type=float, required=True, help="target size in models (1 .. n)")
@@ -346,14 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_merge)
 
-    p = sub.add_parser("plan", help="compute and save the whole schedule")
+    p = add("plan", help="compute and save the whole schedule")
     _add_inputs(p)
     _add_plan_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("cut", help="save the model at one size of a saved plan")
+    p = add("cut", help="save the model at one size of a saved plan")
     p.add_argument("plan")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--size", type=float)
@@ -363,7 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_cut)
 
-    p = sub.add_parser("inspect", help="routing table, sizes and groups of a saved model or plan")
+    from ._export import FORMATS
+
+    p = add("export", help="write tasks of a saved model as ordinary checkpoints")
+    p.add_argument("model", help="a model directory (flexmerge merge / cut)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--task", help="the task's name (or index): OUT is its checkpoint")
+    g.add_argument("--all-tasks", action="store_true", help="every task, in OUT/<task name>")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors (model.safetensors), npz (params.npz), orbax (an Orbax "
+                        "checkpoint), hf (a Hugging Face directory like the base: its config and "
+                        "tokenizer files, tensor names, dtypes and shards); default safetensors")
+    p.add_argument("--base", help="for --format hf: the Hugging Face directory to mirror "
+                                  "(default: the base the model was planned from)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_export)
+
+    p = add("inspect", help="routing table, sizes and groups of a saved model or plan")
     p.add_argument("path")
     p.set_defaults(fn=cmd_inspect)
     return ap
@@ -376,7 +401,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None) -> int:
     """Entry point of the ``flexmerge`` console script; returns the exit code."""
+    from . import progress
+
     args = build_parser().parse_args(argv)
+    default, progress.DEFAULT = progress.DEFAULT, not args.quiet
     try:
         if getattr(args, "distributed", False):
             _distributed()
@@ -395,6 +423,8 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
+    finally:
+        progress.DEFAULT = default
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -470,6 +470,16 @@ def load_params(path) -> PyTree:
     return nest(flat) if any("/" in k for k in flat) else flat
 
 
+def save_npz(file, arrays: dict[str, np.ndarray], path) -> None:
+    """``np.savez`` of ``arrays`` to ``file``, refusing dtypes NumPy cannot
+    store (bfloat16 would be read back as raw ``V2`` bytes)."""
+    for k, a in arrays.items():
+        if a.dtype.kind == "V" or a.dtype.name == "bfloat16":
+            raise ValueError(f"{path}: .npz cannot store {a.dtype.name} (parameter {k!r}); "
+                             "use .safetensors or Orbax")
+    np.savez(file, **arrays)
+
+
 def save_params(path, params: PyTree) -> Path:
     """Saves a params pytree to ``.npz``, ``.safetensors`` or an Orbax dir.
 
@@ -488,7 +498,7 @@ def save_params(path, params: PyTree) -> Path:
     try:
         if path.suffix == ".npz":
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                save_npz(f, arrays, path)
         elif path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 

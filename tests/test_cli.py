@@ -87,7 +87,7 @@ def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
     assert err.startswith(f"flexmerge: warning: loaded the plan without its inputs")
     assert f"{fts[1]} changed since planning" in err and ".py:" not in err
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c",
-                         "--base", base, "--finetuned", *fts)
+                         "--base", base, "--finetuned", *fts, "--quiet")
     assert code == 0 and err.count("\n") == 1
     assert err.startswith("flexmerge: warning: the attached inputs are not the files")
 
@@ -109,7 +109,7 @@ def test_user_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
     z, d, base, fts = tiny
     if "--base" not in argv:
         argv = argv[:1] + ["--base", base, "--finetuned", *fts] + argv[1:]
-    argv = [a if a != "x" else str(tmp_path / "x") for a in argv]
+    argv = [a if a != "x" else str(tmp_path / "x") for a in argv] + ["--quiet"]
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

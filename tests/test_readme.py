@@ -16,6 +16,15 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for code in blocks:
         exec(compile(code, str(README), "exec"), scope)
     assert (tmp_path / "out" / "ties_2x" / "flexmerge.json").exists()
+    # The nnx round trip puts the merged params into the module it returns
+    # (task arithmetic, scale 1: the base plus the mean task vector).
+    from flexmerge_jax import adapters
+
+    params = [adapters.from_nnx(m) for m in scope["layers"]]
+    got = adapters.from_nnx(scope["merged"])
+    for k in ("kernel", "bias"):
+        want = params[0][k] + (params[1][k] + params[2][k] - 2 * params[0][k]) / 2
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_readme_demo_section_is_reproduced(tmp_path, capsys):
