@@ -112,7 +112,9 @@ class _Counting(Source):
     def __init__(self, source: Source, bar: Progress):
         self._src, self._bar = source, bar
         self.layout, self.task_names = source.layout, source.task_names
-        self.host_capable, self.prefetch = source.host_capable, source.prefetch
+        for k, v in vars(Source).items():  # the flags (host_capable, prefetch, ...) of source
+            if not k.startswith("_") and not callable(v) and not isinstance(v, property):
+                setattr(self, k, getattr(source, k))
         self._numel = dict(zip(source.layout.names, source.layout.sizes))
         self._passes = 1
 
