@@ -394,6 +394,8 @@ class _Reader:
         """``read([name])[name][index]``: from safetensors only the region's
         byte ranges (one per run of contiguous entries); other formats read
         the parameter whole."""
+        if self.format == "hf":
+            return self._shard_of[name].read_region(name, index)
         if self.format != "safetensors" or self._dtype[name] not in _RUN_DTYPES:
             return self.read([name])[name][index]
         shape = dict(zip(self.names, self.shapes))[name]

@@ -76,6 +76,11 @@ def test_sharded_reads_open_only_the_shards_holding_the_tensors(tmp_path, monkey
     runs = r.read_runs([(k, np.array([0]), 2) for k in sorted(base)])
     for k, got in zip(sorted(base), runs):
         np.testing.assert_array_equal(got, base[k].reshape(1, -1)[:, :2])
+    opened.clear()
+    w = next(k for k in sorted(base) if base[k].ndim == 2)
+    region = (slice(1, 3), slice(2, 5))
+    np.testing.assert_array_equal(r.read_region(w, region), base[w][region])
+    assert opened == []  # byte ranges of the one shard, not the tensor read whole
 
 
 def test_a_lone_shard_is_refused_naming_its_index(tmp_path, capsys):
