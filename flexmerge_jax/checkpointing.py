@@ -11,7 +11,8 @@ parameter on disk).
 
 Saving is atomic: everything is written into a temporary sibling directory
 that is renamed into place only once complete, so a failure never leaves a
-directory that :func:`load` would accept.
+directory that :func:`load` would accept, and the rename never replaces
+what it did not check (:mod:`._atomic`: concurrent saves, ``overwrite``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from . import _atomic as _claim
 from .blocks import Partition
 from ._flexmodel import BlockModel, FlexModel
 from .methods import Method
@@ -166,14 +167,44 @@ class _Writer:
         self._ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
         return self
 
-    def write(self, path: Path, arrays: dict) -> None:
-        self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(arrays))
+    _last: Path | None = None
 
-    def __exit__(self, *exc):
+    def write(self, path: Path, arrays: dict) -> None:
+        self._last = path
+        with _os_errors(path):
+            self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(arrays))
+
+    def __exit__(self, typ, exc, tb):
+        # Already failing (an error, Ctrl-C): the in-flight write may fail
+        # too (Orbax then cannot schedule its last steps), but the first
+        # error is the one to report.
         try:
-            self._ckpt.wait_until_finished()
+            with _os_errors(self._last):
+                self._ckpt.wait_until_finished()
+        except Exception:
+            if typ is None:
+                raise
         finally:
-            self._ckpt.close()
+            try:
+                self._ckpt.close()
+            except Exception:
+                if typ is None:
+                    raise
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path | None):
+    """Reraises TensorStore's errors for a failed system call (a screenful
+    of JSON specification ending in ``[os_error_code='28']``) as the
+    ``OSError`` they are: ``[Errno 28] No space left on device: 'path'``."""
+    try:
+        yield
+    except Exception as e:
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code is None:
+            raise
+        code = int(code.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
@@ -185,14 +216,18 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
         a Plan (its schedule; a plan made from checkpoint files records their
         paths, so :func:`load` reattaches them and any size can be cut later
         without recomputing the schedule).
-      overwrite: replace an existing directory saved by this library.
+      overwrite: replace an existing directory saved by this library that
+        holds nothing else (files someone added are named, not deleted). An
+        empty directory is replaced without it.
 
     Returns:
       The path written.
 
     Raises:
       ValueError: the path exists (and ``overwrite`` is false, or it is not a
-        flexmerge_jax directory), or ``obj`` has the wrong type.
+        flexmerge_jax directory, or holds other files), it was created by
+        someone else while saving (of two concurrent saves of one path, one
+        fails so), or ``obj`` has the wrong type. Nothing is left behind.
     """
     from ._plan import Plan
 
@@ -247,31 +282,20 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
 
 
 def _atomic(path: Path, write, overwrite: bool) -> Path:
-    """Runs ``write(tmp_dir)`` then renames ``tmp_dir`` to ``path``."""
-    if path.exists():
-        if not overwrite:
-            raise ValueError(f"{path} exists; pass overwrite=True to replace it")
-        _read_meta(path)  # refuse to delete a directory that is not ours
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.mkdir()
-        write(tmp)  # writes flexmerge.json last: it marks the directory complete
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    """Runs ``write(tmp_dir)`` (which writes ``flexmerge.json`` last: it
+    marks the directory complete), then claims ``path`` (:mod:`._atomic`)."""
+    return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta)
+
+
+def check_target(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fails early (before any work) if :func:`save` to ``path`` would fail
+    for the target's sake: it exists and ``overwrite`` is false, or it is not
+    a flexmerge_jax directory holding only what a save wrote.
+
+    Raises:
+      ValueError: naming the path and what is in the way.
+    """
+    _claim.check_target(Path(path), overwrite, _read_meta)
 
 
 def _read_meta(path: Path) -> dict:

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -144,9 +145,23 @@ def _mesh(args):
 
 
 def _check_out(args) -> None:
-    """Fails before any work when ``--out`` exists and ``--overwrite`` was not given."""
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    """Fails before any work (planning can take minutes) when ``--out``
+    cannot be written: its parent is missing, not a directory or not
+    writable, or it exists and may not be replaced."""
+    from .checkpointing import check_target
+
+    out = Path(args.out)
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"{out}: the parent directory {parent} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot write in {parent} (permission denied or a read-only "
+                        "file system)")
+    try:
+        check_target(out, args.overwrite)
+    except ValueError as e:
+        raise UserError(str(e).replace("overwrite=True", "--overwrite")) from None
 
 
 def _say(msg: str) -> None:
@@ -331,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     quiet.add_argument("-q", "--quiet", action="store_true",
                        help="no progress on stderr (default: a bar on a terminal, else a line "
                             "every 10 s)")
+    quiet.add_argument("--debug", action="store_true",
+                       help="show the traceback of an error (and the logs of Orbax)")
 
     def add(name, **kw):
         return sub.add_parser(name, parents=[quiet], **kw)
@@ -399,12 +416,65 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"flexmerge: warning: {message}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial output is removed
+    on the way out, as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ...: 'path'" -> "path: ..."
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+class _NativeThreadsQuiet:
+    """``sys.stderr`` for the CLI without ``--debug``: drops what threads
+    that Python did not start write. Those are TensorStore's I/O threads,
+    whose callbacks print ``RuntimeError: Event loop is closed`` tracebacks
+    (dozens, before the one useful line) once Orbax gave up on a failed
+    write, e.g. on a full disk; Python threads (warnings) still print."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if isinstance(threading.current_thread(), threading._DummyThread):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``flexmerge`` console script; returns the exit code."""
+    """Entry point of the ``flexmerge`` console script; returns the exit code.
+
+    Expected failures (a bad input, an output that cannot be written, a full
+    disk) print one line and return 2 (``--debug``: with the traceback);
+    Ctrl-C returns 130 and SIGTERM 143, after removing partial output.
+    """
+    import logging
+    import signal
+
     from . import progress
 
     args = build_parser().parse_args(argv)
     default, progress.DEFAULT = progress.DEFAULT, not args.quiet
+    debug = args.debug
+    absl = logging.getLogger("absl")  # Orbax logs each failed write with its traceback
+    level = absl.level
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    stderr = sys.stderr
+    if not debug:
+        absl.setLevel(logging.CRITICAL)
+        sys.stderr = _NativeThreadsQuiet(stderr)
     try:
         if getattr(args, "distributed", False):
             _distributed()
@@ -412,19 +482,29 @@ def main(argv=None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             return int(args.fn(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"flexmerge: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("flexmerge: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `flexmerge inspect DIR | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
+    except (UserError, ValueError, OSError) as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"flexmerge: error: {_error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexmerge: interrupted; no partial output left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("flexmerge: terminated (SIGTERM); no partial output left", file=sys.stderr)
+        return 143
     finally:
         progress.DEFAULT = default
+        absl.setLevel(level)
+        sys.stderr = stderr
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -170,6 +170,7 @@ def test_closed_stdout_ends_quietly(tiny, tmp_path, monkeypatch):
 
 def test_existing_out_fails_before_any_work(capsys, tmp_path):
     (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "results.csv").write_text("")
     for argv in (["merge", "--method", "ta", "--size", "2"], ["plan", "--method", "ta"]):
         code, out, err = run(capsys, *argv, "--base", tmp_path / "missing.npz", "--finetuned",
                              tmp_path / "a.npz", tmp_path / "b.npz", "--out", tmp_path / "m")
