@@ -154,8 +154,13 @@ def _canonical_linkage(linkage):
     return key
 
 
-def as_source(base, finetuned, task_names=None) -> Source:
-    """Coerces (pytree, [pytrees]) or a :class:`Source` to a Source."""
+def as_source(base, finetuned, task_names=None, verify: str = "fast") -> Source:
+    """Coerces (pytree, [pytrees]) or a :class:`Source` to a Source
+    (``verify``: how its inputs are fingerprinted, see :func:`plan`)."""
+    from . import io as io_lib
+
+    if verify not in io_lib.VERIFY:
+        raise ValueError(f"verify must be one of {list(io_lib.VERIFY)}, got {verify!r}")
     if isinstance(base, Source):
         if finetuned is not None:
             raise ValueError("pass finetuned=None when base is a Source")
@@ -163,10 +168,8 @@ def as_source(base, finetuned, task_names=None) -> Source:
     if finetuned is None:
         raise ValueError("finetuned models are required")
     if isinstance(base, (str, os.PathLike)):
-        from . import io as io_lib
-
-        return io_lib.path_source(base, finetuned, task_names)
-    return MemorySource(base, finetuned, task_names)
+        return io_lib.path_source(base, finetuned, task_names, verify)
+    return MemorySource(base, finetuned, task_names, verify)
 
 
 class Plan:
@@ -193,6 +196,7 @@ class Plan:
         scales: Sequence[float | None] | None = None,
     ):
         self._prepared = prepared
+        self._missing = None  # why a loaded plan's recorded inputs were not attached
         self.layout = layout
         self.partition = partition
         self.method = method
@@ -309,10 +313,20 @@ class Plan:
                             self.partition.unmatched)
 
     def _require_inputs(self) -> Prepared:
+        """The inputs, after checking that their files are still the ones
+        this plan read (a cut must not merge edited or replaced files)."""
         if self._prepared is None:
+            why = f": {self._missing}" if self._missing else " (loaded without them)"
             raise ValueError(
-                "this plan has no inputs attached (loaded without them); "
+                f"this plan has no inputs attached{why}; "
                 "use flexmerge_jax.load(path, base=..., finetuned=...)"
+            )
+        changed = self._prepared.source.changed()
+        if changed:
+            raise ValueError(
+                f"the plan's input files changed since they were read: {'; '.join(changed)}; "
+                "plan again, or attach them again (plan.attach) to merge their new values "
+                "along this schedule"
             )
         return self._prepared
 
@@ -343,8 +357,8 @@ class Plan:
           ValueError: if their parameter names, shapes or dtypes differ from
             the plan's.
         """
-        source = as_source(base, finetuned, self.task_names)
-        self._attach(source, _changed_inputs(self.source_info, source.describe()))
+        source = as_source(base, finetuned, self.task_names, self._verify)
+        self._attach(source, _changed_inputs(self.source_info, source))
 
     def _attach(self, source: Source, changed: list[str]) -> None:
         """:meth:`attach` of a built source; ``changed``: its files whose
@@ -354,11 +368,12 @@ class Plan:
             raise ValueError(f"the given inputs do not match this plan ({msg})")
         if changed:
             warnings.warn(
-                f"the attached inputs are not the files this plan was computed from "
-                f"({'; '.join(changed)} differ): cuts will merge their values along the "
+                f"the attached inputs are not the ones this plan was computed from "
+                f"({'; '.join(changed)}): cuts will merge their values along the "
                 f"recorded schedule", stacklevel=3,
             )
         self._prepared = Prepared(source, self.partition, self.method)
+        self._missing = None
 
     def _layout_json(self) -> dict:
         return self.layout.to_json()
@@ -388,27 +403,33 @@ class Plan:
         )
         if base is not None or finetuned is not None:
             plan.attach(base, finetuned)
-        else:
-            info = plan.source_info or {}
-            if info.get("kind") == "paths":
-                paths = [info["base"], *info["finetuned"]]
-                if all(os.path.exists(p) for p in paths):
-                    from .io import fingerprints
-
-                    now = {**info, "fingerprints": fingerprints(info["base"], info["finetuned"])}
-                    changed = _changed_inputs(info, now)
-                    try:
-                        if changed:
-                            raise ValueError(f"{'; '.join(changed)} changed since planning")
-                        plan._attach(as_source(info["base"], info["finetuned"], plan.task_names),
-                                     [])
-                    except ValueError as e:  # the files changed since planning
-                        warnings.warn(
-                            f"loaded the plan without its inputs: its recorded files no longer "
-                            f"match it ({e}); pass base=/finetuned= to attach inputs",
-                            stacklevel=3,
-                        )
+        elif (plan.source_info or {}).get("kind") == "paths":
+            plan._reattach()
         return plan
+
+    @property
+    def _verify(self) -> str:
+        """How the inputs were fingerprinted (``verify=`` of :func:`plan`)."""
+        rec = (self.source_info or {}).get("fingerprints") or {}
+        return "full" if isinstance(rec.get("base"), dict) and "full" in rec["base"] else "fast"
+
+    def _reattach(self) -> None:
+        """Attaches the recorded input files if they are still the ones
+        planned from; else warns naming each file and why (kept for the
+        error of a later cut)."""
+        info = self.source_info
+        changed = _changed_inputs(info, None)
+        try:
+            if changed:
+                raise ValueError("; ".join(changed))
+            self._attach(as_source(info["base"], info["finetuned"], self.task_names, self._verify),
+                         [])
+        except ValueError as e:  # the files changed since planning
+            self._missing = f"its recorded input files are not the ones planned from ({e})"
+            warnings.warn(
+                f"loaded the plan without its inputs, which changed since planning: {e}; "
+                "pass base=/finetuned= to attach inputs", stacklevel=4,
+            )
 
     def __repr__(self) -> str:
         return (
@@ -418,19 +439,37 @@ class Plan:
         )
 
 
-def _changed_inputs(recorded: dict | None, current: dict | None) -> list[str]:
-    """The input files whose content fingerprints (:func:`~.io.fingerprint`)
-    differ between a plan's record and ``current`` (both ``describe()``
-    dicts); empty where either has none (in-memory inputs, older plans)."""
-    a = (recorded or {}).get("fingerprints")
-    b = (current or {}).get("fingerprints")
-    if not a or not b or len(a["finetuned"]) != len(b["finetuned"]):
+def _changed_inputs(recorded: dict | None, source: Source | None) -> list[str]:
+    """The inputs of ``source`` (``None``: the recorded files themselves)
+    that are not the ones a plan's record (``plan.source_info``) describes,
+    each as ``"task 'x' PATH (why)"`` (see :func:`~.io.fingerprint_change`).
+
+    Files are compared with files, in-memory models with in-memory models
+    (:func:`~._source.tree_fingerprint`, as recorded); other pairs (files
+    planned, arrays attached), and records without fingerprints, cannot be
+    compared and give none.
+    """
+    from .io import fingerprint_change
+
+    rec = (recorded or {}).get("fingerprints")
+    if not rec:
         return []
-    out = [f"the base {current['base']}"] if a["base"] != b["base"] else []
-    out += [f"task {t!r} {p}" for t, p, x, y in
-            zip(current["task_names"], current["finetuned"], a["finetuned"], b["finetuned"])
-            if x != y]
-    return out
+    current = recorded if source is None else source.describe()
+    names = current.get("task_names") or (source.task_names if source is not None else [])
+    who = ["the base"] + [f"task {t!r}" for t in names]
+    recs = [rec["base"], *rec["finetuned"]]
+    if recorded.get("kind") in ("paths", "hf") and "finetuned" in current:
+        paths = [current["base"], *current["finetuned"]]
+        return [f"{w} {p} ({why})" for w, p, r in zip(who, paths, recs)
+                if (why := fingerprint_change(r, p))]
+    now = current.get("fingerprints")
+    if recorded.get("kind") != "MemorySource" or current.get("kind") != "MemorySource" or not now:
+        return []
+    nows = [now["base"], *now["finetuned"]]
+    if len(nows) != len(recs):
+        return []
+    return [f"{w} (its values differ from the planned ones)" for w, r, c in zip(who, recs, nows)
+            if r != c]
 
 
 def _random_order(partition, n: int, seed: int):
@@ -551,6 +590,7 @@ def plan(
     mesh=None,
     mesh_axis: str = "model",
     gram_precision: str = "float64",
+    verify: str = "fast",
 ) -> Plan:
     """Computes the FlexMerge schedule (every size from n down to the floor).
 
@@ -594,6 +634,13 @@ def plan(
         (HIGHEST-precision float32 like the reference; faster, no emulated
         float64 on TPU, and ties closer than ~1e-7 may then be decided
         differently).
+      verify: how the plan records its inputs, to notice later that they
+        changed (files edited or replaced before a cut, other models passed
+        to :func:`~flexmerge_jax.load`): ``"fast"`` (default: size,
+        modification time and sampled content of files; sampled entries of
+        in-memory models) or ``"full"`` (a hash of every byte: reads the
+        inputs once more; a copy with a new modification time is then the
+        same input). See :func:`~flexmerge_jax.io.fingerprint`.
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
@@ -613,7 +660,7 @@ def plan(
         check_tunable(method, linkage if order != "random" else "random", similarity)
     if gram_precision not in ("float64", "float32"):
         raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
-    source = as_source(base, finetuned, task_names)
+    source = as_source(base, finetuned, task_names, verify)
     _check_pairwise(method, source.n)
     if mesh is not None:
         from .sharding import ShardedSource, check_method

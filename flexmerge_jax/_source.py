@@ -78,6 +78,12 @@ class Source(abc.ABC):
         got = self.finetuned_tasks([name], tasks)
         return [np.asarray(got[int(t)][name])[index] for t in tasks]
 
+    def changed(self) -> list[str]:
+        """Inputs that differ from when this source was made (files edited
+        or replaced since), each as ``"task 'x' PATH (why)"``; sources
+        without files have none."""
+        return []
+
     def sample_runs(self, requests: Sequence[tuple[str, np.ndarray, int]]) -> list[np.ndarray]:
         """Task-vector entries in contiguous runs, for sampling statistics.
 
@@ -441,18 +447,59 @@ class MemorySource(Source):
         base: PyTree,
         finetuned: Sequence[PyTree],
         task_names: Sequence[str] | None = None,
+        verify: str = "fast",
     ):
         self.layout = check_finetuned(base, finetuned)
         names, leaves, _ = flatten(base)
         self._base = dict(zip(names, leaves))
         self._ft = [dict(zip(names, flatten(f)[1])) for f in finetuned]
         self.task_names = _check_names(task_names, len(finetuned))
+        self._verify = verify
+        self._fingerprints = None  # taken when first described
+
+    def describe(self) -> dict:
+        if self._fingerprints is None:
+            self._fingerprints = {
+                "base": tree_fingerprint(self._base, self._verify),
+                "finetuned": [tree_fingerprint(f, self._verify) for f in self._ft],
+            }
+        return {"kind": "MemorySource", "fingerprints": self._fingerprints}
 
     def base(self, names):
         return {k: self._base[k] for k in names}
 
     def finetuned(self, names):
         return [{k: f[k] for k in names} for f in self._ft]
+
+
+_TREE_SAMPLES = 256
+
+
+def tree_fingerprint(leaves: dict, verify: str = "fast") -> dict:
+    """What a plan records of an in-memory model (``{name: array}``).
+
+    ``"fast"``: a BLAKE2b hash of the names, shapes, dtypes and 256 evenly
+    spaced entries of each leaf (gathered where the array lives: no copy of
+    a device array to the host); ``"full"``: of every entry instead.
+
+    Returns:
+      ``{"sample": "blake2b:<hex>"}`` or ``{"full": "blake2b:<hex>"}``.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(leaves):
+        x = leaves[name]
+        h.update(f"{name}\0{tuple(x.shape)}\0{np.dtype(x.dtype).name}\0".encode())
+        size = int(np.prod(x.shape, dtype=np.int64))
+        if verify == "full" or size <= _TREE_SAMPLES:
+            part = x
+        else:
+            idx = np.linspace(0, size - 1, _TREE_SAMPLES).astype(np.int64)
+            part = (np.asarray(x).reshape(-1)[idx] if _host_resident(x)
+                    else jax.device_get(jnp.ravel(x)[idx]))
+        h.update(np.ascontiguousarray(np.asarray(part)).tobytes())
+    return {"full" if verify == "full" else "sample": "blake2b:" + h.hexdigest()}
 
 
 def _check_names(task_names, n: int) -> tuple[str, ...]:

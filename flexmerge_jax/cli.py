@@ -107,6 +107,7 @@ def _plan(args):
         task_names=_names(args.task_names),
         gram_precision=args.gram_precision,
         mesh=_mesh(args),
+        verify=args.verify,
     )
 
 
@@ -329,6 +330,10 @@ def _add_plan_flags(p):
                    help="arithmetic of every similarity (default float64; float32 is faster, "
                         "the reference's, and avoids emulated float64 on TPU)")
     g.add_argument("--task-names", help="comma-separated task names (default: file names)")
+    g.add_argument("--verify", default="fast", choices=("fast", "full"),
+                   help="how the plan records its input files to notice changes before a cut: "
+                        "size, modification time and sampled bytes (fast, default) or a hash "
+                        "of every byte (full: reads the inputs once more)")
     g = p.add_argument_group("devices (docs/multi_host.md)")
     g.add_argument("--mesh", metavar="all|N",
                    help="shard parameters over a 1-D mesh of the first N devices (all: every "

@@ -47,53 +47,119 @@ def is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-_SAMPLES, _SAMPLE_BYTES = 16, 4096
+_SAMPLES, _SAMPLE_BYTES = 64, 4096
+VERIFY = ("fast", "full")
 
 
-def fingerprint(path) -> str:
-    """A cheap content fingerprint of a params file or checkpoint directory.
+def _files(p: Path) -> list[Path]:
+    """The files of an input: a directory's, an index and its shards, or ``p``."""
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    if p.name.endswith(INDEX_SUFFIX):
+        return [p, *(p.parent / s for s in sorted(set(_index_shards(p).values())))]
+    return [p]
 
-    BLAKE2b over the size and 16 evenly spaced 4 KiB samples of each file
-    (of every file of a directory, with its relative path): a few hundred
-    KiB read whatever the model size. Plans record their input files'
-    fingerprints so that files replaced since planning (re-trained, another
-    checkpoint under the same name) are noticed when the plan is loaded;
-    being a sample, it does not notice edits of a few values between
-    samples. Copies and moved files keep their fingerprint.
+
+def fingerprint(path, verify: str = "fast") -> dict:
+    """What a plan records of an input file (or checkpoint directory).
+
+    Args:
+      path: the file or directory.
+      verify: ``"fast"``: size, modification time and a BLAKE2b hash of 64
+        evenly spaced 4 KiB samples of each file (a few hundred KiB read
+        whatever the model size); ``"full"``: also a BLAKE2b hash of every
+        byte (reads the whole input once more).
 
     Returns:
-      ``"blake2b:<32 hex digits>"``.
+      ``{"size": bytes, "mtime_ns": latest modification, "sample":
+      "blake2b:<hex>"}`` and, for ``"full"``, ``"full": "blake2b:<hex>"``
+      (directories: over every file, with its relative path; a safetensors
+      index: over it and its shards).
 
     Raises:
-      ValueError: the path does not exist.
+      ValueError: the path does not exist, or ``verify`` is unknown.
     """
     import hashlib
 
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{p}: no such file or directory")
-    h = hashlib.blake2b(digest_size=16)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-    elif p.name.endswith(INDEX_SUFFIX):  # the index and every shard it names
-        files = [p, *(p.parent / s for s in _index_shards(p).values())]
-    else:
-        files = [p]
+    sample = hashlib.blake2b(digest_size=16)
+    full = hashlib.blake2b(digest_size=16) if verify == "full" else None
+    total, mtime = 0, 0
+    files = _files(p)
     root = p if p.is_dir() else p.parent
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root) if len(files) > 1 or p.is_dir() else ''}\0{size}\0".encode())
+        st = f.stat()
+        size = st.st_size
+        total, mtime = total + size, max(mtime, st.st_mtime_ns)
+        name = f"{f.relative_to(root) if len(files) > 1 or p.is_dir() else ''}\0{size}\0".encode()
+        sample.update(name)
         with open(f, "rb") as fh:
             span = max(size - _SAMPLE_BYTES, 0)
             for k in range(_SAMPLES if size > _SAMPLE_BYTES else 1):
                 fh.seek(span * k // (_SAMPLES - 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return "blake2b:" + h.hexdigest()
+                sample.update(fh.read(_SAMPLE_BYTES))
+            if full is not None:
+                full.update(name)
+                fh.seek(0)
+                while chunk := fh.read(1 << 22):
+                    full.update(chunk)
+    out = {"size": total, "mtime_ns": mtime, "sample": "blake2b:" + sample.hexdigest()}
+    if full is not None:
+        out["full"] = "blake2b:" + full.hexdigest()
+    return out
 
 
-def fingerprints(base, finetuned) -> dict:
+def fingerprint_change(recorded, path) -> str | None:
+    """Why ``path`` is not the input ``recorded`` (a :func:`fingerprint`),
+    or ``None`` if it is. Checked as recorded: with a full hash, the content
+    decides (a copy with another modification time is the same input);
+    without, a different modification time counts as a change too (the
+    samples cannot see an in-place edit of a few values)."""
+    p = Path(path)
+    if not p.exists():
+        return "no longer exists"
+    if not isinstance(recorded, dict):  # recorded by an older version: not comparable
+        return None
+    now = fingerprint(p, "full" if "full" in recorded else "fast")
+    if now["size"] != recorded["size"]:
+        return f"size {recorded['size']} -> {now['size']} bytes"
+    if now["sample"] != recorded["sample"] or now.get("full") != recorded.get("full"):
+        return "content differs"
+    if "full" not in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
+        return ("modified since (same size and sampled bytes, other modification time: an edit, "
+                "or a copy; verify='full' tells them apart)")
+    return None
+
+
+def fingerprints(base, finetuned, verify: str = "fast") -> dict:
     """``{"base": fingerprint, "finetuned": [fingerprint, ...]}`` of paths."""
-    return {"base": fingerprint(base), "finetuned": [fingerprint(f) for f in finetuned]}
+    return {"base": fingerprint(base, verify), "finetuned": [fingerprint(f, verify) for f in finetuned]}
+
+
+class FileInputs:
+    """For sources reading files: their fingerprints, taken when the source
+    is made (before anything is read), for ``describe()`` and
+    :meth:`changed`."""
+
+    def _record_inputs(self, base, finetuned, task_names, verify: str) -> None:
+        self._inputs = [("the base", Path(base))] + [
+            (f"task {t!r}", Path(f)) for t, f in zip(task_names, finetuned)]
+        self._fingerprints = fingerprints(base, finetuned, verify)
+
+    def changed(self) -> list[str]:
+        """The input files that differ from when this source was made, each
+        as ``"task 'x' PATH (why)"``."""
+        recs = [self._fingerprints["base"], *self._fingerprints["finetuned"]]
+        out = []
+        for (who, path), rec in zip(self._inputs, recs):
+            why = fingerprint_change(rec, path)
+            if why:
+                out.append(f"{who} {path} ({why})")
+        return out
 
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -523,7 +589,7 @@ def save_params(path, params: PyTree) -> Path:
     return path
 
 
-class PathSource(Source):
+class PathSource(FileInputs, Source):
     """Base + n fine-tuned params files, read one set of parameters at a time.
 
     Layouts are checked up front from headers (names, shapes, dtypes), naming
@@ -532,7 +598,7 @@ class PathSource(Source):
 
     prefetch = True
 
-    def __init__(self, base, finetuned: Sequence, task_names=None):
+    def __init__(self, base, finetuned: Sequence, task_names=None, verify: str = "fast"):
         if is_path(finetuned) or not isinstance(finetuned, Sequence):
             raise ValueError("finetuned must be a list of paths")
         if len(finetuned) < 2:
@@ -554,6 +620,7 @@ class PathSource(Source):
         if task_names is None and len(set(default)) == len(default):
             task_names = default
         self.task_names = _check_names(task_names, len(finetuned))
+        self._record_inputs(base, finetuned, self.task_names, verify)
 
     def base(self, names):
         return self._base.read(names)
@@ -582,10 +649,11 @@ class PathSource(Source):
             "base": str(self._base.path.absolute()),
             "finetuned": [str(r.path.absolute()) for r in self._ft],
             "task_names": list(self.task_names),
-            "fingerprints": fingerprints(self._base.path, [r.path for r in self._ft]),
+            "fingerprints": self._fingerprints,
         }
 
 
-def path_source(base, finetuned, task_names=None) -> PathSource:
-    """A :class:`PathSource` (``finetuned``: list of paths)."""
-    return PathSource(base, finetuned, task_names)
+def path_source(base, finetuned, task_names=None, verify: str = "fast") -> PathSource:
+    """A :class:`PathSource` (``finetuned``: list of paths; ``verify``: see
+    :func:`fingerprint`)."""
+    return PathSource(base, finetuned, task_names, verify)

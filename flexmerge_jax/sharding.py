@@ -138,3 +138,6 @@ class ShardedSource(Source):
 
     def describe(self) -> dict:
         return self.inner.describe()
+
+    def changed(self) -> list[str]:
+        return self.inner.changed()

@@ -1,6 +1,7 @@
 """save / load of FlexModels and Plans (Orbax + JSON), atomicity, bad paths."""
 
 import json
+import os
 import shutil
 import warnings
 
@@ -107,7 +108,8 @@ def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
     assert fm.load(tmp_path / "plan").has_inputs  # the files are reattached
     (tmp_path / "t1.npz").unlink()
     fm.io.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
-    with pytest.warns(UserWarning, match="without its inputs.*t1.npz changed since planning"):
+    with pytest.warns(UserWarning, match=r"without its inputs, which changed since planning: "
+                                         r"task 't1' .*t1.npz \(size \d+ -> \d+ bytes\)"):
         bare = fm.load(tmp_path / "plan")
     assert not bare.has_inputs and bare.num_steps == p.num_steps
     with pytest.raises(ValueError, match="'emb' has shape"):
@@ -116,11 +118,12 @@ def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
 
 def test_replaced_files_of_the_same_layout_are_noticed(tmp_path):
     fts, paths, p = saved_plan_of_files(tmp_path, 5, ".safetensors")
-    # Moved copies are the same inputs: attached without a word.
+    # Moved copies (modification times kept) are the same inputs: attached
+    # without a word.
     moved = tmp_path / "moved"
     moved.mkdir()
     for f in [tmp_path / "base.npz", *paths]:
-        (moved / f.name).write_bytes(f.read_bytes())
+        shutil.copy2(f, moved / f.name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = fm.load(tmp_path / "plan", base=moved / "base.npz",
@@ -129,10 +132,10 @@ def test_replaced_files_of_the_same_layout_are_noticed(tmp_path):
     # t2 re-trained (same names, shapes and dtypes, other values).
     paths[2].unlink()
     fm.io.save_params(paths[2], {k: v + 0.5 for k, v in fts[2].items()})
-    with pytest.warns(UserWarning, match="without its inputs.*t2.safetensors changed since planning"):
+    with pytest.warns(UserWarning, match="without its inputs.*t2.safetensors .content differs"):
         assert not fm.load(tmp_path / "plan").has_inputs
-    with pytest.warns(UserWarning, match="not the files this plan was computed from "
-                                         r"\(task 't2' .*t2.safetensors differ\)"):
+    with pytest.warns(UserWarning, match="not the ones this plan was computed from "
+                                         r"\(task 't2' .*t2.safetensors \(content differs\)\)"):
         forced = fm.load(tmp_path / "plan", base=tmp_path / "base.npz", finetuned=paths)
     assert forced.has_inputs
 
@@ -144,22 +147,39 @@ def test_fingerprint_samples_content_not_names(tmp_path):
     a.write_bytes(data)
     b.write_bytes(data)
     fp = fm.io.fingerprint(a)
-    assert fp.startswith("blake2b:") and fp == fm.io.fingerprint(b)  # a copy
+    assert fp["sample"].startswith("blake2b:") and fp["size"] == len(data)
+    assert fp["sample"] == fm.io.fingerprint(b)["sample"]  # a copy
+    # A copy with another modification time: the same input for a full hash;
+    # the fast check cannot tell it from an in-place edit, and says so.
+    assert fm.io.fingerprint_change(fm.io.fingerprint(b, "full"), a) is None
+    assert fm.io.fingerprint_change(fm.io.fingerprint(b), a).startswith("modified since")
+    # 50 values edited in place between the samples.
+    full = fm.io.fingerprint(a, "full")
+    st = a.stat()
+    values = np.frombuffer(data, np.float32).copy()
+    values[150_000:150_050] += 1.0
+    a.write_bytes(values.tobytes())
+    assert fm.io.fingerprint(a)["sample"] == fp["sample"]  # missed by the samples alone
+    assert fm.io.fingerprint_change(fp, a).startswith("modified since")  # seen: the mtime
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the mtime put back
+    assert fm.io.fingerprint_change(full, a) == "content differs"
     edited = bytearray(data)
     edited[-1] ^= 1  # the last 4 KiB are a sample
     b.write_bytes(bytes(edited))
-    assert fm.io.fingerprint(b) != fp
+    assert fm.io.fingerprint(b)["sample"] != fp["sample"]
+    assert fm.io.fingerprint_change(fp, b) == "content differs"
     b.write_bytes(data + b"\0")  # the size
-    assert fm.io.fingerprint(b) != fp
+    assert fm.io.fingerprint_change(fp, b) == f"size {len(data)} -> {len(data) + 1} bytes"
     # Directories (Orbax checkpoints): every file, with its relative path.
     ck = fm.io.save_params(tmp_path / "ck", {"w": np.ones((64, 64), np.float32)})
-    fp_dir = fm.io.fingerprint(ck)
-    assert fm.io.fingerprint(ck) == fp_dir
+    fp_dir = fm.io.fingerprint(ck, "full")
+    assert fm.io.fingerprint(ck, "full") == fp_dir and "full" in fp_dir
     shutil.rmtree(ck)
     fm.io.save_params(ck, {"w": np.full((64, 64), 2.0, np.float32)})
-    assert fm.io.fingerprint(ck) != fp_dir
+    assert fm.io.fingerprint_change(fp_dir, ck) is not None
     with pytest.raises(ValueError, match="no such file"):
         fm.io.fingerprint(tmp_path / "missing")
+    assert fm.io.fingerprint_change(fp, tmp_path / "missing") == "no longer exists"
 
 
 def test_refuses_existing_and_foreign_directories(tmp_path):

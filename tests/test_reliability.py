@@ -183,7 +183,7 @@ def test_a_live_processes_temporary_is_kept(small, tmp_path):
                                               (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
     base, fts = random_case(1, n=3)
-    fm.io.save_params(tmp_path / "base.npz", base)
+    fm.io.save_params(tmp_path / "base.safetensors", base)
     paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
     r = run_python(f"""
         import os, sys
@@ -197,7 +197,7 @@ def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
             write(self, path, arrays)
         checkpointing._Writer.write = signalled
         sys.exit(main(sys.argv[1:]))
-    """, "merge", "--base", tmp_path / "base.npz", "--finetuned", *paths, "--method", "ta",
+    """, "merge", "--base", tmp_path / "base.safetensors", "--finetuned", *paths, "--method", "ta",
         "--blocks", "by-layer", "--size", "3", "--out", tmp_path / "m")
     assert r.returncode == code, r.stderr
     assert r.stderr == f"flexmerge: {word}; no partial output left\n" if sig == signal.SIGINT \
@@ -225,7 +225,7 @@ def small_filesystem(path: Path, size: str, *options):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     base, fts = random_case(2, n=3, shapes={f"l{i}.w": (128, 128) for i in range(4)})
-    fm.io.save_params(tmp_path / "base.npz", base)
+    fm.io.save_params(tmp_path / "base.safetensors", base)
     paths = [str(fm.io.save_params(tmp_path / f"t{i}.npz", f)) for i, f in enumerate(fts)]
     with small_filesystem(tmp_path / "disk", "256k") as mounted:
         if not mounted:  # not root: a write that fails as TensorStore's does
@@ -234,7 +234,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
                                  "bytes to file 4: No space left on device [os_error_code='28']")
             monkeypatch.setattr(checkpointing._Writer, "write", full)
         out = tmp_path / "disk" / "m"
-        code = main(["merge", "--base", str(tmp_path / "base.npz"), "--finetuned", *paths,
+        code = main(["merge", "--base", str(tmp_path / "base.safetensors"), "--finetuned", *paths,
                      "--method", "ta", "--blocks", "by-layer", "--size", "3", "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and err == f"flexmerge: error: {out}: No space left on device\n"
@@ -274,3 +274,112 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(argv + ["--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("exists; pass --overwrite to replace it\n")
+
+
+# ----------------------------------------------------------------- changed inputs
+
+
+def edit_between_samples(path: Path, keep_mtime=False):
+    """Zeroes 50 float32 values of a file where the sampled fingerprint does
+    not look (its samples: 64 x 4 KiB spread over the file)."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    assert len(raw) > 64 * 4096 * 2
+    raw[4200:4400] = bytes(200)  # between the first two samples
+    path.write_bytes(bytes(raw))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def files_plan(tmp_path):
+    """A ta plan of 3 random models (512 KiB .safetensors files)."""
+    base, fts = random_case(3, n=3, shapes={"l0.w": (256, 256), "l1.w": (256, 256)})
+    fm.io.save_params(tmp_path / "base.safetensors", base)
+    paths = [fm.io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    return base, fts, paths, fm.plan(tmp_path / "base.safetensors", paths, blocks="by-layer",
+                                     method="ta")
+
+
+@pytest.mark.parametrize("edit", ["rewritten", "50 values in place", "deleted"])
+def test_live_plan_rechecks_its_files_before_a_cut(files_plan, tmp_path, edit):
+    base, fts, paths, plan = files_plan
+    before = plan.at_size(2.0)
+    if edit == "rewritten":
+        paths[1].unlink()
+        fm.io.save_params(paths[1], {k: v + 1 for k, v in fts[1].items()})
+        why = r"\(content differs\)"
+    elif edit == "50 values in place":
+        edit_between_samples(paths[1])
+        why = r"\(modified since"
+    else:
+        paths[1].unlink()
+        why = r"\(no longer exists\)"
+    match = rf"input files changed since they were read: task 't1' {paths[1]} {why}"
+    with pytest.raises(ValueError, match=match):
+        plan.at_size(2.0)
+    with pytest.raises(ValueError, match=match):
+        fm.save_cut(tmp_path / "cut", plan, size=2.0)
+    assert not (tmp_path / "cut").exists()
+    if edit != "deleted":  # attached again explicitly: the new values, with a warning
+        with pytest.warns(UserWarning, match="not the ones this plan was computed from"):
+            plan.attach(tmp_path / "base.safetensors", paths)
+        assert plan.at_size(2.0).n_models == before.n_models
+
+
+def test_missing_input_is_named_in_the_warning_and_the_error(files_plan, tmp_path):
+    *_, paths, plan = files_plan
+    fm.save(tmp_path / "plan", plan)
+    paths[2].rename(tmp_path / "elsewhere.npz")
+    with pytest.warns(UserWarning, match=rf"without its inputs.*task 't2' {paths[2]} "
+                                         r"\(no longer exists\)"):
+        bare = fm.load(tmp_path / "plan")
+    with pytest.raises(ValueError, match=rf"no inputs attached: .*{paths[2]} \(no longer exists\)"):
+        bare.at_size(2.0)
+
+
+def test_in_memory_inputs_that_differ_are_named(tmp_path):
+    base, fts = random_case(4, n=3)
+    plan = fm.plan(base, fts, blocks="by-layer", method="ta", task_names=["a", "b", "c"])
+    fm.save(tmp_path / "plan", plan)
+    with warnings_as_errors():
+        fm.load(tmp_path / "plan", base=base, finetuned=fts)  # the same: no word
+    other = [fts[0], {k: v * 1.01 for k, v in fts[1].items()}, fts[2]]
+    with pytest.warns(UserWarning, match=r"not the ones this plan was computed from \(task 'b' "
+                                         r"\(its values differ from the planned ones\)\)"):
+        fm.load(tmp_path / "plan", base=base, finetuned=other)
+    # One value changed: the samples may miss it; a plan made with verify="full" does not.
+    one = dict(fts[2])
+    one["l1.mlp.w"] = one["l1.mlp.w"].copy()
+    one["l1.mlp.w"][2, 3] += 1.0
+    plan_full = fm.plan(base, fts, blocks="by-layer", method="ta", verify="full")
+    fm.save(tmp_path / "full", plan_full)
+    with pytest.warns(UserWarning, match=r"task 'task2' \(its values differ"):
+        fm.load(tmp_path / "full", base=base, finetuned=[fts[0], fts[1], one])
+
+
+def test_verify_full_accepts_copies_and_catches_edits(files_plan, tmp_path, capsys):
+    base, fts, paths, _ = files_plan
+    argv = ["plan", "--base", str(tmp_path / "base.safetensors"), "--finetuned", *map(str, paths),
+            "--method", "ta", "--blocks", "by-layer", "--verify", "full", "--out",
+            str(tmp_path / "plan")]
+    assert main(argv) == 0, capsys.readouterr().err
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for p in [tmp_path / "base.safetensors", *paths]:
+        (copies / p.name).write_bytes(p.read_bytes())  # new modification times
+    with warnings_as_errors():
+        fm.load(tmp_path / "plan", base=copies / "base.safetensors",
+                finetuned=[copies / p.name for p in paths])
+    edit_between_samples(paths[0], keep_mtime=True)  # an edit that keeps the mtime
+    with pytest.warns(UserWarning, match=rf"task 't0' {paths[0]} \(content differs\)"):
+        assert not fm.load(tmp_path / "plan").has_inputs
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

@@ -400,7 +400,7 @@ def save_hf(path, params: PyTree, mapping: MappingLike = None, *, transpose: Tra
 # --------------------------------------------------------------------------- lazy source
 
 
-class HFSource(Source):
+class HFSource(_io.FileInputs, Source):
     """Base + n HF-named files, mapped and transposed lazily, block by block.
 
     The layout (params names, Flax shapes) comes from the headers; only the
@@ -452,6 +452,7 @@ class HFSource(Source):
         if task_names is None and len(set(default)) == len(default):
             task_names = default
         self.task_names = _check_names(task_names, len(finetuned))
+        self._record_inputs(base, finetuned, self.task_names, "fast")
 
     def _read(self, reader, names):
         got = reader.read([self._to_hf[n] for n in names])
@@ -477,7 +478,7 @@ class HFSource(Source):
             "base": str(self._base.path.absolute()),
             "finetuned": [str(r.path.absolute()) for r in self._ft],
             "task_names": list(self.task_names),
-            "fingerprints": _io.fingerprints(self._base.path, [r.path for r in self._ft]),
+            "fingerprints": self._fingerprints,
         }
 
 
