@@ -321,8 +321,12 @@ def _read_arrays(path: Path, item: str) -> dict:
     arr = path / "arrays" / item
     if not arr.is_dir():
         raise ValueError(f"{path} is incomplete: no arrays/{item}")
-    with warnings_quiet():
-        return ocp.StandardCheckpointer().restore(arr.absolute())
+    try:
+        with warnings_quiet():
+            return ocp.StandardCheckpointer().restore(arr.absolute())
+    except Exception as e:  # a damaged Orbax item: one line naming it
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{arr}: cannot read this Orbax checkpoint ({msg[:300]})") from None
 
 
 @contextlib.contextmanager
@@ -334,14 +338,79 @@ def warnings_quiet():
         yield
 
 
-def _load_model(path: Path, meta: dict) -> FlexModel:
+def _check(ok: bool, where: Path, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{where / _META}: {what} (edited by hand, or damaged?)")
+
+
+def _check_common(path: Path, meta: dict):
+    """Task names, layout and partition of ``meta``, checked."""
+    names = meta["task_names"]
+    _check(isinstance(names, list) and all(isinstance(t, str) for t in names)
+           and len(set(names)) == len(names) and len(names) >= 1, path,
+           f"task_names must be a list of distinct names, got {names!r}")
     layout = Layout.from_json(meta["layout"])
     partition = Partition.from_json(meta["partition"])
+    known = set(layout.names)
+    _check(len(layout.shapes) == len(layout.names) == len(layout.dtypes), path,
+           "the layout's names, shapes and dtypes differ in number")
+    for b in partition.blocks:
+        bad = [k for k in b.leaves if k not in known]
+        _check(not bad, path, f"block {b.name!r} names parameter {bad[:1]!r} missing from the layout")
+    bad = [k for k in partition.unmatched if k not in known]
+    _check(not bad, path, f"unmatched parameter {bad[:1]!r} missing from the layout")
+    return names, layout, partition
+
+
+def _check_model(path: Path, meta: dict):
+    """Checks a model's ``flexmerge.json`` against itself: one routing entry
+    per task, each naming one of the block's parameter sets, block names as
+    in the partition. Returns ``(task names, layout, partition)``."""
+    names, layout, partition = _check_common(path, meta)
+    n = len(names)
+    _check(len(meta["blocks"]) == len(partition.blocks), path,
+           f"{len(meta['blocks'])} blocks listed for a partition of {len(partition.blocks)}")
+    for bm, pb in zip(meta["blocks"], partition.blocks):
+        b = bm["name"]
+        _check(b == pb.name, path, f"block {b!r} where the partition has {pb.name!r}")
+        sets, routing = len(bm["masked"]), bm["routing"]
+        _check(len(routing) == n, path,
+               f"block {b!r} routes {len(routing)} tasks, but {n} task names are listed")
+        _check(all(isinstance(r, int) and 0 <= r < sets for r in routing), path,
+               f"block {b!r}: routing {routing} names parameter sets outside 0..{sets - 1}")
+        _check(all(isinstance(t, int) and 0 <= t < n for t in bm["mask_tasks"]), path,
+               f"block {b!r}: mask tasks {bm['mask_tasks']} outside 0..{n - 1}")
+        _check(len(bm["rescalers"]) == n, path,
+               f"block {b!r}: {len(bm['rescalers'])} rescalers for {n} tasks")
+    return names, layout, partition
+
+
+def _check_arrays(path: Path, item: str, entry: dict, want: dict, shapes: dict) -> None:
+    """``entry`` (an Orbax item read back) holds ``want`` (``{key: [leaf
+    names]}``) with the layout's shapes (masks: bit-packed, any shape)."""
+    for key, leaves in want.items():
+        got = entry.get(key)
+        _check(isinstance(got, dict), path, f"arrays/{item} lacks {key!r}")
+        for j, k in enumerate(leaves):
+            a = got.get(_key("", j))
+            _check(a is not None, path, f"arrays/{item}/{key} lacks parameter {k!r}")
+            _check(key.startswith("m") or tuple(a.shape) == tuple(shapes[k]), path,
+                   f"arrays/{item}/{key}: parameter {k!r} has shape {tuple(a.shape)}, "
+                   f"the layout says {tuple(shapes[k])}")
+
+
+def _load_model(path: Path, meta: dict) -> FlexModel:
+    names, layout, partition = _check_model(path, meta)
     shapes = dict(zip(layout.names, layout.shapes))
-    n = len(meta["task_names"])
+    n = len(names)
     blocks = []
     for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
         entry = _read_arrays(path, _key("b", bi))
+        want = {_key("s", si): pb.leaves for si in range(len(bm["masked"]))}
+        want.update({_key("m", t): pb.leaves for t in bm["mask_tasks"]})
+        if bm["has_base"]:
+            want["base"] = pb.leaves
+        _check_arrays(path, _key("b", bi), entry, want, shapes)
         leaves = pb.leaves
         named = lambda d: {k: d[_key("", j)] for j, k in enumerate(leaves)}
         sets = [named(entry[_key("s", si)]) for si in range(len(bm["masked"]))]
@@ -364,6 +433,8 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
         )
     if partition.unmatched:
         um = _read_arrays(path, "unmatched")
+        _check_arrays(path, "unmatched", um, {_key("t", i): partition.unmatched for i in range(n)},
+                      shapes)
         unmatched = [
             {k: um[_key("t", i)][_key("", j)] for j, k in enumerate(partition.unmatched)}
             for i in range(n)
@@ -405,7 +476,41 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None):
     if meta["format"] == FORMAT_MODEL:
         if base is not None or finetuned is not None:
             raise ValueError("base/finetuned are only used when loading a plan")
-        return _load_model(path, meta)
+        with _malformed(path):
+            return _load_model(path, meta)
     from ._plan import Plan
 
+    with _malformed(path):
+        _check_plan(path, meta)
     return Plan.from_json(meta, base=base, finetuned=finetuned)
+
+
+def _check_plan(path: Path, meta: dict) -> None:
+    """Checks a plan's ``flexmerge.json``: per block n - 1 merges of task
+    indices below n, an order naming each merge once."""
+    names, _, partition = _check_common(path, meta)
+    n, nb = len(names), len(partition.blocks)
+    _check(len(meta["sequences"]) == nb, path,
+           f"{len(meta['sequences'])} merge sequences for {nb} blocks")
+    for b, seq in zip(partition.names, meta["sequences"]):
+        for field in ("a", "b", "root", "sim"):
+            _check(len(seq[field]) == n - 1, path,
+                   f"block {b!r}: {len(seq[field])} merges in {field!r}; {n} tasks make {n - 1}")
+        _check(all(isinstance(t, int) and 0 <= t < n for f in ("a", "b", "root") for t in seq[f]),
+               path, f"block {b!r}: merges name tasks outside 0..{n - 1} ({n} task names)")
+    blk, step = meta["order"]
+    pairs = sorted(zip(blk, step))
+    _check(pairs == [(b, s) for b in range(nb) for s in range(n - 1)], path,
+           f"the order does not name each of the {nb} x {n - 1} merges once")
+    _check(len(meta["sizes"]) == len(blk) + 1 and len(meta["events"]) == len(blk), path,
+           f"{len(meta['sizes'])} sizes and {len(meta['events'])} events for {len(blk)} merges")
+
+
+@contextlib.contextmanager
+def _malformed(path: Path):
+    """Missing or mistyped fields of a hand-edited ``flexmerge.json`` as one
+    ``ValueError`` naming the file (not a ``KeyError`` from deep inside)."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path / _META}: malformed ({type(e).__name__}: {e})") from None

@@ -363,7 +363,10 @@ class _Reader:
         import jax
         import orbax.checkpoint as ocp
 
-        md = ocp.StandardCheckpointer().metadata(self.path.absolute()).item_metadata.tree
+        md = ocp.StandardCheckpointer().metadata(self.path.absolute()).item_metadata
+        if md is None:
+            raise ValueError("no readable tree metadata (_METADATA missing or damaged)")
+        md = md.tree
         pairs = jax.tree_util.tree_flatten_with_path(
             md, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
         )[0]

@@ -3,6 +3,7 @@ files under ``overwrite``, kill -9, Ctrl-C/SIGTERM, a full disk, read-only
 targets. docs/reliability.md lists what each gets; these tests keep it true."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -383,3 +384,93 @@ def warnings_as_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+# ------------------------------------------------------- damaged saved directories
+
+
+def edit_meta(d: Path, fn) -> None:
+    meta = json.loads((d / "flexmerge.json").read_text())
+    fn(meta)
+    (d / "flexmerge.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, small):
+    base, fts, plan = small
+    d = tmp_path_factory.mktemp("saved")
+    fm.save(d / "model", plan.at_size(2.0))
+    fm.save(d / "plan", plan)
+    return d
+
+
+def _routing_out_of_range(m):
+    m["blocks"][0]["routing"][1] = 7
+
+
+def _fewer_task_names(m):
+    m["task_names"] = m["task_names"][:2]
+
+
+def _block_renamed(m):
+    m["blocks"][1]["name"] = "l9."
+
+
+def _unknown_parameter(m):
+    m["partition"]["blocks"][0][1][0] = "nope.w"
+
+
+def _no_routing(m):
+    del m["blocks"][0]["routing"]
+
+
+def _plan_task_out_of_range(m):
+    m["sequences"][0]["a"][0] = 5
+
+
+def _plan_order_repeats(m):
+    m["order"][1][1] = m["order"][1][0]
+    m["order"][0][1] = m["order"][0][0]
+
+
+@pytest.mark.parametrize("item, edit, message", [
+    ("model", _routing_out_of_range, r"block 'emb': routing \[.*\] names parameter sets outside"),
+    ("model", _fewer_task_names, "block 'emb' routes 3 tasks, but 2 task names are listed"),
+    ("model", _block_renamed, "block 'l9.' where the partition has 'l0.attn.w'"),
+    ("model", _unknown_parameter, "block 'emb' names parameter \\['nope.w'\\] missing"),
+    ("model", _no_routing, r"malformed \(KeyError: 'routing'\)"),
+    ("plan", _fewer_task_names, "block 'emb': 2 merges in 'a'; 2 tasks make 1"),
+    ("plan", _plan_task_out_of_range, r"block 'emb': merges name tasks outside 0..2"),
+    ("plan", _plan_order_repeats, "the order does not name each of the 7 x 2 merges once"),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_hand_edited_flexmerge_json_is_named(saved, tmp_path, item, edit, message):
+    import shutil
+
+    d = tmp_path / item
+    shutil.copytree(saved / item, d)
+    edit_meta(d, edit)
+    with pytest.raises(ValueError, match=rf"{d / 'flexmerge.json'}: {message}"):
+        fm.load(d)
+
+
+def test_arrays_that_do_not_match_flexmerge_json_are_named(saved, tmp_path):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(saved / "model", d)
+    edit_meta(d, lambda m: m["blocks"][0]["masked"].append(False))  # a set that is not there
+    with pytest.raises(ValueError, match=r"flexmerge.json: arrays/b00000 lacks 's00003'"):
+        fm.load(d)
+    shutil.rmtree(d)
+    shutil.copytree(saved / "model", d)
+    (d / "arrays" / "b00000" / "_METADATA").write_text("{not json")
+    with pytest.raises(ValueError, match=r"arrays/b00000: cannot read this Orbax checkpoint"):
+        fm.load(d)
+
+
+def test_damaged_orbax_input_is_named(tmp_path):
+    base, fts = random_case(5, n=2)
+    ck = fm.io.save_params(tmp_path / "base_ck", base)
+    (ck / "_METADATA").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{ck}: cannot read orbax params"):
+        fm.io.load_params(ck)
