@@ -296,7 +296,8 @@ class _Reader:
             try:
                 self.names, self.shapes, self.dtypes = self._header()
             except Exception as e:  # corrupt/foreign files: one clear line
-                raise ValueError(f"{self.file}: cannot read {self.format} params ({e})") from None
+                why = f"no field {e} in its metadata" if isinstance(e, KeyError) else e
+                raise ValueError(f"{self.file}: cannot read {self.format} params ({why})") from None
         if not self.names:
             raise ValueError(f"{self.path}: contains no parameters")
 

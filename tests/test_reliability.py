@@ -472,5 +472,9 @@ def test_damaged_orbax_input_is_named(tmp_path):
     base, fts = random_case(5, n=2)
     ck = fm.io.save_params(tmp_path / "base_ck", base)
     (ck / "_METADATA").write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{ck}: cannot read orbax params"):
+    with pytest.raises(ValueError, match=rf"{ck}: cannot read orbax params \(no readable tree "
+                                         r"metadata \(_METADATA missing or damaged\)\)"):
         fm.io.load_params(ck)
+    (ck / "_METADATA").write_text("{}")
+    with pytest.raises(ValueError, match=r"\(no field 'tree_metadata' in its metadata\)"):
+        fm.plan(ck, [ck, ck])
