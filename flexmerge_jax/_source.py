@@ -128,7 +128,7 @@ class Source(abc.ABC):
                 jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts), thr
             )
             oks.append(ok)
-        _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names)
+        _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names, base)
         return out
 
 
@@ -213,15 +213,18 @@ def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names,
     for name in names:
         out[name], ok = _host_task_vector(base[name], [f[name] for f in fts], threshold)
         oks.append(ok)
-    _check_finite(names, oks, task_names)
+    _check_finite(names, oks, task_names, base)
     return out
 
 
-def _check_finite(names, oks, task_names) -> None:
+def _check_finite(names, oks, task_names, base: dict) -> None:
     """Raises naming the first parameter (in ``names`` order) and task whose
-    ``oks[k]: bool[n]`` row has a False."""
+    ``oks[k]: bool[n]`` row has a False (or the base model, where the NaN or
+    Inf is its own: every task vector has it then)."""
     for name, ok in zip(names, oks):
         if not np.all(ok):
+            if not np.isfinite(np.asarray(base[name], np.float32)).all():
+                raise ValueError(f"the base model: parameter {name!r} has NaN or Inf entries")
             i = int(np.argmin(ok))
             raise ValueError(
                 f"task {i} ({task_names[i]}): the task vector of parameter "

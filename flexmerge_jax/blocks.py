@@ -54,6 +54,7 @@ __all__ = [
     "PRESETS",
     "resolve",
     "UnmatchedParametersWarning",
+    "ShadowedBlockWarning",
 ]
 
 
@@ -133,6 +134,9 @@ class BlockSpec(abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class _Substrings(BlockSpec):
     names: tuple[str, ...]
+    #: Warn about names whose every match an earlier name takes (presets
+    #: reproduce the reference's lists as they are, so they do not).
+    warn_shadowed: bool = True
 
     def assign(self, names):
         groups: dict[str, list[str]] = {b: [] for b in self.names}
@@ -513,7 +517,8 @@ def preset(name: str) -> BlockSpec:
         raise ValueError(
             f"unknown block preset {name!r}; choose one of {sorted(PRESETS)}"
         )
-    return PRESETS[key]()
+    spec = PRESETS[key]()
+    return dataclasses.replace(spec, warn_shadowed=False) if isinstance(spec, _Substrings) else spec
 
 
 def from_json(path) -> BlockSpec:
@@ -560,6 +565,24 @@ def as_spec(blocks) -> BlockSpec:
     )
 
 
+class ShadowedBlockWarning(UserWarning):
+    """A listed block name matches only parameters an earlier name takes."""
+
+
+def _warn_shadowed(listed, assigned, names) -> None:
+    """Warns for each substring block left empty although it occurs in
+    parameter names: every such parameter went to an earlier block."""
+    owner = {m: b for b, members in assigned for m in members}
+    for b, members in assigned:
+        hits = [p for p in names if b in p] if not members else []
+        if hits:
+            warnings.warn(
+                f"block {b!r} is empty: every parameter containing it ({hits[0]!r}"
+                f"{f' and {len(hits) - 1} more' if len(hits) > 1 else ''}) belongs to the "
+                f"earlier block {owner[hits[0]]!r} (the first listed substring wins; list "
+                "the longer name first)", ShadowedBlockWarning, stacklevel=4)
+
+
 def resolve(
     blocks, names: Sequence[str], sizes: Sequence[int], *, warn: bool = True
 ) -> Partition:
@@ -597,6 +620,8 @@ def resolve(
             f"the block specification {spec.describe()} matches none of the "
             f"{len(names)} parameters (first names: {list(names)[:3]})"
         )
+    if warn and isinstance(spec, _Substrings) and spec.warn_shadowed:
+        _warn_shadowed(spec.names, assigned, names)
     unmatched = tuple(p for p in names if p not in seen)
     if unmatched and warn:
         shown = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")

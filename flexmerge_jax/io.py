@@ -300,6 +300,10 @@ class _Reader:
                 raise ValueError(f"{self.file}: cannot read {self.format} params ({why})") from None
         if not self.names:
             raise ValueError(f"{self.path}: contains no parameters")
+        bad = [k for k, d in zip(self.names, self.dtypes) if d == "object"]
+        if bad:
+            raise ValueError(f"{self.path}: parameter {bad[0]!r} is an array of Python objects "
+                             "(pickled), not numbers")
 
     def _index_header(self):
         """Names/shapes/dtypes of a sharded checkpoint, from its shards' headers."""

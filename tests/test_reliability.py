@@ -478,3 +478,35 @@ def test_damaged_orbax_input_is_named(tmp_path):
     (ck / "_METADATA").write_text("{}")
     with pytest.raises(ValueError, match=r"\(no field 'tree_metadata' in its metadata\)"):
         fm.plan(ck, [ck, ck])
+
+
+# ------------------------------------------------------------------ bad values
+
+
+def test_nan_in_the_base_is_blamed_on_the_base(tmp_path):
+    base, fts = random_case(6, n=3)
+    base["l0.mlp.b"][2] = np.nan
+    with pytest.raises(ValueError, match=r"^the base model: parameter 'l0.mlp.b' has NaN or Inf"):
+        fm.plan(base, fts, method="ta")
+    fts[1]["l0.mlp.b"][2] = np.inf
+    base["l0.mlp.b"][2] = 0.0
+    with pytest.raises(ValueError, match=r"^task 1 \(task1\): the task vector of parameter "
+                                         r"'l0.mlp.b' has NaN or Inf"):
+        fm.plan(base, fts, method="ta")
+
+
+def test_npz_of_python_objects_is_named(tmp_path):
+    base, fts = random_case(7, n=2)
+    np.savez(tmp_path / "obj.npz", **{**base, "emb": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'obj.npz'}: parameter 'emb' is an array "
+                                         r"of Python objects"):
+        fm.io.load_params(tmp_path / "obj.npz")
+
+
+def test_a_block_name_shadowed_by_an_earlier_one_is_warned(small):
+    base, fts, _ = small
+    with pytest.warns(fm.blocks.ShadowedBlockWarning,
+                      match=r"block 'l1.mlp' is empty: every parameter containing it "
+                            r"\('l1.mlp.w'\) belongs to the earlier block 'l1.'"):
+        p = fm.plan(base, fts, blocks=["l1.", "l1.mlp", "l0.", "emb"], method="ta")
+    assert p.partition.names == ("l1.", "l0.", "emb")
