@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -848,6 +849,24 @@ def _add_base(base: dict, v: dict, i) -> dict:
     return {k: (b.astype(jnp.float32) + v[k][i]).astype(b.dtype) for k, b in base.items()}
 
 
+def _as_input_dtypes(merged: dict, base: dict, block: str) -> dict:
+    """A merged parameter set in the inputs' dtypes, as the per-task sets
+    beside it: float64 inputs (which JAX computes and returns as float32
+    unless ``jax_enable_x64``) as float64 host arrays; float16 results
+    checked for overflow (float16's range is 65504; bfloat16 has float32's)."""
+    out = dict(merged)
+    for k, v in merged.items():
+        want = np.dtype(base[k].dtype)
+        if want == np.float64 and v.dtype != want:
+            out[k] = np.asarray(v).astype(want)
+        elif want == np.float16 and not np.isfinite(np.asarray(v)).all():
+            warnings.warn(
+                f"block {block!r}: the merged parameter {k!r} overflows float16 (Inf entries; "
+                "the largest float16 is 65504): merge float32 copies of the inputs instead",
+                stacklevel=3)
+    return out
+
+
 def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
     """The deployed :class:`~._flexmodel.BlockModel` of block ``b``.
 
@@ -887,7 +906,8 @@ def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = 
         vec = canonical({k: gm.vector[k] for k in block.leaves})
     for g in groups:
         if len(g) >= method.min_merged:
-            sets.append(named(_add_base(base_dev, vec, np.int32(gi)), block.leaves))
+            sets.append(_as_input_dtypes(named(_add_base(base_dev, vec, np.int32(gi)),
+                                               block.leaves), base, block.name))
             masked.append(method.uses_masks)
             routing[list(g)] = len(sets) - 1
             if method.uses_masks:

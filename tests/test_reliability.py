@@ -510,3 +510,24 @@ def test_a_block_name_shadowed_by_an_earlier_one_is_warned(small):
                             r"\('l1.mlp.w'\) belongs to the earlier block 'l1.'"):
         p = fm.plan(base, fts, blocks=["l1.", "l1.mlp", "l0.", "emb"], method="ta")
     assert p.partition.names == ("l1.", "l0.", "emb")
+
+
+def test_float64_and_float16_inputs(small):
+    base, fts, _ = small
+    ta = fm.methods.task_arithmetic(1.0, convention="sum")
+    b64 = {k: v.astype(np.float64) for k, v in base.items()}
+    f64 = [{k: v.astype(np.float64) for k, v in f.items()} for f in fts]
+    plan = fm.plan(b64, f64, blocks="by-layer", method=ta)
+    for size in (1.0, 2.0):  # all merged; some merged, some per task
+        model = plan.at_size(size)
+        for i in range(3):  # merged and unmerged leaves alike: the inputs' dtype
+            params = model.params_for_task(i)
+            assert {np.asarray(v).dtype for v in params.values()} == {np.dtype(np.float64)}
+    one = plan.at_size(1.0).params_for_task(0)
+    for k, b in b64.items():  # the float32 computation, widened: within float32 rounding
+        np.testing.assert_allclose(one[k], b + sum(f[k] - b for f in f64), rtol=1e-6, atol=1e-6)
+    # float16: a merge whose sum passes 65504 is reported, naming block and parameter.
+    b16 = {k: np.zeros_like(v, np.float16) for k, v in base.items()}
+    f16 = [{k: np.full_like(v, 30000 + i, np.float16) for k, v in base.items()} for i in range(3)]
+    with pytest.warns(UserWarning, match=r"block '.*': the merged parameter '.*' overflows float16"):
+        fm.plan(b16, f16, blocks="by-layer", method=ta).at_size(1.0)
