@@ -207,7 +207,7 @@ def _claim(tmp: Path, target: Path) -> None:
 
 
 def write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool,
-              check_ours: Callable[[Path], object]) -> Path:
+              check_ours: Callable[[Path], object], manifest: bool = True) -> Path:
     """Runs ``write(tmp)`` on a new temporary directory and claims ``target``.
 
     Args:
@@ -217,6 +217,8 @@ def write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, overw
         and that holds only what a save wrote.
       check_ours: raises ``ValueError`` for a directory that is not a
         complete output of this library.
+      manifest: write :data:`MANIFEST` (needed for ``overwrite`` to replace
+        the directory later; exports, never replaced, are written without).
 
     Returns:
       ``target`` as a Path.
@@ -235,7 +237,8 @@ def write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, overw
     tmp.mkdir()
     try:
         write(tmp)
-        _write_manifest(tmp)
+        if manifest:
+            _write_manifest(tmp)
         if overwrite and os.path.lexists(target) and not _is_empty_dir(target):
             _replace(tmp, target, check_ours)
         else:

@@ -281,10 +281,11 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     return _atomic(Path(path), write, overwrite)
 
 
-def _atomic(path: Path, write, overwrite: bool) -> Path:
+def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True) -> Path:
     """Runs ``write(tmp_dir)`` (which writes ``flexmerge.json`` last: it
     marks the directory complete), then claims ``path`` (:mod:`._atomic`)."""
-    return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta)
+    return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
+                            manifest=manifest)
 
 
 def check_target(path: str | os.PathLike, overwrite: bool = False) -> None:
