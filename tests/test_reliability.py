@@ -199,7 +199,7 @@ def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
         checkpointing._Writer.write = signalled
         sys.exit(main(sys.argv[1:]))
     """, "merge", "--base", tmp_path / "base.safetensors", "--finetuned", *paths, "--method", "ta",
-        "--blocks", "by-layer", "--size", "3", "--out", tmp_path / "m")
+        "--blocks", "by-layer", "--size", "3", "--out", tmp_path / "m", "--quiet")
     assert r.returncode == code, r.stderr
     assert r.stderr == f"flexmerge: {word}; no partial output left\n" if sig == signal.SIGINT \
         else r.stderr == "flexmerge: terminated (SIGTERM); no partial output left\n"
@@ -236,7 +236,8 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
             monkeypatch.setattr(checkpointing._Writer, "write", full)
         out = tmp_path / "disk" / "m"
         code = main(["merge", "--base", str(tmp_path / "base.safetensors"), "--finetuned", *paths,
-                     "--method", "ta", "--blocks", "by-layer", "--size", "3", "--out", str(out)])
+                     "--method", "ta", "--blocks", "by-layer", "--size", "3", "--out", str(out),
+                     "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and err == f"flexmerge: error: {out}: No space left on device\n"
         assert os.listdir(tmp_path / "disk") == []
