@@ -53,6 +53,23 @@ def main() -> None:
         plans[name] = p
         result[name] = [[e.block, list(e.members_a), list(e.members_b), float(e.similarity)]
                         for e in p.events]
+    # Validation tuning: the user's eval_fn runs on every process, here on
+    # the params gathered from every process (a collective), in float64 so
+    # that the score does not depend on how the sum is split over devices.
+    def sq(params):
+        return sum(np.sum(np.asarray(multihost_utils.process_allgather(x, tiled=True),
+                                     np.float64) ** 2) for x in jax.tree.leaves(params))
+
+    from safetensors.numpy import load_file
+
+    base_sq = float(sum(np.sum(x.astype(np.float64) ** 2) for x in load_file(base).values()))
+
+    def eval_fn(params, task):  # prefers other lambdas for other tasks
+        return -abs(sq(params) - base_sq - 2.0 * (task + 1))
+
+    tuned = fm.plan(base, fts, blocks=blocks, method="ta", mesh=mesh,
+                    tune=fm.Tuning(eval_fn, lambdas=(0.5, 1.0, 2.0), start=0.5))
+    result["ta_tuned_scales"] = [None if s is None else float(s) for s in tuned.scales]
     with open(f"{out}/read{pid}.json", "w") as f:  # every process: what it read to plan
         json.dump(_bytes_read() - read_before, f)
     model = plans["ties_merged"].at_size(2.0)

@@ -85,6 +85,12 @@ def test_two_process_plans_equal_one_process(runs, name):
     np.testing.assert_allclose([e[3] for e in b], [e[3] for e in a], rtol=1e-12, atol=1e-15)
 
 
+def test_two_process_tuning_equals_one_process(runs):
+    single, multi = (json.loads((d / "result.json").read_text()) for d in runs)
+    assert multi["ta_tuned_scales"] == single["ta_tuned_scales"]
+    assert len(set(single["ta_tuned_scales"]) - {None}) > 1  # the scores chose, not a default
+
+
 def test_two_process_cut_equals_one_process(runs):
     single, multi = runs
     assert json.loads((multi / "result.json").read_text())["cut_n_models"] == \
