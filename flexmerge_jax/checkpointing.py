@@ -3,11 +3,14 @@
 A saved directory holds ``flexmerge.json`` — everything that is not a
 parameter array (format marker, task names, method and hyperparameters,
 blocks, routing tables, groups, sizes, the plan's schedule), readable
-without JAX — and ``arrays/``, one Orbax checkpoint per block (``b00000``,
-...) plus ``unmatched``, so models are written and read block by block.
-Arrays are stored uncompressed (directories written with Orbax's default
-zstd compression load too); masks bit-packed (``np.packbits``: 1 bit per
-parameter on disk).
+without JAX — and, for a model, ``arrays/``: one Orbax checkpoint per block
+(``b00000``, ...), ``unmatched`` and ``model``, so models are written and
+read block by block. The Orbax trees are named (parameter sets, parameter
+paths, task names, routing, masks, rescalers): ``orbax.checkpoint`` alone
+restores them (``docs/format.md``). Arrays are stored uncompressed
+(directories written with Orbax's default zstd compression load too); masks
+bit-packed (``np.packbits``: 1 bit per parameter on disk). Directories of
+format version 1 (anonymous keys) still load.
 
 Saving is atomic: everything is written into a temporary sibling directory
 that is renamed into place only once complete, so a failure never leaves a
@@ -31,13 +34,14 @@ from . import _atomic as _claim
 from .blocks import Partition
 from ._flexmodel import BlockModel, FlexModel
 from .methods import Method
-from .tree import Layout
+from .tree import Layout, flatten, nest
 
 __all__ = ["save", "save_cut", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
 
 FORMAT_MODEL = "flexmerge_jax/flexmodel"
 FORMAT_PLAN = "flexmerge_jax/plan"
-VERSION = 1
+VERSION = 2
+_VERSIONS = (1, 2)  # version 1: anonymous Orbax keys (s00000/00000, m00000, t00000)
 _META = "flexmerge.json"
 
 
@@ -58,15 +62,39 @@ def _host(x):
     return np.asarray(jax.device_get(x))
 
 
-def _block_arrays(b: BlockModel) -> dict:
-    entry: dict[str, Any] = {}
-    for si, st in enumerate(b.sets):
-        entry[_key("s", si)] = {_key("", j): _host(st[k]) for j, k in enumerate(b.leaves)}
+def _named(names, arrays) -> dict:
+    """``{name: array}`` as a tree keyed by the parameter paths (nested at
+    ``"/"`` like the params; kept flat where a name is also a prefix)."""
+    flat = dict(zip(names, arrays))
+    try:
+        return nest(flat)
+    except ValueError:
+        return flat
+
+
+def _flat(tree) -> dict:
+    """The inverse of :func:`_named`: ``{parameter name: array}``."""
+    names, leaves, _ = flatten(tree)
+    return dict(zip(names, leaves))
+
+
+def _block_arrays(b: BlockModel, task_names) -> dict:
+    """A block's Orbax tree: its parameter sets (``sets/<set>/<path>``), the
+    base (masked blocks), each task's packed mask (``masks/<task>/<path>``),
+    and its routing, masked flags and rescalers."""
+    tree: dict[str, Any] = {
+        "routing": np.asarray(b.routing, np.int32),
+        "masked": np.asarray(b.masked, bool),
+        "rescalers": np.asarray(b.rescalers, np.float32),
+        "sets": {str(si): _named(b.leaves, [_host(st[k]) for k in b.leaves])
+                 for si, st in enumerate(b.sets)},
+    }
     if b.base is not None:
-        entry["base"] = {_key("", j): _host(b.base[k]) for j, k in enumerate(b.leaves)}
-    for t, m in sorted(b.masks.items()):
-        entry[_key("m", t)] = {_key("", j): _pack(m[k]) for j, k in enumerate(b.leaves)}
-    return entry
+        tree["base"] = _named(b.leaves, [_host(b.base[k]) for k in b.leaves])
+    if b.masks:
+        tree["masks"] = {task_names[t]: _named(b.leaves, [_pack(m[k]) for k in b.leaves])
+                         for t, m in sorted(b.masks.items())}
+    return tree
 
 
 def _block_meta(b: BlockModel) -> dict:
@@ -93,15 +121,17 @@ def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, 
     stored = 0.0
     with _Writer() as writer:
         for bi, (blk, pb) in enumerate(zip(blocks, partition.blocks)):
-            writer.write(tmp / "arrays" / _key("b", bi), _block_arrays(blk))
+            writer.write(tmp / "arrays" / _key("b", bi), _block_arrays(blk, task_names))
             metas.append(_block_meta(blk))
             stored += blk.stored_parameters(pb.numel)
         if partition.unmatched:
             writer.write(tmp / "arrays" / "unmatched", {
-                _key("t", i): {_key("", j): _host(u[k]) for j, k in enumerate(partition.unmatched)}
-                for i, u in enumerate(unmatched)
+                t: _named(partition.unmatched, [_host(u[k]) for k in partition.unmatched])
+                for t, u in zip(task_names, unmatched)
             })
-    stored += len(task_names) * partition.unmatched_numel
+        stored += len(task_names) * partition.unmatched_numel
+        writer.write(tmp / "arrays" / "model", {
+            "n_models": np.float64(n_models), "stored_parameters": np.float64(stored)})
     _write_json(tmp / _META, {
         "format": FORMAT_MODEL,
         "version": VERSION,
@@ -311,7 +341,7 @@ def _read_meta(path: Path) -> dict:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
     if meta.get("format") not in (FORMAT_MODEL, FORMAT_PLAN):
         raise ValueError(f"{meta_path} is not a flexmerge_jax file (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in _VERSIONS:
         raise ValueError(f"{meta_path}: unsupported version {meta.get('version')!r}")
     return meta
 
@@ -386,60 +416,75 @@ def _check_model(path: Path, meta: dict):
     return names, layout, partition
 
 
-def _check_arrays(path: Path, item: str, entry: dict, want: dict, shapes: dict) -> None:
-    """``entry`` (an Orbax item read back) holds ``want`` (``{key: [leaf
-    names]}``) with the layout's shapes (masks: bit-packed, any shape)."""
-    for key, leaves in want.items():
-        got = entry.get(key)
-        _check(isinstance(got, dict), path, f"arrays/{item} lacks {key!r}")
-        for j, k in enumerate(leaves):
-            a = got.get(_key("", j))
-            _check(a is not None, path, f"arrays/{item}/{key} lacks parameter {k!r}")
-            _check(key.startswith("m") or tuple(a.shape) == tuple(shapes[k]), path,
-                   f"arrays/{item}/{key}: parameter {k!r} has shape {tuple(a.shape)}, "
+def _parts(entry: dict, want: dict, v1: bool) -> dict:
+    """The parts ``want`` (``{label: (version-2 key path, version-1 key)}``)
+    of an Orbax item read back, as ``{label: {parameter name: array} | None}``
+    (``None``: missing). Version 1 keyed leaves by position (``00000``, in
+    the order of ``leaves``), version 2 by their names."""
+    out = {}
+    for label, (path2, key1, leaves) in want.items():
+        if v1:
+            d = entry.get(key1)
+            out[label] = None if not isinstance(d, dict) else {
+                k: d.get(_key("", j)) for j, k in enumerate(leaves) if _key("", j) in d}
+            continue
+        d = entry
+        for k in path2:
+            d = d.get(k) if isinstance(d, dict) else None
+        out[label] = _flat(d) if isinstance(d, dict) else None
+    return out
+
+
+def _check_arrays(path: Path, item: str, parts: dict, leaves_of: dict, shapes: dict) -> None:
+    """``parts`` (:func:`_parts`) hold the parameters ``leaves_of[label]``
+    with the layout's shapes (masks, labelled ``masks/...``: bit-packed, any
+    shape)."""
+    for label, got in parts.items():
+        _check(got is not None, path, f"arrays/{item} lacks {label!r}")
+        for k in leaves_of[label]:
+            a = got.get(k)
+            _check(a is not None, path, f"arrays/{item}/{label} lacks parameter {k!r}")
+            _check(label.startswith("masks/") or tuple(a.shape) == tuple(shapes[k]), path,
+                   f"arrays/{item}/{label}: parameter {k!r} has shape {tuple(a.shape)}, "
                    f"the layout says {tuple(shapes[k])}")
 
 
 def _load_model(path: Path, meta: dict) -> FlexModel:
-    names, layout, partition = _check_model(path, meta)
+    tasks, layout, partition = _check_model(path, meta)
     shapes = dict(zip(layout.names, layout.shapes))
-    n = len(names)
+    n = len(tasks)
+    v1 = meta["version"] == 1
     blocks = []
     for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
-        entry = _read_arrays(path, _key("b", bi))
-        want = {_key("s", si): pb.leaves for si in range(len(bm["masked"]))}
-        want.update({_key("m", t): pb.leaves for t in bm["mask_tasks"]})
-        if bm["has_base"]:
-            want["base"] = pb.leaves
-        _check_arrays(path, _key("b", bi), entry, want, shapes)
         leaves = pb.leaves
-        named = lambda d: {k: d[_key("", j)] for j, k in enumerate(leaves)}
-        sets = [named(entry[_key("s", si)]) for si in range(len(bm["masked"]))]
-        masks = {
-            t: {k: _unpack(entry[_key("m", t)][_key("", j)], shapes[k]) for j, k in enumerate(leaves)}
-            for t in bm["mask_tasks"]
-        }
+        want = {f"sets/{si}": (("sets", str(si)), _key("s", si), leaves)
+                for si in range(len(bm["masked"]))}
+        want.update({f"masks/{tasks[t]}": (("masks", tasks[t]), _key("m", t), leaves)
+                     for t in bm["mask_tasks"]})
+        if bm["has_base"]:
+            want["base"] = (("base",), "base", leaves)
+        parts = _parts(_read_arrays(path, _key("b", bi)), want, v1)
+        _check_arrays(path, _key("b", bi), parts, {lb: w[2] for lb, w in want.items()}, shapes)
+        masks = {t: {k: _unpack(parts[f"masks/{tasks[t]}"][k], shapes[k]) for k in leaves}
+                 for t in bm["mask_tasks"]}
         blocks.append(
             BlockModel(
                 name=bm["name"],
                 leaves=leaves,
                 groups=tuple(tuple(g) for g in bm["groups"]),
                 routing=np.asarray(bm["routing"], np.int32),
-                sets=sets,
+                sets=[parts[f"sets/{si}"] for si in range(len(bm["masked"]))],
                 masked=np.asarray(bm["masked"], bool),
-                base=named(entry["base"]) if bm["has_base"] else None,
+                base=parts["base"] if bm["has_base"] else None,
                 masks=masks,
                 rescalers=np.asarray(bm["rescalers"], np.float32),
             )
         )
     if partition.unmatched:
-        um = _read_arrays(path, "unmatched")
-        _check_arrays(path, "unmatched", um, {_key("t", i): partition.unmatched for i in range(n)},
-                      shapes)
-        unmatched = [
-            {k: um[_key("t", i)][_key("", j)] for j, k in enumerate(partition.unmatched)}
-            for i in range(n)
-        ]
+        want = {t: ((t,), _key("t", i), partition.unmatched) for i, t in enumerate(tasks)}
+        parts = _parts(_read_arrays(path, "unmatched"), want, v1)
+        _check_arrays(path, "unmatched", parts, {t: partition.unmatched for t in tasks}, shapes)
+        unmatched = [{k: parts[t][k] for k in partition.unmatched} for t in tasks]
     else:
         unmatched = [{} for _ in range(n)]
     return FlexModel(

@@ -50,8 +50,8 @@ def test_masks_take_one_bit_per_parameter(tmp_path):
     for bi, name in enumerate(model.blocks):
         entry = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays" / f"b{bi:05d}").absolute())
         numel = int(np.prod(base[name].shape))
-        for t in range(4):
-            packed = entry[f"m{t:05d}"]["00000"]
+        for t in model.task_names:
+            packed = entry["masks"][t][name]
             assert packed.dtype == np.uint8 and packed.size == -(-numel // 8)
 
 
@@ -251,3 +251,54 @@ def test_streaming_cut_equals_in_memory_cut(tmp_path):
     assert ja == jb
     with pytest.raises(ValueError, match="exactly one"):
         fm.save_cut(tmp_path / "x", p)
+
+
+def test_docs_plain_orbax_snippet_rebuilds_a_task(tmp_path, monkeypatch):
+    """docs/format.md's snippet (Orbax and NumPy only) gives params_for_task,
+    for a mask method (masked sets, base, rescalers), HF-style dotted names
+    and nested names, with parameters outside every block."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    base, fts = random_case(3, n=4)
+    nested = lambda t: {**{k: v for k, v in t.items() if k.startswith("l1")},  # noqa: E731
+                        "l0": {k[3:]: v for k, v in t.items() if k.startswith("l0")},
+                        "emb": t["emb"]}
+    for method in (fm.methods.emr(), fm.methods.ties(keep=0.5)):
+        with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+            plan = fm.plan(nested(base), [nested(f) for f in fts], blocks=["l1.", "l0/"],
+                           method=method, task_names=["a.b", "c", "d/e", "f g"])
+        model = plan.at_size(2.5)
+        assert any(b.masked.any() for b in model.blocks.values()) == method.uses_masks
+        d = tmp_path / method.name
+        fm.save(d / "model_2x", model)
+        monkeypatch.chdir(d)
+        scope: dict = {}
+        exec(compile(snippet, "docs/format.md", "exec"), scope)
+        assert scope["size"] == model.n_models
+        want = dict(zip(*fm.tree.flatten(model.params_for_task(1))[:2]))
+        assert sorted(scope["params"]) == sorted(want)
+        for k, v in want.items():
+            assert scope["params"][k].dtype == v.dtype
+            np.testing.assert_allclose(scope["params"][k], np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
+def test_version_1_directories_still_load():
+    """A model saved by the code before the named layout (tests/fixtures/model_v1,
+    consensus TIES: masked sets, a base, unmatched parameters) loads to the
+    per-task params recorded when it was written."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    assert json.loads((fixtures / "model_v1" / "flexmerge.json").read_text())["version"] == 1
+    model = fm.load(fixtures / "model_v1")
+    expected = np.load(fixtures / "model_v1_expected.npz")
+    assert model.task_names == ("a", "b", "c", "d") and model.partition.unmatched
+    assert any(len(b.sets) > 1 for b in model.blocks.values())
+    for t in range(4):
+        got = model.params_for_task(t)
+        assert sorted(got) == sorted(k.split("/", 1)[1] for k in expected if k.startswith(f"{t}/"))
+        for k, v in got.items():
+            np.testing.assert_array_equal(np.asarray(v), expected[f"{t}/{k}"])
