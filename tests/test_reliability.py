@@ -460,7 +460,7 @@ def test_arrays_that_do_not_match_flexmerge_json_are_named(saved, tmp_path):
     d = tmp_path / "model"
     shutil.copytree(saved / "model", d)
     edit_meta(d, lambda m: m["blocks"][0]["masked"].append(False))  # a set that is not there
-    with pytest.raises(ValueError, match=r"flexmerge.json: arrays/b00000 lacks 's00003'"):
+    with pytest.raises(ValueError, match=r"flexmerge.json: arrays/b00000 lacks 'sets/3'"):
         fm.load(d)
     shutil.rmtree(d)
     shutil.copytree(saved / "model", d)
