@@ -639,8 +639,9 @@ def plan(
         to :func:`~flexmerge_jax.load`): ``"fast"`` (default: size,
         modification time and sampled content of files; sampled entries of
         in-memory models) or ``"full"`` (a hash of every byte: reads the
-        inputs once more; a copy with a new modification time is then the
-        same input). See :func:`~flexmerge_jax.io.fingerprint`.
+        inputs once more, and files again before each cut; a copy with a
+        new modification time is then the same input). See
+        :func:`~flexmerge_jax.io.fingerprint`.
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
