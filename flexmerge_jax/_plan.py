@@ -375,6 +375,24 @@ class Plan:
         self._prepared = Prepared(source, self.partition, self.method)
         self._missing = None
 
+    def shard(self, mesh, mesh_axis: str = "model") -> None:
+        """Reads the attached inputs onto ``mesh`` from now on (as
+        :func:`plan` with ``mesh=``): cuts are sharded over ``mesh_axis``.
+
+        Raises:
+          ValueError: no inputs are attached, or the method cannot run with
+            its parameters sharded on ``mesh``.
+        """
+        from .sharding import ShardedSource, check_method
+
+        prepared = self._require_inputs()
+        check_method(self.method, mesh, mesh_axis)
+        source = prepared.source
+        if isinstance(source, ShardedSource):
+            source = source.inner
+        self._prepared = Prepared(ShardedSource(source, mesh, mesh_axis), self.partition,
+                                  self.method)
+
     def _layout_json(self) -> dict:
         return self.layout.to_json()
 

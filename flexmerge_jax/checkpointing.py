@@ -21,6 +21,7 @@ what it did not check (:mod:`._atomic`: concurrent saves, ``overwrite``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -50,7 +51,7 @@ def _key(prefix: str, i: int) -> str:
 
 
 def _pack(mask) -> np.ndarray:
-    return np.packbits(np.asarray(mask, bool).ravel())
+    return np.packbits(np.asarray(_host(mask), bool).ravel())
 
 
 def _unpack(packed: np.ndarray, shape) -> np.ndarray:
@@ -59,6 +60,13 @@ def _unpack(packed: np.ndarray, shape) -> np.ndarray:
 
 
 def _host(x):
+    """``x`` as a NumPy array. An array spread over several processes is
+    gathered from all of them (a collective: every process calls this, in
+    the same order, from its main thread)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
 
@@ -180,6 +188,15 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write("\n")
 
 
+def _this_process_only():
+    """Orbax options for reading or writing from this process alone (no
+    barriers with the other processes of ``jax.distributed``)."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 class _Writer:
     """Writes Orbax items one after another, each in the background while
     the caller prepares the next (at most one write in flight: Orbax's
@@ -194,12 +211,17 @@ class _Writer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self._ckpt = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+        alone = _this_process_only()  # under jax.distributed only process 0 writes
+        self._ckpt = ocp.AsyncCheckpointer(
+            ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=alone),
+            multiprocessing_options=alone)
         return self
 
     _last: Path | None = None
 
     def write(self, path: Path, arrays: dict) -> None:
+        if _DISCARD.get():  # another process writes (see _atomic)
+            return
         self._last = path
         with _os_errors(path):
             self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(arrays))
@@ -313,9 +335,49 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
 
 def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True) -> Path:
     """Runs ``write(tmp_dir)`` (which writes ``flexmerge.json`` last: it
-    marks the directory complete), then claims ``path`` (:mod:`._atomic`)."""
-    return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
-                            manifest=manifest)
+    marks the directory complete), then claims ``path`` (:mod:`._atomic`).
+
+    Under ``jax.distributed`` every process calls this with the same path:
+    each runs ``write`` (its gathers are collectives, see :func:`_host`),
+    only process 0 writes files and claims ``path``, and no process returns
+    before the directory is in place.
+    """
+    if jax.process_count() == 1:
+        return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
+                                manifest=manifest)
+    from jax.experimental import multihost_utils
+
+    primary = jax.process_index() == 0
+    verdict = ""
+    if primary:
+        try:
+            _claim.check_target(path, overwrite, _read_meta)
+        except ValueError as e:
+            verdict = str(e)
+    # Every process fails alike, before any collective in ``write``.
+    ok = multihost_utils.broadcast_one_to_all(np.int32(verdict == ""))
+    if not ok:
+        raise ValueError(verdict or f"{path}: process 0 cannot save there (see its error)")
+    if primary:
+        out = _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
+                               manifest=manifest)
+    else:
+        import tempfile
+
+        token = _DISCARD.set(True)
+        try:
+            with tempfile.TemporaryDirectory() as scratch:  # its small JSON files only
+                write(Path(scratch))
+        finally:
+            _DISCARD.reset(token)
+        out = path
+    multihost_utils.sync_global_devices(f"flexmerge_jax save {path}")
+    return out
+
+
+# Set while a process other than the primary runs a save's ``write``: it
+# computes (and gathers) everything, but only process 0 writes arrays.
+_DISCARD: contextvars.ContextVar[bool] = contextvars.ContextVar("flexmerge_discard", default=False)
 
 
 def check_target(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -346,7 +408,11 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_arrays(path: Path, item: str) -> dict:
+def _read_arrays(path: Path, item: str, place=None) -> dict:
+    """The arrays of Orbax item ``arrays/<item>`` as NumPy arrays; with
+    ``place(keys, shape) -> Sharding | None`` (``keys``: the leaf's path of
+    dict keys), the leaves it gives a sharding are restored straight onto
+    it, each process reading only its shards."""
     import orbax.checkpoint as ocp
 
     arr = path / "arrays" / item
@@ -354,7 +420,19 @@ def _read_arrays(path: Path, item: str) -> dict:
         raise ValueError(f"{path} is incomplete: no arrays/{item}")
     try:
         with warnings_quiet():
-            return ocp.StandardCheckpointer().restore(arr.absolute())
+            if place is None:  # host arrays: any process may read them on its own
+                return ocp.StandardCheckpointer(
+                    multiprocessing_options=_this_process_only()).restore(arr.absolute())
+            ckpt = ocp.StandardCheckpointer()  # every process restores its shards
+
+            def target(kp, m):
+                sharding = place(tuple(str(k.key) for k in kp), tuple(m.shape))
+                if sharding is None:
+                    return np.zeros(m.shape, m.dtype)
+                return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+
+            md = ckpt.metadata(arr.absolute()).item_metadata.tree
+            return ckpt.restore(arr.absolute(), jax.tree_util.tree_map_with_path(target, md))
     except Exception as e:  # a damaged Orbax item: one line naming it
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{arr}: cannot read this Orbax checkpoint ({msg[:300]})") from None
@@ -449,11 +527,25 @@ def _check_arrays(path: Path, item: str, parts: dict, leaves_of: dict, shapes: d
                    f"the layout says {tuple(shapes[k])}")
 
 
-def _load_model(path: Path, meta: dict) -> FlexModel:
+def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model") -> FlexModel:
     tasks, layout, partition = _check_model(path, meta)
     shapes = dict(zip(layout.names, layout.shapes))
     n = len(tasks)
     v1 = meta["version"] == 1
+    place = place_all = None
+    if mesh is not None:
+        from .sharding import leaf_spec
+
+        def place_all(keys, shape):
+            return jax.sharding.NamedSharding(mesh, leaf_spec(shape, mesh, axis))
+
+        def place(keys, shape):
+            """Parameter sets and bases onto ``mesh`` as a plan on it shards
+            them; packed masks, routing and rescalers stay on the host."""
+            if keys[0] in ("sets", "base") or (v1 and keys[0][0] in "sb"):
+                return place_all(keys, shape)
+            return None
+
     blocks = []
     for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
         leaves = pb.leaves
@@ -463,7 +555,7 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
                      for t in bm["mask_tasks"]})
         if bm["has_base"]:
             want["base"] = (("base",), "base", leaves)
-        parts = _parts(_read_arrays(path, _key("b", bi)), want, v1)
+        parts = _parts(_read_arrays(path, _key("b", bi), place), want, v1)
         _check_arrays(path, _key("b", bi), parts, {lb: w[2] for lb, w in want.items()}, shapes)
         masks = {t: {k: _unpack(parts[f"masks/{tasks[t]}"][k], shapes[k]) for k in leaves}
                  for t in bm["mask_tasks"]}
@@ -482,7 +574,7 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
         )
     if partition.unmatched:
         want = {t: ((t,), _key("t", i), partition.unmatched) for i, t in enumerate(tasks)}
-        parts = _parts(_read_arrays(path, "unmatched"), want, v1)
+        parts = _parts(_read_arrays(path, "unmatched", place_all), want, v1)
         _check_arrays(path, "unmatched", parts, {t: partition.unmatched for t in tasks}, shapes)
         unmatched = [{k: parts[t][k] for k in partition.unmatched} for t in tasks]
     else:
@@ -500,7 +592,8 @@ def _load_model(path: Path, meta: dict) -> FlexModel:
     )
 
 
-def load(path: str | os.PathLike, *, base=None, finetuned=None):
+def load(path: str | os.PathLike, *, base=None, finetuned=None, mesh=None,
+         mesh_axis: str = "model"):
     """Loads a :class:`FlexModel` or a :class:`Plan` saved by :func:`save`.
 
     Args:
@@ -508,6 +601,12 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None):
       base, finetuned: for a plan, the inputs to cut models from (pytrees or
         checkpoint paths). A plan made from checkpoint files reattaches them
         by itself when they still exist.
+      mesh: a ``jax.sharding.Mesh``: a model's parameter sets are restored
+        sharded over ``mesh_axis`` as :func:`~flexmerge_jax.plan` shards them
+        (each process reads only its shards); a plan's inputs are read onto
+        it, so its cuts are sharded. Under ``jax.distributed`` every process
+        calls ``load`` alike.
+      mesh_axis: the mesh axis to shard parameters over.
 
     Returns:
       The FlexModel (params rebuilt as nested dicts keyed by the saved
@@ -522,13 +621,20 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None):
     if meta["format"] == FORMAT_MODEL:
         if base is not None or finetuned is not None:
             raise ValueError("base/finetuned are only used when loading a plan")
+        if mesh is not None:
+            from .sharding import _check_axis
+
+            _check_axis(mesh, mesh_axis)
         with _malformed(path):
-            return _load_model(path, meta)
+            return _load_model(path, meta, mesh, mesh_axis)
     from ._plan import Plan
 
     with _malformed(path):
         _check_plan(path, meta)
-    return Plan.from_json(meta, base=base, finetuned=finetuned)
+    plan = Plan.from_json(meta, base=base, finetuned=finetuned)
+    if mesh is not None:
+        plan.shard(mesh, mesh_axis)
+    return plan
 
 
 def _check_plan(path: Path, meta: dict) -> None:

@@ -6,7 +6,8 @@ Every process runs the same calls on a mesh over all processes' devices (as
 users on a TPU pod do), then process 0 writes what it computed to
 ``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` (the cut's parameters,
 gathered from every process), and every process writes the bytes it read
-while planning to ``OUT_DIR/read<ID>.json``. With NUM_PROCESSES = 1 it is the single-process
+while planning (and the part of them that fingerprinting the input files
+reads) to ``OUT_DIR/read<ID>.json``. With NUM_PROCESSES = 1 it is the single-process
 reference the test compares with. Devices per process come from XLA_FLAGS,
 set by the test.
 """
@@ -39,7 +40,16 @@ def main() -> None:
     base = f"{data}/base.safetensors"
     fts = [f"{data}/t{i}.safetensors" for i in range(4)]
     blocks = fm.blocks.by_layer()
+    from safetensors.numpy import load_file
+
+    base_sq = float(sum(np.sum(x.astype(np.float64) ** 2) for x in load_file(base).values()))
     result, plans = {}, {}
+    # What recording the inputs' fingerprints reads (samples of every file,
+    # the same on every process), once per plan below.
+    read_before = _bytes_read()
+    for f in [base, *fts]:
+        fm.io.fingerprint(f)
+    fingerprint_bytes = _bytes_read() - read_before
     read_before = _bytes_read()
     for name, method, linkage in [
         # First, while nothing is compiled: threads that compile and run
@@ -53,6 +63,9 @@ def main() -> None:
         plans[name] = p
         result[name] = [[e.block, list(e.members_a), list(e.members_b), float(e.similarity)]
                         for e in p.events]
+    with open(f"{out}/read{pid}.json", "w") as f:  # every process: what it read to plan
+        json.dump({"plans": _bytes_read() - read_before,
+                   "fingerprints": len(plans) * fingerprint_bytes}, f)
     # Validation tuning: the user's eval_fn runs on every process, here on
     # the params gathered from every process (a collective), in float64 so
     # that the score does not depend on how the sum is split over devices.
@@ -60,18 +73,12 @@ def main() -> None:
         return sum(np.sum(np.asarray(multihost_utils.process_allgather(x, tiled=True),
                                      np.float64) ** 2) for x in jax.tree.leaves(params))
 
-    from safetensors.numpy import load_file
-
-    base_sq = float(sum(np.sum(x.astype(np.float64) ** 2) for x in load_file(base).values()))
-
     def eval_fn(params, task):  # prefers other lambdas for other tasks
         return -abs(sq(params) - base_sq - 2.0 * (task + 1))
 
     tuned = fm.plan(base, fts, blocks=blocks, method="ta", mesh=mesh,
                     tune=fm.Tuning(eval_fn, lambdas=(0.5, 1.0, 2.0), start=0.5))
     result["ta_tuned_scales"] = [None if s is None else float(s) for s in tuned.scales]
-    with open(f"{out}/read{pid}.json", "w") as f:  # every process: what it read to plan
-        json.dump(_bytes_read() - read_before, f)
     model = plans["ties_merged"].at_size(2.0)
     result["cut_n_models"] = float(model.n_models)
     params = {}
@@ -80,6 +87,28 @@ def main() -> None:
             # A collective: every process gathers every shard, in the same order.
             params[f"{t}/{jax.tree_util.keystr(path)}"] = np.asarray(
                 multihost_utils.process_allgather(v, tiled=True))
+    # Saving and loading: every process calls the same functions, one path.
+    fm.save_cut(f"{out}/cut", plans["ties_merged"], size=2.0)
+    fm.save(f"{out}/plan", plans["ties_merged"])
+    fm.save(f"{out}/model", model)
+
+    def gathered(m):
+        return {f"{t}/{jax.tree_util.keystr(path)}":
+                np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                for t in range(m.n)
+                for path, v in jax.tree_util.tree_leaves_with_path(m.params_for_task(t))}
+
+    checks = {}
+    for name, m in [("saved cut", fm.load(f"{out}/cut", mesh=mesh)),
+                    ("saved model", fm.load(f"{out}/model", mesh=mesh)),
+                    ("cut of the saved plan", fm.load(f"{out}/plan", mesh=mesh).at_size(2.0))]:
+        got = gathered(m)
+        checks[name] = sorted(got) == sorted(params) and all(
+            np.array_equal(got[k], params[k]) for k in params)
+        leaf = m.blocks[m.partition.names[0]].sets[0]
+        checks[name + " is sharded"] = all(
+            not v.sharding.is_fully_replicated for v in leaf.values() if v.size >= 64)
+    result["load_checks"] = checks
     if pid == 0:
         np.savez(f"{out}/params.npz", **params)
         with open(f"{out}/result.json", "w") as f:
