@@ -54,7 +54,7 @@ class Prepared:
         self._index = self.layout.index()
         self._extra: dict[int, dict] = {}
         self._trim_threshold = None
-        self._ahead, self._in_order = None, False  # see in_order()
+        self._ahead, self._in_order, self._cut_groups = None, False, None  # in_order()
         self.pcb_lohi = None
         d = self.layout.total
         if method.trims:
@@ -101,35 +101,74 @@ class Prepared:
         return self._read(b, trimmed=False)
 
     def _read(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
+        return self._in_turn((b, trimmed), self._task_vectors, (b + 1, trimmed))
+
+    def _in_turn(self, key: tuple, compute, nxt: tuple | None):
+        """``compute(*key)`` (``key[0]``: a block), taken from the read-ahead
+        if that was ``key``; inside :meth:`in_order`, then submits
+        ``compute(*nxt)`` ahead (none past the last block)."""
         pending, self._ahead = self._ahead, None
-        if pending is not None and pending[0] == (b, trimmed):
+        if pending is not None and pending[0] == key:
             out = pending[1].result()
         else:
             if pending is not None:
                 pending[1].cancel()
-            out = self._task_vectors(b, trimmed)
-        if self._in_order and b + 1 < len(self.partition):
-            self._ahead = ((b + 1, trimmed), _host_pool().submit(self._task_vectors, b + 1, trimmed))
+            out = compute(*key)
+        if self._in_order and nxt is not None and nxt[0] < len(self.partition):
+            self._ahead = (nxt, _host_pool().submit(compute, *nxt))
         return out
 
     def _task_vectors(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
         leaves = self.partition.blocks[b].leaves
         return self.source.task_vectors(leaves, self.trim_threshold if trimmed else None)
 
+    def cut_inputs(self, b: int, groups) -> tuple:
+        """What a cut needs of block ``b`` with these ``groups``, each input
+        read once (:meth:`~._source.Source.inputs`): ``(base, {task:
+        params} of the tasks kept as they are, preprocessed task vectors)``,
+        base and task vectors ``None`` when no group is merged. Read ahead
+        inside :meth:`in_order` given the cut's groups."""
+        key = (b, *self._cut_needs(groups))
+        cut = self._cut_groups
+        nxt = (b + 1, *self._cut_needs(cut[b + 1])) if cut is not None and b + 1 < len(cut) \
+            else None
+        base, fts, tau = self._in_turn(key, self._cut_read, nxt)
+        if tau is not None and self.trim_threshold is None:
+            tau = self.preprocess(tau)  # (trimmed vectors were trimmed as read)
+        return base, fts, tau
+
+    def _cut_needs(self, groups) -> tuple[tuple[int, ...], bool]:
+        """``(tasks kept as they are, whether some group is merged)``."""
+        m = self.method.min_merged
+        return (tuple(sorted(t for g in groups if len(g) < m for t in g)),
+                any(len(g) >= m for g in groups))
+
+    def _cut_read(self, b: int, tasks, merged: bool):
+        leaves = self.partition.blocks[b].leaves
+        thr = self.trim_threshold if merged else None  # computed in the caller's thread
+        return self.source.inputs(leaves, tasks, thr, task_vectors=merged)
+
     @contextlib.contextmanager
-    def in_order(self):
+    def in_order(self, cut=None):
         """Declares that the blocks are about to be read in increasing order:
         sources that read files (``source.prefetch``) then compute block
         ``b + 1``'s task vectors (raw or trimmed, as block ``b``'s were
-        asked for) in a background thread while the caller works on block
-        ``b`` (one block ahead at most; a block read out of turn drops it,
-        and so does leaving the context). Merged-vector plans read ahead
-        with :func:`read_ahead` instead, from memory too."""
-        self._in_order = self.source.prefetch
+        asked for; for a cut (``cut``: every block's groups), its
+        :meth:`cut_inputs`) in a background thread while the caller works on
+        block ``b`` (one block ahead at most; a block read out of turn drops
+        it, and so does leaving the context). Merged-vector plans read ahead
+        with :func:`read_ahead` instead, from memory too.
+
+        A cut's trim thresholds are computed here, in the caller's thread,
+        if any of its groups is merged.
+        """
+        if cut is not None and any(self._cut_needs(g)[1] for g in cut):
+            self.trim_threshold  # noqa: B018
+        self._in_order, self._cut_groups = self.source.prefetch, cut
         try:
             yield self
         finally:
-            self._in_order = False
+            self._in_order, self._cut_groups = False, None
             if self._ahead is not None:
                 self._ahead[1].cancel()
                 self._ahead = None
@@ -881,16 +920,13 @@ def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = 
     """
     from ._flexmodel import BlockModel
 
-    src, method, n = prepared.source, prepared.method, prepared.n
+    method, n = prepared.method, prepared.n
     block = prepared.partition.blocks[b]
     groups = sorted(tuple(sorted(g)) for g in groups)
     merged = [g for g in groups if len(g) >= method.min_merged]
-    base = src.base(block.leaves)
-    single = [t for g in groups if len(g) < method.min_merged for t in g]
-    fts = src.finetuned_tasks(block.leaves, single)  # only the tasks kept as they are
+    base, fts, x = prepared.cut_inputs(b, groups)
     gm = None
     if merged:
-        x = prepared.x(b)
         members = np.zeros((len(merged), n), bool)
         for i, g in enumerate(merged):
             members[i, list(g)] = True
@@ -955,7 +991,7 @@ def materialize(
     """
     from ._flexmodel import FlexModel
 
-    with prepared.in_order():
+    with prepared.in_order(cut=groups_per_block):
         models = [
             materialize_block(prepared, b, groups_per_block[b],
                               None if scales is None else scales[b])

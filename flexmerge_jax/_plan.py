@@ -172,6 +172,64 @@ def as_source(base, finetuned, task_names=None, verify: str = "fast") -> Source:
     return MemorySource(base, finetuned, task_names, verify)
 
 
+def _check_size(size, floor: float, n: int) -> None:
+    size = float(size)
+    if not (floor - 1e-12 <= size <= n + 1e-12) or math.isnan(size):
+        raise ValueError(
+            f"size {size} outside [{floor:.6g}, {n}] "
+            f"(the smallest model this plan reaches is {floor:.6g}x)"
+        )
+
+
+def floor_size(partition: blocks_lib.Partition, n: int, masks: bool) -> float:
+    """``n_models`` once every block is merged into one group (the last
+    entry of :attr:`Plan.sizes`), without a schedule: the accounting of
+    :func:`schedule_sizes` ends there whatever the order of the merges, so
+    one task joining a growing group block after block gives it."""
+    b = len(partition)
+    grown = np.tile(np.arange(1, n), b)
+    return float(schedule_sizes(np.repeat(np.arange(b), n - 1), grown, np.ones_like(grown),
+                                partition.numels, n=n, total=partition.total, masks=masks)[-1])
+
+
+def end_groups(num_blocks: int, n: int, merged: bool) -> list[tuple[tuple[int, ...], ...]]:
+    """Every block's groups at an end of the axis: all ``n`` tasks in one
+    group (``merged``, step ``T``) or each alone (step 0)."""
+    groups = (tuple(range(n)),) if merged else tuple((t,) for t in range(n))
+    return [groups] * num_blocks
+
+
+def axis_end(prepared: Prepared, size: float):
+    """``(step, groups of every block, n_models)`` of the model at ``size``
+    if it is an end of the accuracy-size axis (``size >= n``: every task
+    alone, step 0; ``size`` at the floor: every block merged, step
+    ``T = (n - 1) B``), else ``None``. Either end is the same for every
+    schedule, so it needs none: :meth:`Plan.at_size` would give this model.
+
+    Raises:
+      ValueError: ``size`` outside ``[floor, n]``.
+    """
+    n, part = prepared.n, prepared.partition
+    floor = floor_size(part, n, prepared.method.uses_masks)
+    _check_size(size, floor, n)
+    if float(size) >= n - 1e-12:
+        return 0, end_groups(len(part), n, False), float(n)
+    if float(size) <= floor + 1e-12:
+        return (n - 1) * len(part), end_groups(len(part), n, True), floor
+    return None
+
+
+def cut_summary(partition, method, n: int, groups: dict, n_models: float, step) -> str:
+    """:meth:`FlexModel.summary` of a cut from its groups (``{block name:
+    groups}``), without materializing it."""
+    from ._flexmodel import summary_text
+
+    m = method.min_merged
+    blocks = {name: (sum(1 if len(g) >= m else len(g) for g in gs), gs)
+              for name, gs in groups.items()}
+    return summary_text(n, method, n_models, step, blocks, partition.unmatched)
+
+
 class Plan:
     """The full FlexMerge schedule: every size from n models down to the floor.
 
@@ -247,18 +305,15 @@ class Plan:
         Raises:
           ValueError: if ``size`` is outside ``[min size, n]``.
         """
-        size = float(size)
-        if not (self.min_size - 1e-12 <= size <= self.n + 1e-12) or math.isnan(size):
-            raise ValueError(
-                f"size {size} outside [{self.min_size:.6g}, {self.n}] "
-                f"(the smallest model this plan reaches is {self.min_size:.6g}x)"
-            )
-        return int(np.argmax(self.sizes <= size + 1e-12))
+        _check_size(size, self.min_size, self.n)
+        return int(np.argmax(self.sizes <= float(size) + 1e-12))
 
     def partition_at(self, step: int) -> dict[str, tuple[tuple[int, ...], ...]]:
         """The groups of every block after ``step`` merges."""
         self._check_step(step)
         n = self.n
+        if step in (0, self.num_steps):  # the ends of the axis, whatever the schedule
+            return dict(zip(self.partition.names, end_groups(len(self.partition), n, step > 0)))
         done = np.zeros(len(self.sequences), np.int64)
         for b in self.order[0][:step]:
             done[b] += 1
@@ -302,15 +357,8 @@ class Plan:
     def summary_at(self, step: int) -> str:
         """:meth:`FlexModel.summary` of the model after ``step`` merges,
         without materializing it (or needing the inputs)."""
-        from ._flexmodel import summary_text
-
-        m = self.method.min_merged
-        blocks = {
-            name: (sum(1 if len(g) >= m else len(g) for g in groups), groups)
-            for name, groups in self.partition_at(step).items()
-        }
-        return summary_text(self.n, self.method, float(self.sizes[step]), int(step), blocks,
-                            self.partition.unmatched)
+        return cut_summary(self.partition, self.method, self.n, self.partition_at(step),
+                           float(self.sizes[step]), int(step))
 
     def _require_inputs(self) -> Prepared:
         """The inputs, after checking that their files are still the ones
@@ -592,6 +640,37 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
         ]
 
 
+def check_options(method, linkage, similarity: str, order: str, gram_precision: str,
+                  tune=None):
+    """Checks :func:`plan`'s options; returns the method and the canonical
+    linkage."""
+    method = methods_lib.get(method)
+    linkage = _canonical_linkage(linkage)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+    if tune is not None:
+        check_tunable(method, linkage if order != "random" else "random", similarity)
+    if gram_precision not in ("float64", "float32"):
+        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
+    return method, linkage
+
+
+def prepare(base, finetuned, *, blocks, method: methods_lib.Method, task_names=None, mesh=None,
+            mesh_axis: str = "model", verify: str = "fast") -> Prepared:
+    """The inputs of :func:`plan` (same arguments) as a :class:`Prepared`."""
+    source = as_source(base, finetuned, task_names, verify)
+    _check_pairwise(method, source.n)
+    if mesh is not None:
+        from .sharding import ShardedSource, check_method
+
+        check_method(method, mesh, mesh_axis)
+        source = ShardedSource(source, mesh, mesh_axis)
+    partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
+    return Prepared(source, partition, method)
+
+
 def plan(
     base: PyTree | Source,
     finetuned: Sequence[PyTree] | None = None,
@@ -669,26 +748,20 @@ def plan(
       ValueError: bad arguments, mismatched trees, NaN/Inf task vectors, a
         block specification that matches nothing.
     """
-    method = methods_lib.get(method)
-    linkage = _canonical_linkage(linkage)
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
-    if tune is not None:
-        check_tunable(method, linkage if order != "random" else "random", similarity)
-    if gram_precision not in ("float64", "float32"):
-        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
-    source = as_source(base, finetuned, task_names, verify)
-    _check_pairwise(method, source.n)
-    if mesh is not None:
-        from .sharding import ShardedSource, check_method
+    method, linkage = check_options(method, linkage, similarity, order, gram_precision, tune)
+    prepared = prepare(base, finetuned, blocks=blocks, method=method, task_names=task_names,
+                       mesh=mesh, mesh_axis=mesh_axis, verify=verify)
+    return plan_prepared(prepared, linkage=linkage, similarity=similarity, order=order,
+                         seed=seed, tune=tune, progress=progress, gram_precision=gram_precision)
 
-        check_method(method, mesh, mesh_axis)
-        source = ShardedSource(source, mesh, mesh_axis)
-    partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes)
+
+def plan_prepared(prepared: Prepared, *, linkage, similarity: str, order: str, seed: int,
+                  gram_precision: str, tune=None, progress=None) -> Plan:
+    """:func:`plan` of inputs :func:`prepare` made (options checked by
+    :func:`check_options`)."""
+    method, source, partition = prepared.method, prepared.source, prepared.partition
     counted, bar = counting(source, "plan", progress)
-    prepared = Prepared(counted, partition, method)
+    prepared.source = counted
     n = source.n
     with bar:
         if order == "random":

@@ -117,19 +117,41 @@ class Source(abc.ABC):
         Raises:
           ValueError: naming the first task and parameter with NaN/Inf.
         """
+        return self.inputs(names, (), threshold)[2]
+
+    def inputs(self, names: Sequence[str], tasks: Sequence[int], threshold=None,
+               task_vectors: bool = True):
+        """One read of the inputs of ``names`` that a cut needs: ``(base,
+        {task: params} of the ``tasks`` kept as they are, task vectors)``.
+
+        With ``task_vectors`` they are computed as :meth:`task_vectors`
+        computes them, from the same read of every input as the base and the
+        ``tasks``' parameters (a block's merged groups need its task vectors,
+        its tasks kept as they are their own parameters: nothing is read
+        twice for both); without, only the ``tasks``' files are read and the
+        base and task vectors are ``None``.
+        """
+        if not task_vectors:
+            return None, self.finetuned_tasks(names, tasks), None
         base = self.base(names)
         fts = self.finetuned(names)
-        if _all_host(names, base, fts):
-            return host_task_vectors(names, base, fts, self.task_names, threshold)
-        out, oks = {}, []
-        thr = None if threshold is None else jnp.asarray(threshold, jnp.float32)
-        for name in names:
-            out[name], ok = _task_vector(
-                jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts), thr
-            )
-            oks.append(ok)
-        _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], self.task_names, base)
-        return out
+        tau = _task_vectors_of(names, base, fts, self.task_names, threshold)
+        return base, {int(t): fts[t] for t in tasks}, tau
+
+
+def _task_vectors_of(names, base: dict, fts: Sequence[dict], task_names, threshold=None):
+    """:meth:`Source.task_vectors` of inputs already read."""
+    if _all_host(names, base, fts):
+        return host_task_vectors(names, base, fts, task_names, threshold)
+    out, oks = {}, []
+    thr = None if threshold is None else jnp.asarray(threshold, jnp.float32)
+    for name in names:
+        out[name], ok = _task_vector(
+            jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts), thr
+        )
+        oks.append(ok)
+    _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], task_names, base)
+    return out
 
 
 def region_runs(shape: Sequence[int], index: tuple[slice, ...]) -> tuple[np.ndarray, int]:

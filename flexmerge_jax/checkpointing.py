@@ -305,30 +305,44 @@ def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: 
     block of all tasks at a time, never the whole output model. ``progress``
     reports the blocks written (see :mod:`flexmerge_jax.progress`).
     """
-    from ._engine import materialize_block
-    from .progress import Progress
-
     if (size is None) == (step is None):
         raise ValueError("give exactly one of size= or step=")
     k = plan.step_for_size(size) if step is None else step
     plan._check_step(k)
     prepared = plan._require_inputs()
     parts = plan.partition_at(k)
-    scales = plan._group_scales(k)
+    return save_groups(path, prepared, [parts[b.name] for b in plan.partition.blocks],
+                       task_names=plan.task_names, n_models=float(plan.sizes[k]), step=int(k),
+                       scales=plan._group_scales(k), source=plan.source_info,
+                       overwrite=overwrite, progress=progress)
+
+
+def save_groups(path, prepared, groups, *, task_names, n_models: float, step: int | None,
+                source: dict | None, scales=None, overwrite: bool = False,
+                progress: bool | None = None) -> Path:
+    """Saves the model of ``prepared``'s inputs with these groups (a list
+    per block, as :func:`~._engine.materialize` takes), block by block: each
+    block is materialized, written and released in turn (what
+    :func:`save_cut` and one-shot merges write; ``source``: the inputs'
+    record, see :meth:`~._source.Source.describe`)."""
+    from ._engine import materialize_block
+    from .progress import Progress
 
     def blocks():
-        with prepared.in_order(), Progress(len(plan.partition), "cut", progress, "blocks") as bar:
-            for b, pb in enumerate(plan.partition.blocks):
-                yield materialize_block(prepared, b, parts[pb.name],
+        with prepared.in_order(cut=groups), \
+                Progress(len(groups), "cut", progress, "blocks") as bar:
+            for b, pb in enumerate(prepared.partition.blocks):
+                yield materialize_block(prepared, b, groups[b],
                                         None if scales is None else scales[b])
                 bar.update(1, pb.name)
 
     def write(tmp):
-        src, part = prepared.source, plan.partition
-        unmatched = src.finetuned(part.unmatched) if part.unmatched else [{} for _ in range(plan.n)]
-        _write_model(tmp, layout=plan.layout, partition=part, method=plan.method,
-                     task_names=plan.task_names, n_models=float(plan.sizes[k]), step=int(k),
-                     blocks=blocks(), unmatched=unmatched, source=plan.source_info)
+        src, part = prepared.source, prepared.partition
+        unmatched = src.finetuned(part.unmatched) if part.unmatched else \
+            [{} for _ in range(src.n)]
+        _write_model(tmp, layout=prepared.layout, partition=part, method=prepared.method,
+                     task_names=task_names, n_models=n_models, step=step, blocks=blocks(),
+                     unmatched=unmatched, source=source)
 
     return _atomic(Path(path), write, overwrite)
 

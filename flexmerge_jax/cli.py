@@ -89,12 +89,16 @@ def _names(v):
     return None if v is None else [t for t in v.split(",") if t]
 
 
-def _plan(args):
-    from ._plan import plan
-
+def _check_inputs(args) -> None:
     for f in [args.base, *args.finetuned]:
         if not Path(f).exists():
             raise UserError(f"{f}: no such file or directory")
+
+
+def _plan(args):
+    from ._plan import plan
+
+    _check_inputs(args)
     return plan(
         args.base,
         args.finetuned,
@@ -170,9 +174,31 @@ def _say(msg: str) -> None:
 
 
 def cmd_merge(args) -> int:
+    from ._plan import axis_end, check_options, cut_summary, plan_prepared, prepare
+    from .checkpointing import save_groups
+
     _check_out(args)
-    p = _plan(args)
-    _save_cut(args, p, p.step_for_size(args.size))
+    _check_inputs(args)
+    method, linkage = check_options(_method(args), _linkage(args.linkage), args.similarity,
+                                    args.order, args.gram_precision)
+    prepared = prepare(args.base, args.finetuned, blocks=args.blocks, method=method,
+                       task_names=_names(args.task_names), mesh=_mesh(args), verify=args.verify)
+    end = axis_end(prepared, args.size)
+    if end is None:  # a size inside the axis: the schedule decides the model
+        p = plan_prepared(prepared, linkage=linkage, similarity=args.similarity,
+                          order=args.order, seed=args.order_seed,
+                          gram_precision=args.gram_precision)
+        _save_cut(args, p, p.step_for_size(args.size))
+        return 0
+    # Every task alone, or every block merged: the same model whatever the
+    # schedule, so none is computed.
+    step, groups, size = end
+    src = prepared.source
+    save_groups(args.out, prepared, groups, task_names=src.task_names, n_models=size, step=step,
+                source=src.describe(), overwrite=args.overwrite)
+    summary = cut_summary(prepared.partition, method, src.n,
+                          dict(zip(prepared.partition.names, groups)), size, step)
+    _say(f"{summary}\nsaved {size:.4f}x model to {args.out}")
     return 0
 
 

@@ -136,6 +136,30 @@ class ShardedSource(Source):
     def sample_runs(self, requests):
         return self.inner.sample_runs(requests)
 
+    def inputs(self, names, tasks, threshold=None, task_vectors=True):
+        if not task_vectors:
+            return None, self.finetuned_tasks(names, tasks), None
+        reads: dict = {}  # each region of every input read once, for all three
+
+        def read(k, idx):
+            key = (k, tuple(s.indices(n)[:2] for s, n in zip(idx, self._shape[k])))
+            if key not in reads:
+                reads[key] = (self.inner.base_region(k, idx),
+                              self.inner.finetuned_region(k, idx, range(self.n)))
+            return reads[key]
+
+        def tau(k, idx):  # as task_vectors() computes them
+            b, fs = read(k, idx)
+            return host_task_vectors([k], {k: b}, [{k: f} for f in fs], self.task_names,
+                                     threshold)[k]
+
+        return (
+            {k: self._place(k, lambda idx, k=k: read(k, idx)[0]) for k in names},
+            {int(t): {k: self._place(k, lambda idx, k=k, t=t: read(k, idx)[1][t]) for k in names}
+             for t in tasks},
+            {k: self._place(k, lambda idx, k=k: tau(k, idx), lead=(self.n,)) for k in names},
+        )
+
     def describe(self) -> dict:
         return self.inner.describe()
 
