@@ -10,7 +10,7 @@ Typical use::
     fm.export(model, "out/deploy", format="hf")   # one Hugging Face directory per task
 """
 
-from . import baselines, blocks, io, kernels, methods, prep, progress, serve, tree
+from . import _cache, baselines, blocks, io, kernels, methods, prep, progress, serve, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
 from ._source import MemorySource, Source
@@ -20,6 +20,8 @@ from ._export import export
 from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 
 __version__ = "0.1.0"
+
+_cache.configure()  # XLA's persistent compilation cache (FLEXMERGE_COMPILATION_CACHE)
 
 __all__ = [
     "baselines",

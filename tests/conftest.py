@@ -14,6 +14,9 @@ for _f in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimizati
     if _f.split("=")[0] not in _flags:
         _flags += " " + _f
 os.environ["XLA_FLAGS"] = _flags.strip()
+# No persistent compilation cache (on by default, in the user's cache
+# directory): the suite must not write there; test_cache checks the default.
+os.environ["FLEXMERGE_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
