@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -194,11 +195,21 @@ def operations(case: dict, venv: Path, status: dict, work: Path) -> list[tuple]:
     return ops
 
 
+def _write_case(work: str, model: dict) -> None:
+    """Writes the checkpoint files (in a process of its own: see build_case)."""
+    base, fts = make_models(vit_shapes(**model), N)
+    write_models(Path(work) / "case", base, fts)
+
+
 def build_case(work: Path, model: dict) -> dict:
+    # The models are generated in a child process: a child's peak RSS as
+    # wait4 reports it starts from its parent's at the fork, so the driver
+    # must never hold them.
+    subprocess.run([sys.executable, __file__, "--write-case", str(work), json.dumps(model)],
+                   check=True)
     shapes = vit_shapes(**model)
-    base, fts = make_models(shapes, N)
-    b, f = write_models(work / "case", base, fts)
-    del base, fts
+    b = str(work / "case" / "base.safetensors")
+    f = [str(work / "case" / f"task{i:02d}.safetensors") for i in range(N)]
     layers = model.get("layers", 12)
     blocks = work / "blocks.json"
     blocks.write_text(json.dumps(blocks_for(layers)))
@@ -262,7 +273,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tmp", default=None, help="directory for the case and outputs")
+    ap.add_argument("--write-case", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_case:
+        return _write_case(args.write_case[0], json.loads(args.write_case[1]))
     repeat = 1 if args.quick else args.repeat
     model = {"layers": 2, "width": 384, "mlp": 1536} if args.quick else {}
     print("peers' environment:", flush=True)
@@ -293,12 +307,15 @@ def main() -> None:
                 outs[(system, op)] = out
                 print(f"  round {r + 1} {op:13s} {system:12s} {res['seconds']:7.2f} s "
                       f"{res['peak_rss_mb']:7.0f} MB{'' if res['ok'] else ' FAILED'}", flush=True)
+        # A child's peak RSS (wait4) is at least its parent's at the fork.
+        driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         agree = agreement({k: v for k, v in outs.items() if v.exists()}, case)
     finally:
         if own is not None:
             own.cleanup()
     results = {"machine": machine(), "model": model or "ViT-B/32", "params_per_model": case["params"],
                "n": N, "rounds": repeat, "peers": status, "runs": runs, "agreement": agree,
+               "driver_peak_rss_mb": driver_rss,
                "reference_plan_seconds": REFERENCE_PLAN_SECONDS}
     name = "peers_quick" if args.quick else "peers"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -327,7 +344,8 @@ def report(r: dict) -> str:
         f"in their own environment: " + ", ".join(f"{k} {v}" for k, v in r["peers"].items()) + ".",
         "",
         f"Whole processes, warm page cache, median of {r['rounds']} interleaved rounds (peak RSS "
-        "in brackets). The machine's 2 cores were shared with other jobs while this ran, so "
+        f"in brackets; a process's peak counts from its parent's at the fork, "
+        f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). The machine's 2 cores were shared with other jobs while this ran, so "
         "single timings are noisy (all of them are in peers.json); the rounds interleave the "
         "systems so that the noise spreads over all of them.",
         "",
