@@ -426,7 +426,8 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
     """The arrays of Orbax item ``arrays/<item>`` as NumPy arrays; with
     ``place(keys, shape) -> Sharding | None`` (``keys``: the leaf's path of
     dict keys), the leaves it gives a sharding are restored straight onto
-    it, each process reading only its shards."""
+    it: each process holds only its shards (Orbax reads whole stored chunks,
+    and arrays are written as one chunk each)."""
     import orbax.checkpoint as ocp
 
     arr = path / "arrays" / item
@@ -617,7 +618,7 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None, mesh=None,
         by itself when they still exist.
       mesh: a ``jax.sharding.Mesh``: a model's parameter sets are restored
         sharded over ``mesh_axis`` as :func:`~flexmerge_jax.plan` shards them
-        (each process reads only its shards); a plan's inputs are read onto
+        (each process holds only its shards); a plan's inputs are read onto
         it, so its cuts are sharded. Under ``jax.distributed`` every process
         calls ``load`` alike.
       mesh_axis: the mesh axis to shard parameters over.

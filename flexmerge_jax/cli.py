@@ -225,13 +225,17 @@ def cmd_cut(args) -> int:
     from ._plan import Plan
 
     _check_out(args)
-    obj = load(args.plan) if args.base is None else load(args.plan, base=args.base, finetuned=args.finetuned)
+    inputs = {} if args.base is None else {"base": args.base, "finetuned": args.finetuned}
+    obj = load(args.plan, **inputs)
     if not isinstance(obj, Plan):
         raise UserError(f"{args.plan}: a saved model, not a plan (use `flexmerge inspect`)")
     if not obj.has_inputs:
         raise UserError(
             f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
         )
+    mesh = _mesh(args)
+    if mesh is not None:
+        obj.shard(mesh)
     _save_cut(args, obj, obj.step_for_size(args.size) if args.step is None else args.step)
     return 0
 
@@ -360,6 +364,10 @@ def _add_plan_flags(p):
                    help="how the plan records its input files to notice changes before a cut: "
                         "size, modification time and sampled bytes (fast, default) or a hash "
                         "of every byte (full: reads the inputs once more)")
+    _add_device_flags(p)
+
+
+def _add_device_flags(p):
     g = p.add_argument_group("devices (docs/multi_host.md)")
     g.add_argument("--mesh", metavar="all|N",
                    help="shard parameters over a 1-D mesh of the first N devices (all: every "
@@ -418,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(p, required=False)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    _add_device_flags(p)
     p.set_defaults(fn=cmd_cut)
 
     from ._export import FORMATS

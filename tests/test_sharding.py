@@ -220,3 +220,8 @@ def test_cli_mesh_flag_gives_the_unsharded_model(tmp_path, capsys):
     assert main([*common, "--mesh", "9", "--out", str(tmp_path / "bad")]) == 2
     assert "--mesh: 'all' or a device count from 1 to 8 (got '9')" in capsys.readouterr().err
     assert_models_equal(fm.load(tmp_path / "plain"), fm.load(tmp_path / "sharded"), 3)
+    plan = ["plan", *common[1:-2], "--out", str(tmp_path / "plan")]  # without --size
+    assert main(plan) == 0
+    assert main(["cut", str(tmp_path / "plan"), "--size", "2", "--mesh", "all",
+                 "--out", str(tmp_path / "cut")]) == 0
+    assert_models_equal(fm.load(tmp_path / "plain"), fm.load(tmp_path / "cut"), 3)
