@@ -51,7 +51,7 @@ def main() -> None:
     shared_state = fm.methods.Method.shared_state
     for name, m in methods.items():
         once, events = _plan(base, fts, m)
-        fm.methods.Method.shared_state = lambda self, x, key=None: {}
+        fm.methods.Method.shared_state = lambda self, x, key=None, **kw: {}
         try:
             per_merge, events_old = _plan(base, fts, m)
         finally:

@@ -55,19 +55,21 @@ class Prepared:
         self._extra: dict[int, dict] = {}
         self._trim_threshold = None
         self._ahead, self._in_order, self._cut_groups = None, False, None  # in_order()
-        self.pcb_lohi = None
+        self.prepared = None  # the method's whole-model statistics (method.prepare)
         d = self.layout.total
         if method.trims:
             # Thresholds are computed lazily (trim_threshold, or fused into
             # the Gram pass); that pass reads, and checks, every parameter.
-            self.keep_count = np.full((source.n,), prep.ties_keep_count(d, method.keep), np.int64)
-        elif method.name == "pcb":
-            self.pcb_lohi = prep.pcb_thresholds(self.all_leaves, method.keep, d)
+            self.keep_count = np.full((source.n,), prep.ties_keep_count(d, method.trim_keep),
+                                      np.int64)
+        elif method.prepare is not None:  # reads, and checks, every parameter
+            self.prepared = method.prepare(self.all_leaves, d, **dict(method.static))
         elif partition.unmatched:
             # Blocks are checked when read; unmatched parameters are deployed
             # as they are, so check them now.
             self.source.task_vectors(partition.unmatched)
-        self.key = jax.random.key(int(method.seed)) if method.drop is not None else None
+        sp = method.sparsify
+        self.key = jax.random.key(int(sp.seed)) if sp is not None else None
 
     def all_leaves(self):
         """Every task-vector leaf (including unmatched parameters: the
@@ -93,7 +95,7 @@ class Prepared:
     @property
     def identity(self) -> bool:
         """Whether preprocessing leaves task vectors unchanged."""
-        return not self.method.trims and self.method.drop is None
+        return not self.method.trims and self.method.sparsify is None
 
     def tau(self, b: int) -> dict[str, jax.Array]:
         """Raw task vectors ``{name: f32[n, ...]}`` of block ``b`` (read
@@ -187,36 +189,32 @@ class Prepared:
         if self.trim_threshold is not None:
             thr = jnp.asarray(self.trim_threshold)
             return {k: prep.trim(v, thr) for k, v in tau.items()}
-        if m.drop is not None:
+        if m.sparsify is not None:
             return {
-                k: prep.dare(v, self.key, m.drop, self._index[k]) for k, v in tau.items()
+                k: prep.dare(v, self.key, m.sparsify.drop, self._index[k]) for k, v in tau.items()
             }
         return tau
 
     def extra(self, b: int, x: dict | None = None) -> dict | None:
-        """Per-block method state: PCB clip bounds and global thresholds
-        (kept); DELLA's key of the block; the state every group of the block
-        shares (TSV, Breadcrumbs, DELLA: :meth:`~.methods.Method.shared_state`,
-        computed at each call from ``x``: callers ask once per block)."""
+        """Per-block method state (:meth:`~.methods.Method.shared_state`:
+        TSV's SVDs, Breadcrumbs' masks, DELLA's pruned vectors, PCB's clip
+        bounds and thresholds), with the block's PRNG key as ``"key"`` for
+        methods with a ``seed``. Kept per block where the method declares it
+        small (``traits.keep_block_state``), else computed at each call from
+        ``x`` (callers ask once per block)."""
         m = self.method
-        if m.shares_state:
-            x = self.x(b) if x is None else x
-            key = jax.random.fold_in(jax.random.key(int(m.seed)), b) if m.name == "della" else None
-            return {**({} if key is None else {"key": key}), **m.shared_state(canonical(x), key)}
-        if m.name != "pcb":
+        if m.block_state is None:
             return None
-        if b not in self._extra:
-            x = self.x(b) if x is None else x
-            leaves = list(x.values())
-            clo, chi = prep.pcb_clip_bounds(leaves, self.partition.blocks[b].numel)
-            lo, hi = self.pcb_lohi
-            self._extra[b] = {
-                "clip_lo": jnp.asarray(clo),
-                "clip_hi": jnp.asarray(chi),
-                "lo": jnp.asarray(lo),
-                "hi": jnp.asarray(hi),
-            }
-        return self._extra[b]
+        if b in self._extra:
+            return self._extra[b]
+        x = self.x(b) if x is None else x
+        key = None if m.seed is None else jax.random.fold_in(jax.random.key(int(m.seed)), b)
+        state = m.shared_state(canonical(x), key, numel=self.partition.blocks[b].numel,
+                               prepared=self.prepared)
+        out = {**({} if key is None else {"key": key}), **state}
+        if m.traits.keep_block_state:
+            self._extra[b] = out
+        return out
 
 
 def _chunks(names: Sequence[str], sizes: Sequence[int], budget: int = 1 << 24):
@@ -839,11 +837,12 @@ def _bracket_scan(prepared: Prepared, groups, lo, hi, want_grams: bool, precisio
 
 @functools.partial(jax.jit, static_argnames=("static",))
 def _merge_groups(x, members, scales, extra, hp, *, static: Method):
-    """``method.merge_group`` over groups ``members: bool[G, n]``, ``scales: f32[G]``."""
+    """``method.merge_group`` over groups ``members: bool[G, n]``, ``scales: f32[G]``
+    (each group's ``scale``, for methods with one)."""
 
     def one(args):
         mb, sc = args
-        return static.join({**hp, "scale": sc}).merge_group(x, mb, extra)
+        return static.join({**hp, "scale": sc} if "scale" in hp else hp).merge_group(x, mb, extra)
 
     return jax.lax.map(one, (members, scales))
 

@@ -133,11 +133,15 @@ def schedule_sizes(
     return np.asarray(out)
 
 
+_WORDS = {2: "two", 3: "three"}
+
+
 def _check_pairwise(method, n: int) -> None:
-    if method.name == "slerp" and n != 2:
+    k = method.traits.tasks
+    if k is not None and n != k:
         raise ValueError(
-            f"slerp merges exactly two models (got {n}): spherical interpolation is not "
-            "defined for larger groups, so FlexMerge cannot grow groups with it; use a "
+            f"{method.name} merges exactly {_WORDS.get(k, k)} models (got {n}): it is not defined for "
+            "other group sizes, so FlexMerge cannot grow groups with it; use a "
             "group method (avg, ta, ties, tsv, ...)"
         )
 
@@ -445,8 +449,9 @@ class Plan:
         return self.layout.to_json()
 
     @classmethod
-    def from_json(cls, meta: dict, *, base=None, finetuned=None) -> "Plan":
-        """Rebuilds a plan saved by :func:`flexmerge_jax.save`."""
+    def from_json(cls, meta: dict, *, base=None, finetuned=None, method=None) -> "Plan":
+        """Rebuilds a plan saved by :func:`flexmerge_jax.save` (``method``:
+        see :func:`flexmerge_jax.load`)."""
         from .tree import Layout
 
         n = len(meta["task_names"])
@@ -459,7 +464,7 @@ class Plan:
             prepared=None,
             layout=Layout.from_json(meta["layout"]),
             partition=blocks_lib.Partition.from_json(meta["partition"]),
-            method=methods_lib.Method.from_json(meta["method"]),
+            method=methods_lib.from_json(meta["method"], method),
             task_names=meta["task_names"],
             sequences=seqs,
             order=(np.asarray(meta["order"][0]), np.asarray(meta["order"][1])),
@@ -599,7 +604,7 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     if linkage is not None:
         return linkage_sequences(grams(prepared, precision=precision), linkage)
     # Structured runs compare singletons on their raw task vectors (spec §7).
-    raw_singles = structured and (method.trims or method.drop is not None)
+    raw_singles = structured and (method.trims or method.sparsify is not None)
     if method.linear and similarity != "sign" and not raw_singles:
         return linear_sequences(
             grams(prepared, precision=precision), partition.numels, similarity, method.group_scale,
@@ -645,6 +650,9 @@ def check_options(method, linkage, similarity: str, order: str, gram_precision: 
     """Checks :func:`plan`'s options; returns the method and the canonical
     linkage."""
     method = methods_lib.get(method)
+    if method.traced:
+        raise ValueError(f"plan() needs concrete hyperparameters ({method.describe()} has traced "
+                         "ones); merge() is the traceable entry point")
     linkage = _canonical_linkage(linkage)
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
@@ -826,11 +834,28 @@ def merge(
       a :class:`FlexModel` (use ``model.params_for_task(i)``); with n = 2 a
       mask method keeps both models, as the reference does.
 
+    Traceable: when the method's numeric hyperparameters (``scale``, ...)
+    or the params are tracers, the merge is one ``jax.numpy`` function of
+    the in-memory pytrees (``jax.jit``, ``jax.vmap``, ``jax.grad``; no
+    NaN/Inf checks), e.g. a lambda grid in one compiled call::
+
+        f = lambda s: fm.merge(base, fts, fm.methods.ties(scale=s, keep=0.2), blocks="vit")
+        merged = jax.jit(jax.vmap(f))(jnp.linspace(0.5, 1.5, 8))
+
+    Mask methods and methods with host statistics (``pcb``) are not
+    traceable (ValueError); static hyperparameters (``keep``, ...) must be
+    Python numbers (each factory says why).
+
     Raises:
       ValueError: bad inputs, or parameters outside every block (they could
         not be merged: use :func:`plan` to keep them per task).
     """
     method = methods_lib.get(method)
+    from ._traced import any_traced, traced_merge
+
+    if any_traced(method, base, finetuned):
+        _check_pairwise(method, len(finetuned))
+        return traced_merge(base, finetuned, method, blocks)
     source = as_source(base, finetuned, task_names)
     partition = blocks_lib.resolve(blocks, source.layout.names, source.layout.sizes, warn=False)
     if partition.unmatched:

@@ -257,8 +257,7 @@ class SweepResult:
 
 
 def _label(p) -> str:
-    m = p.method
-    name = m.name if m.drop is None else f"dare_{m.name}"
+    name = p.method.label
     baseline = getattr(p, "config", {}).get("baseline")
     return f"{baseline}:{name}" if baseline else name
 

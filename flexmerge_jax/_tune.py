@@ -25,9 +25,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-TUNABLE = ("ta", "ties", "pcb", "consensus_ta", "consensus_ties")
-
-
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Validation-based choice of :math:`\\lambda` for every merge.
@@ -54,10 +51,10 @@ class Tuning:
 
 
 def check_tunable(method, linkage, similarity) -> None:
-    if method.name not in TUNABLE:
+    if not method.traits.tunable:
         raise ValueError(
-            f"validation tuning applies to {', '.join(TUNABLE)} (the reference does not "
-            f"tune {method.name})"
+            f"validation tuning applies to methods whose traits declare a tunable scale "
+            f"(the reference's ta, ties, pcb, consensus_ta, consensus_ties); not {method.name}"
         )
     if linkage is None and similarity == "euclidean":
         raise ValueError(

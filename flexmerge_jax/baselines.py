@@ -115,14 +115,14 @@ class BaselinePlan:
 
 def _check_method(method) -> methods_lib.Method:
     method = methods_lib.get(method)
-    if method.drop is not None:
+    if method.sparsify is not None:
         raise ValueError("DARE has no effect in the reference's cluster/channel merge; "
                          "pass the method without dare()")
     if method.uses_masks:
         raise ValueError(f"{method.name}: mask methods are not supported by the baselines "
                          "(the reference supports avg, ta and ties)")
-    if method.name == "slerp":
-        raise ValueError("slerp merges two models only")
+    if method.traits.tasks is not None:
+        raise ValueError(f"{method.name} merges {method.traits.tasks} models only")
     return method
 
 

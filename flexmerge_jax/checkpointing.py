@@ -34,7 +34,7 @@ import numpy as np
 from . import _atomic as _claim
 from .blocks import Partition
 from ._flexmodel import BlockModel, FlexModel
-from .methods import Method
+from . import methods as methods_lib
 from .tree import Layout, flatten, nest
 
 __all__ = ["save", "save_cut", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
@@ -542,7 +542,8 @@ def _check_arrays(path: Path, item: str, parts: dict, leaves_of: dict, shapes: d
                    f"the layout says {tuple(shapes[k])}")
 
 
-def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model") -> FlexModel:
+def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
+                method=None) -> FlexModel:
     tasks, layout, partition = _check_model(path, meta)
     shapes = dict(zip(layout.names, layout.shapes))
     n = len(tasks)
@@ -597,7 +598,7 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model") -> FlexM
     return FlexModel(
         layout=layout,
         partition=partition,
-        method=Method.from_json(meta["method"]),
+        method=methods_lib.from_json(meta["method"], method),
         task_names=meta["task_names"],
         blocks=blocks,
         unmatched=unmatched,
@@ -607,7 +608,7 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model") -> FlexM
     )
 
 
-def load(path: str | os.PathLike, *, base=None, finetuned=None, mesh=None,
+def load(path: str | os.PathLike, *, base=None, finetuned=None, method=None, mesh=None,
          mesh_axis: str = "model"):
     """Loads a :class:`FlexModel` or a :class:`Plan` saved by :func:`save`.
 
@@ -616,6 +617,10 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None, mesh=None,
       base, finetuned: for a plan, the inputs to cut models from (pytrees or
         checkpoint paths). A plan made from checkpoint files reattaches them
         by itself when they still exist.
+      method: the method the model or plan was made with; required when it
+        was a custom (user-defined) method, which a file cannot rebuild.
+        Built-in methods are rebuilt from the saved record (a given one must
+        match it).
       mesh: a ``jax.sharding.Mesh``: a model's parameter sets are restored
         sharded over ``mesh_axis`` as :func:`~flexmerge_jax.plan` shards them
         (each process holds only its shards); a plan's inputs are read onto
@@ -641,12 +646,12 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None, mesh=None,
 
             _check_axis(mesh, mesh_axis)
         with _malformed(path):
-            return _load_model(path, meta, mesh, mesh_axis)
+            return _load_model(path, meta, mesh, mesh_axis, method)
     from ._plan import Plan
 
     with _malformed(path):
         _check_plan(path, meta)
-    plan = Plan.from_json(meta, base=base, finetuned=finetuned)
+    plan = Plan.from_json(meta, base=base, finetuned=finetuned, method=method)
     if mesh is not None:
         plan.shard(mesh, mesh_axis)
     return plan

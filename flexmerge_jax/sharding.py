@@ -27,12 +27,6 @@ from ._source import Source, host_task_vectors
 
 __all__ = ["ShardedSource", "leaf_spec", "check_method"]
 
-# Kernels that factor, sort or contract whole parameters (SVD, per-parameter
-# ranks, an inner product over all entries): on ``Auto`` axes XLA gathers what
-# they need; on ``Explicit`` axes JAX makes the caller choose a layout first.
-WHOLE_PARAMETER_METHODS = ("tsv", "iso_c", "iso_cts", "breadcrumbs", "della", "model_stock")
-
-
 def _check_axis(mesh: Mesh, axis: str) -> None:
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
@@ -42,7 +36,10 @@ def check_method(method, mesh: Mesh, axis: str = "model") -> None:
     """Raises if ``method`` cannot run with its parameters sharded on ``mesh``."""
     _check_axis(mesh, axis)
     explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
-    if explicit and method.name in WHOLE_PARAMETER_METHODS:
+    # Kernels that factor, sort or contract whole parameters (SVD, per-parameter
+    # ranks, an inner product over all entries): on ``Auto`` axes XLA gathers what
+    # they need; on ``Explicit`` axes JAX makes the caller choose a layout first.
+    if explicit and method.traits.whole_parameter:
         raise ValueError(
             f"method {method.name!r} needs whole parameters (SVD / ranks per parameter), which "
             f"a mesh axis of type Explicit does not gather implicitly; use AxisType.Auto for "

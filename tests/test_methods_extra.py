@@ -94,7 +94,7 @@ def test_shared_state_gives_the_groups_merges_and_the_plans(method, monkeypatch)
     runs = []
     for disable in (False, True):
         if disable:
-            monkeypatch.setattr(fm.methods.Method, "shared_state", lambda self, x, key=None: {})
+            monkeypatch.setattr(fm.methods.Method, "shared_state", lambda self, x, key=None, **kw: {})
         p = fm.plan(base, fts, blocks=BLOCKS, method=method, linkage=None, similarity="cosine")
         cut = p.at_size(2.0)
         runs.append((p, [cut.params_for_task(t) for t in range(5)]))

@@ -59,7 +59,7 @@ def slow_replay(base, fts, plan, val, method):
         chosen.append(best)
         v = {k: best * u[k] for k in leaves}
         if method.uses_masks:
-            mk = ref.consensus_masks_ref(xs, v, method.consensus)
+            mk = ref.consensus_masks_ref(xs, v, method.hyper()["consensus"])
             for j, i in enumerate(group):
                 masks[i][e.block] = mk[j]
         for i in group:
