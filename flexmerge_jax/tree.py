@@ -142,7 +142,7 @@ def nest(flat: dict[str, Any]) -> dict:
 
 
 def _dtype_name(x) -> str:
-    return np.dtype(getattr(x, "dtype", np.asarray(x).dtype)).name
+    return np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype).name
 
 
 def layout_of(tree: PyTree) -> Layout:

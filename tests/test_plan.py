@@ -114,7 +114,7 @@ def compare_with_reference(base, fts, method, *, linkage, distance, order="greed
                            gram_precision="float64"):
     n = len(fts)
     m = fm.methods.get(method) if isinstance(method, str) else method
-    hp = {k: getattr(m, k) for k in ("scale", "keep", "consensus")}
+    hp = {k: m.hyper().get(k, d) for k, d in (("scale", 1.0), ("keep", 1.0), ("consensus", 0.3))}
     if order == "greedy":
         r = ref.greedy_reference(base, fts, BLOCKS, m.name, linkage=ref_linkage(linkage),
                                  distance=distance, checkpoints=(n, 3 * n), **hp)

@@ -246,6 +246,13 @@ class Method:
 
         return _registry.to_json(self)
 
+    @staticmethod
+    def from_json(d: dict[str, Any], method: "Method | None" = None) -> "Method":
+        """See :func:`flexmerge_jax.methods.from_json`."""
+        from . import _registry
+
+        return _registry.from_json(d, method)
+
     # -- kernels ---------------------------------------------------------------
     def merge_group(self, x: dict, members=None, extra=None) -> GroupMerge:
         """Merges one group of one block (pure, jit-able, vmap-able).
