@@ -839,8 +839,11 @@ def merge(
     the in-memory pytrees (``jax.jit``, ``jax.vmap``, ``jax.grad``; no
     NaN/Inf checks), e.g. a lambda grid in one compiled call::
 
-        f = lambda s: fm.merge(base, fts, fm.methods.ties(scale=s, keep=0.2), blocks="vit")
-        merged = jax.jit(jax.vmap(f))(jnp.linspace(0.5, 1.5, 8))
+        f = lambda s, b, f: fm.merge(b, f, fm.methods.ties(scale=s, keep=0.2), blocks="vit")
+        merged = jax.jit(jax.vmap(f, (0, None, None)))(jnp.linspace(0.5, 1.5, 8), base, fts)
+
+    (Passing the params as arguments, not closing over them, keeps XLA
+    from constant-folding the whole merge at compile time.)
 
     Mask methods and methods with host statistics (``pcb``) are not
     traceable (ValueError); static hyperparameters (``keep``, ...) must be
