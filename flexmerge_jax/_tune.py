@@ -25,6 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Validation-based choice of :math:`\\lambda` for every merge.

@@ -43,7 +43,3 @@ def fraction(name: str, v, method: str, why: str, lo_open=False) -> float:
         raise ValueError(f"{name} must be in {'(0' if lo_open else '[0'}, 1], got {v}")
     return f
 
-
-def concrete(v) -> bool:
-    """Whether ``v`` is known now (a number or an array, not a tracer)."""
-    return not is_traced(v)
