@@ -141,11 +141,21 @@ class _Counting(Source):
         self._count(names)
         return self._src.task_vectors(names, threshold)
 
-    def sample_runs(self, requests):
-        return self._src.sample_runs(requests)
 
-    def describe(self) -> dict:
-        return self._src.describe()
+
+def _delegate(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self._src, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+# Every other Source method (describe, changed, sample_runs, region reads,
+# and any added later) is the wrapped source's own.
+for _name, _value in vars(Source).items():
+    if callable(_value) and not _name.startswith("_") and _name not in vars(_Counting):
+        setattr(_Counting, _name, _delegate(_name))
 
 
 def counting(source: Source, label: str, enabled: bool | None) -> tuple[Source, Progress]:

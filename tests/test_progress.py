@@ -59,3 +59,23 @@ def test_blocks_takes_the_cli_json_file(tmp_path):
         fm.plan(base, fts, blocks=tmp_path / "bad.json")
     with pytest.raises(ValueError, match="missing.json: block list file not found"):
         fm.plan(base, fts, blocks="missing.json")
+
+
+def test_the_counting_source_is_its_source_but_for_the_count(tmp_path):
+    """Reporting progress changes nothing else: every Source method the
+    counter does not count through (describe, changed, region reads, ...)
+    is the wrapped source's own, e.g. a replaced input file is noticed."""
+    import os
+
+    base, fts = random_case(3, n=3)
+    paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
+    src = fm.io.path_source(fm.io.save_params(tmp_path / "b.npz", base), paths)
+    counted, bar = progress.counting(src, "plan", True)
+    assert counted is not src and counted.describe() == src.describe()
+    os.utime(paths[1], ns=(1, 1))  # "edited": another modification time
+    assert src.changed() and counted.changed() == src.changed()
+    name = next(k for k in base if base[k].ndim == 2)
+    np.testing.assert_array_equal(counted.base_region(name, (slice(0, 2), slice(1, 3))),
+                                  base[name][:2, 1:3])
+    counted.task_vectors([name])
+    assert bar.done == base[name].size
