@@ -77,6 +77,9 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if format != "hf" and (base is not None or mapping is not None):
+        raise ValueError(f"base= and mapping= describe the Hugging Face directory of format 'hf', "
+                         f"not {format!r}")
     if not isinstance(model, FlexModel):
         path = model
         model = load(path)

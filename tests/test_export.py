@@ -130,6 +130,8 @@ def test_export_errors_leave_nothing(tmp_path, hf_model, monkeypatch):
         fm.export(model, tmp_path / "x", task="nope")
     with pytest.raises(ValueError, match="format must be one of"):
         fm.export(model, tmp_path / "x", format="gguf")
+    with pytest.raises(ValueError, match="base= and mapping= describe"):
+        fm.export(model, tmp_path / "x", format="npz", base=tmp_path / "base")
     base, fts = random_case(5, n=3)
     in_memory = fm.plan(base, fts, method="ta").at_size(2.0)
     with pytest.raises(ValueError, match="needs base="):
