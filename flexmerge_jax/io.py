@@ -279,7 +279,7 @@ class _Reader:
     ``path`` is what the user gave (named in messages, recorded in plans);
     ``file`` is what is read: the same, or a Hugging Face directory's
     ``.safetensors`` file or index. A sharded checkpoint reads through one
-    reader per shard (``_shards``), each tensor from the shard holding it.
+    reader per shard, each tensor from the shard holding it (``_shard_of``).
     """
 
     def __init__(self, path, _format: str | None = None):
@@ -308,15 +308,15 @@ class _Reader:
     def _index_header(self):
         """Names/shapes/dtypes of a sharded checkpoint, from its shards' headers."""
         wm = _index_shards(self.file)
-        self._shards: dict[str, _Reader] = {}
+        shards: dict[str, _Reader] = {}
         for shard in sorted(set(wm.values())):
             f = self.file.parent / shard
             if not f.is_file():
                 raise ValueError(f"{self.file}: lists the shard {shard}, which does not exist")
-            self._shards[shard] = _Reader(f, "safetensors")
-        self._shard_of = {}
+            shards[shard] = _Reader(f, "safetensors")
+        self._shard_of: dict[str, _Reader] = {}
         header = {}
-        for shard, r in self._shards.items():
+        for shard, r in shards.items():
             for k, shp, dt in zip(r.names, r.shapes, r.dtypes):
                 if wm.get(k) == shard:
                     self._shard_of[k] = r
