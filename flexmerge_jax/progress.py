@@ -141,6 +141,10 @@ class _Counting(Source):
         self._count(names)
         return self._src.task_vectors(names, threshold)
 
+    def inputs(self, names, tasks, threshold=None, task_vectors: bool = True):
+        self._count(names)
+        return self._src.inputs(names, tasks, threshold, task_vectors)
+
 
 
 def _delegate(name: str):

@@ -23,6 +23,9 @@ def test_lines_when_not_a_terminal(capsys, monkeypatch):
     assert lines[-1].startswith(f"flexmerge: plan: {total}/{total} parameters, 100%")
     # TIES with merged-vector comparisons reads the model twice: thresholds, then the schedule.
     assert "(pass 2)" in lines[-1] and any("(pass 1)" in l for l in lines)
+    fm.merge(base, fts, "ties", progress=True)  # one read of every parameter
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"flexmerge: merge: {total}/{total} parameters, 100%")
     fm.plan(base, fts, method="ta")  # None: only on a terminal (pytest's stderr is not one)
     fm.merge(base, fts, "ta", progress=False)
     assert capsys.readouterr().err == ""
