@@ -816,6 +816,8 @@ def merge(
     blocks=None,
     task_names: Sequence[str] | None = None,
     progress: bool | None = None,
+    mesh=None,
+    mesh_axis: str = "model",
 ):
     """One-shot merge of all n tasks (the 1x end of the size axis).
 
@@ -828,6 +830,8 @@ def merge(
         parameter its own block.
       task_names: optional task names.
       progress: report the parameters read on stderr (see :func:`plan`).
+      mesh, mesh_axis: shard the inputs and the merged parameters over a
+        device mesh, as :func:`plan` does.
 
     Returns:
       For methods without masks, the merged params pytree. For mask methods,
@@ -869,6 +873,11 @@ def merge(
             "them per task"
         )
     _check_pairwise(method, source.n)
+    if mesh is not None:
+        from .sharding import ShardedSource, check_method
+
+        check_method(method, mesh, mesh_axis)
+        source = ShardedSource(source, mesh, mesh_axis)
     counted, bar = counting(source, "merge", progress)
     prepared = Prepared(counted, partition, method)
     n = source.n

@@ -81,6 +81,7 @@ def main() -> None:
     result["ta_tuned_scales"] = [None if s is None else float(s) for s in tuned.scales]
     model = plans["ties_merged"].at_size(2.0)
     result["cut_n_models"] = float(model.n_models)
+    merged = fm.merge(base, fts, fm.methods.ties(keep=0.2), blocks=blocks, mesh=mesh)
     params = {}
     for t in range(model.n):
         for path, v in jax.tree_util.tree_leaves_with_path(model.params_for_task(t)):
@@ -109,6 +110,9 @@ def main() -> None:
         checks[name + " is sharded"] = all(
             not v.sharding.is_fully_replicated for v in leaf.values() if v.size >= 64)
     result["load_checks"] = checks
+    for path, v in jax.tree_util.tree_leaves_with_path(merged):  # the one-shot merge
+        params[f"merged/{jax.tree_util.keystr(path)}"] = np.asarray(
+            multihost_utils.process_allgather(v, tiled=True))
     if pid == 0:
         np.savez(f"{out}/params.npz", **params)
         with open(f"{out}/result.json", "w") as f:

@@ -91,12 +91,12 @@ def test_two_process_tuning_equals_one_process(runs):
     assert len(set(single["ta_tuned_scales"]) - {None}) > 1  # the scores chose, not a default
 
 
-def test_two_process_cut_equals_one_process(runs):
+def test_two_process_cut_and_merge_equal_one_process(runs):
     single, multi = runs
     assert json.loads((multi / "result.json").read_text())["cut_n_models"] == \
         json.loads((single / "result.json").read_text())["cut_n_models"]
     a, b = np.load(single / "params.npz"), np.load(multi / "params.npz")
-    assert sorted(a.files) == sorted(b.files) and len(a.files) == 4 * 18
+    assert sorted(a.files) == sorted(b.files) and len(a.files) == 5 * 18  # 4 tasks, merged
     for k in a.files:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
