@@ -187,9 +187,12 @@ def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
     fm.io.save_params(tmp_path / "base.safetensors", base)
     paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
     r = run_python(f"""
-        import os, sys
+        import os, signal, sys
         from flexmerge_jax import checkpointing
         from flexmerge_jax.cli import main
+        # A shell's background job starts with SIGINT ignored (as under a CI
+        # runner); Ctrl-C at a terminal meets Python's own handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         write, calls = checkpointing._Writer.write, []
         def signalled(self, path, arrays):  # the signal arrives with the second block
             calls.append(path)
