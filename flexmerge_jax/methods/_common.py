@@ -14,23 +14,21 @@ def numeric(name: str, v):
     ``float``) or an array/tracer (``jax.typing.ArrayLike``, kept as is)."""
     if is_traced(v) or isinstance(v, jax.Array):
         return v
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or an array, got {v!r}") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name} must be finite, got {v!r}")
-    return f
+    return _finite(name, v, "a number or an array")
 
 
 def static_number(name: str, v, method: str, why: str) -> float:
     """A hyperparameter that must be a Python number (``why`` says why)."""
     if is_traced(v) or isinstance(v, jax.Array) and v.ndim:
         raise ValueError(f"{method}: {name} must be a Python number, not an array ({why})")
+    return _finite(name, v, "a number")
+
+
+def _finite(name: str, v, what: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
+        raise ValueError(f"{name} must be {what}, got {v!r}") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be finite, got {v!r}")
     return f
