@@ -6,7 +6,7 @@ sizes and served with mixed batches: at each layer, the rows of tasks that
 share the layer's parameter set share its computation.
 
 Wiring: the forward is the module's own loop, with each layer called through
-the router — ``r.apply(path, serve.nnx_block(layer), x)`` runs the nnx layer
+the router — ``r.apply(path, nnx_block(layer), x)`` runs the nnx layer
 with each row's parameters (or ``r.dense(path, x)`` for a plain linear layer,
 ``r.params(path)`` for small parameters used directly). Paths are the
 parameters' paths in ``nnx.state(model, nnx.Param)`` (list indices as
@@ -26,6 +26,7 @@ from flax import nnx
 
 import flexmerge_jax as fm
 from flexmerge_jax import serve
+from flexmerge_jax.adapters import nnx_block
 
 
 class Layer(nnx.Module):
@@ -76,7 +77,7 @@ def synthetic_finetunes(base: dict, n: int, seed: int = 0, scale: float = 0.05) 
 
 def make_forward(model: ResMLP):
     """The module's own forward, each parameterised call through the router."""
-    layer_fns = [serve.nnx_block(layer) for layer in model.layers]  # built once, outside jit
+    layer_fns = [nnx_block(layer) for layer in model.layers]  # built once, outside jit
 
     def forward(r: serve.Router, x):
         x = r.dense("embed", x)                         # grouped matmul

@@ -27,7 +27,7 @@ def z3():
 
 @pytest.fixture(scope="module")
 def heads3(z3):
-    return serve.zoo_heads(z3.heads)
+    return zoo_mod.padded_heads(z3.heads)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_served_equals_per_task(z3, heads3, plans, method, size):
         assert any(b.masked.any() for b in model.blocks.values())
     if 1.0 < size < 3.0:  # a real intermediate cut: shared and unshared blocks
         assert 1.0 < model.n_models < 3.0 and min(sets) < 3 and max(sets) > 1
-    srv = serve.Server(model, serve.vit_forward, per_task={"head": heads3})
+    srv = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads3})
     for seed, per in [(0, (7, 4, 9)), (1, (0, 12, 8))]:  # every task; a task absent
         imgs, tids = mixed_batch(z3, seed, per)
         check_logits(srv(tids, imgs), reference(model, imgs, tids, heads3))
@@ -98,7 +98,7 @@ def test_served_equals_per_task(z3, heads3, plans, method, size):
 def test_impls_and_sorting(z3, heads3, plans, impl, presort):
     model = plans["emr"].at_size(2.5)
     imgs, tids = mixed_batch(z3, 3)
-    srv = serve.Server(model, serve.vit_forward, per_task={"head": heads3}, dense_impl=impl,
+    srv = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads3}, dense_impl=impl,
                        presort=presort, tile=8)
     check_logits(srv(tids, imgs), reference(model, imgs, tids, heads3))
 
@@ -114,8 +114,8 @@ def test_masked_and_unmasked_sets_in_one_block():
     model = plan.at_step(step)
     mixed = [b for b in model.blocks.values() if b.masked.any() and (~b.masked).any()]
     assert mixed
-    heads = serve.zoo_heads(z4.heads)
-    srv = serve.Server(model, serve.vit_forward, per_task={"head": heads})
+    heads = zoo_mod.padded_heads(z4.heads)
+    srv = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads})
     imgs, tids = mixed_batch(z4, 5, (5, 3, 6, 4))
     check_logits(srv(tids, imgs), reference(model, imgs, tids, heads))
     st = srv.state.blocks[mixed[0].name]
@@ -166,7 +166,7 @@ def test_generic_apply_modes(z3, plans):
 
 def test_one_compilation_for_mixes_and_routings(z3, heads3, plans):
     model = plans["ta"].at_size(3.0)  # every block: 3 singleton sets
-    srv = serve.Server(model, serve.vit_forward, per_task={"head": heads3})
+    srv = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads3})
     imgs, tids = mixed_batch(z3, 0, (8, 8, 8))
     rng = np.random.default_rng(0)
     for t in [tids, rng.permutation(tids), np.zeros_like(tids), np.full_like(tids, 2),
@@ -259,10 +259,10 @@ def test_unmatched_parameters_and_dtype(z3, heads3):
     state = serve.stack(model, per_task={"head": heads3})
     assert state.blocks["proj/kernel"].kind == "unmatched"
     assert state.stored_parameters() == pytest.approx(model.stored_parameters())
-    srv = serve.Server(state, serve.vit_forward)
+    srv = serve.Server(state, zoo_mod.vit_forward)
     imgs, tids = mixed_batch(z3, 11)
     check_logits(srv(tids, imgs), reference(model, imgs, tids, heads3))
-    bf = serve.Server(model, serve.vit_forward, per_task={"head": heads3}, dtype=jnp.bfloat16)
+    bf = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads3}, dtype=jnp.bfloat16)
     assert bf.state.nbytes()["params"] == state.nbytes()["params"] // 2
     out = np.asarray(bf(tids, imgs)).astype(np.float32)
     ref = reference(model, imgs, tids, heads3)
@@ -272,7 +272,7 @@ def test_unmatched_parameters_and_dtype(z3, heads3):
 
 def test_validation(z3, heads3, plans):
     model = plans["ta"].at_size(1.0)
-    srv = serve.Server(model, serve.vit_forward, per_task={"head": heads3})
+    srv = serve.Server(model, zoo_mod.vit_forward, per_task={"head": heads3})
     imgs, tids = mixed_batch(z3, 0)
     with pytest.raises(ValueError, match="task_ids"):
         srv(np.full_like(tids, 3), imgs)

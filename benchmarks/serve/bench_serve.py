@@ -2,7 +2,7 @@
 
 For each cut of one plan (default ``ta`` at 1x, ~2x, ~4x, 8x) a mixed batch of
 ``n * per_task`` test images (every task, random order) runs through
-:class:`flexmerge_jax.serve.Server` (``serve.vit_forward``, each row's own
+:class:`flexmerge_jax.serve.Server` (``zoo.vit_forward``, each row's own
 head). The baseline runs the same examples as n calls, each task's
 ``per_task`` images through its own fine-tuned params and head
 (``zoo.apply.logits``, jitted). Compile time is measured apart
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
 
     z = zoo.load()
     n = z.num_tasks
-    heads = serve.zoo_heads(z.heads)
+    heads = zoo.padded_heads(z.heads)
     t0 = time.perf_counter()
     plan = fm.plan(z.base, z.finetuned, blocks="vit", method=args.method, task_names=z.task_names)
     plan_s = time.perf_counter() - t0
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
                       "max_abs_diff": 0.0}, one_by_one))
         for s, m in models.items():
             for impl in args.impls:
-                srv = serve.Server(m, serve.vit_forward, per_task={"head": heads}, dense_impl=impl)
+                srv = serve.Server(m, zoo.vit_forward, per_task={"head": heads}, dense_impl=impl)
                 t = time.perf_counter()
                 compiled = srv.lower(tids, imgs).compile()
                 compile_s = time.perf_counter() - t
@@ -193,7 +193,7 @@ def markdown(res: dict) -> str:
         "",
         "one-by-one: each task's images through its own fine-tuned params and head "
         "(n jitted calls, the n x model). served: one mixed batch (random task order) through "
-        "`serve.Server(plan.at_size(size), serve.vit_forward)` with per-row heads; compile "
+        "`serve.Server(plan.at_size(size), zoo.vit_forward)` with per-row heads; compile "
         "time is `lower().compile()` of that batch shape. MiB held: device bytes of the "
         "stacked model (served, with heads and routing tables) or of the n fine-tuned "
         "backbones (one-by-one).",

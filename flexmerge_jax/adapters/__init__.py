@@ -1,6 +1,7 @@
 """Importers and exporters: Flax nnx / linen modules and Hugging Face files.
 
-* :mod:`.flax_nnx` — :func:`from_nnx` / :func:`to_nnx` (imports flax).
+* :mod:`.flax_nnx` — :func:`from_nnx` / :func:`to_nnx`, :func:`nnx_block` (an nnx
+  layer as a :mod:`flexmerge_jax.serve` block function; imports flax).
 * :mod:`.linen` — :func:`from_linen` / :func:`to_linen` (imports flax).
 * :mod:`.hf` — PyTorch / Hugging Face safetensors without torch: name
   mappings (:func:`bert_mapping`), Linear weight <-> Flax kernel transposition,
@@ -32,6 +33,7 @@ from .hf import (
 _LAZY = {
     "from_nnx": "flax_nnx",
     "to_nnx": "flax_nnx",
+    "nnx_block": "flax_nnx",
     "from_linen": "linen",
     "to_linen": "linen",
 }

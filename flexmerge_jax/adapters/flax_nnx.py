@@ -13,13 +13,16 @@ such a pytree back: exact (bitwise) round trip.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 from flax import nnx
 
+from ..tree import flatten as flatten_tree
 from ._common import replace_leaves, stringify
 
-__all__ = ["from_nnx", "to_nnx"]
+__all__ = ["from_nnx", "to_nnx", "nnx_block"]
 
 PyTree = Any
 
@@ -82,3 +85,29 @@ def to_nnx(params: PyTree, module: nnx.Module, *, filter: Any = nnx.Param,
     graphdef, state, rest = nnx.split(module, filter, ...)
     nnx.replace_by_pure_dict(state, replace_leaves(state.to_pure_dict(), params, "module"))
     return nnx.merge(graphdef, state, rest)
+
+
+def nnx_block(module) -> Callable:
+    """``fn(p, *xs)`` calling an nnx module with parameters ``p``.
+
+    ``p`` is the module's :class:`flax.nnx.Param` state as a nested dict with
+    string keys (the sub-pytree :meth:`Router.apply` passes for the module's
+    path, e.g. ``{"kernel": ..., "bias": ...}`` for ``nnx.Linear``); other
+    variables are taken from ``module``. The module itself is not modified.
+    Use it as ``r.apply("layers/3", nnx_block(model.layers[3]), x)``.
+    """
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    pure = params.to_pure_dict()
+    names, _, treedef = flatten_tree(pure)
+
+    def fn(p, *xs):
+        flat = dict(zip(*flatten_tree(p)[:2])) if isinstance(p, Mapping) else {"": p}
+        missing = [k for k in names if k not in flat]
+        if missing:
+            raise ValueError(f"nnx_block: parameter {missing[0]!r} of the module not given")
+        state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in names])
+        st = nnx.State(params)  # a copy: the module's own state stays untouched
+        nnx.replace_by_pure_dict(st, state)
+        return nnx.merge(graphdef, st, rest)(*xs)
+
+    return fn

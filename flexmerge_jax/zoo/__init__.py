@@ -15,7 +15,9 @@ Loading needs no training, no network and no flax::
 The shipped files live in ``flexmerge_jax/zoo/data`` and are produced by
 ``benchmarks/zoo/build_zoo.py`` (record: ``zoo.meta``, i.e. ``zoo.json``).
 The functional apply is in :mod:`flexmerge_jax.zoo.apply`; the flax nnx module that
-it mirrors is in :mod:`flexmerge_jax.zoo.model` (imports flax).
+it mirrors is in :mod:`flexmerge_jax.zoo.model` (imports flax); its mixed-task
+forward for :mod:`flexmerge_jax.serve` (:func:`vit_forward`, :func:`padded_heads`)
+in :mod:`flexmerge_jax.zoo.serving`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from flexmerge_jax.zoo.apply import CONFIG, ViTConfig, flatten, leaf_names, param_shapes, unflatten
+from flexmerge_jax.zoo.serving import padded_heads, vit_forward
 
-__all__ = ["DATA_DIR", "TestSet", "Zoo", "load", "CONFIG", "ViTConfig", "leaf_names", "param_shapes"]
+__all__ = [
+    "DATA_DIR", "TestSet", "Zoo", "load", "CONFIG", "ViTConfig", "leaf_names", "param_shapes",
+    "vit_forward", "padded_heads",
+]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
