@@ -78,7 +78,20 @@ def _method(args):
     if getattr(args, "drop", None) is not None:
         hp["drop"] = args.drop
         hp["seed"] = args.seed
-    return methods.get(args.method, **hp)
+    for item in getattr(args, "hp", None) or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--hp {item!r}: expected NAME=VALUE (e.g. --hp t=0.3)")
+        if key in hp:
+            raise UserError(f"--hp {key}: given twice (or also as --{key})")
+        try:
+            hp[key] = json.loads(text)  # numbers, true/false, lists; else the text itself
+        except json.JSONDecodeError:
+            hp[key] = text
+    try:
+        return methods.get(args.method, **hp)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--method {args.method}: {e}") from None
 
 
 def _linkage(v: str):
@@ -338,14 +351,19 @@ def _add_inputs(p, required=True):
 
 
 def _add_plan_flags(p):
-    p.add_argument("--method", required=True,
-                   help="avg | ta | ties | pcb | consensus_ta | consensus_ties | emr")
+    from .methods import NAMES
+
+    p.add_argument("--method", required=True, metavar="NAME",
+                   help=" | ".join(NAMES) + " (fm.methods.get names)")
     g = p.add_argument_group("method hyperparameters (as the Python keyword arguments)")
     g.add_argument("--scale", type=float, help="lambda (ta, ties, pcb, consensus_*)")
     g.add_argument("--keep", type=float, help="TIES keep fraction / PCB threshold fraction")
     g.add_argument("--consensus", type=float, help="TALL-mask lambda_c (consensus_*)")
     g.add_argument("--drop", type=float, help="apply DARE first with this drop probability")
     g.add_argument("--seed", type=int, default=43, help="DARE seed (default 43)")
+    g.add_argument("--hp", action="append", metavar="NAME=VALUE",
+                   help="any other keyword argument of the method's factory, e.g. --hp t=0.3 "
+                        "(slerp), --hp k=4 (tsv); repeatable; VALUE is read as JSON, else text")
     g = p.add_argument_group("planner")
     g.add_argument("--blocks", default=None,
                    help="preset name (vit, clip-vit-b32, t5-base, by-layer, per-leaf, ...) or a JSON "
@@ -399,33 +417,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated sizes in models (default 1,1.1,...,n)")
     p.add_argument("--tasks", type=int, help="use only the first K tasks")
     p.add_argument("--examples", type=int, help="use only the first N test examples per task")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip sweep.png (no matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="same as --quiet")
     p.set_defaults(fn=cmd_demo)
 
     p = add("merge", help="plan and save the model at one size")
     _add_inputs(p)
     _add_plan_flags(p)
     p.add_argument("--size", type=float, required=True, help="target size in models (1 .. n)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds only what a flexmerge save wrote")
     p.set_defaults(fn=cmd_merge)
 
     p = add("plan", help="compute and save the whole schedule")
     _add_inputs(p)
     _add_plan_flags(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds only what a flexmerge save wrote")
     p.set_defaults(fn=cmd_plan)
 
     p = add("cut", help="save the model at one size of a saved plan")
-    p.add_argument("plan")
+    p.add_argument("plan", help="a plan directory (flexmerge plan)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--size", type=float)
-    g.add_argument("--step", type=int)
+    g.add_argument("--size", type=float, help="target size in models: the first step at or "
+                                              "below it")
+    g.add_argument("--step", type=int, help="a step of the schedule (flexmerge inspect PLAN)")
     _add_inputs(p, required=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds only what a flexmerge save wrote")
     _add_device_flags(p)
     p.set_defaults(fn=cmd_cut)
 
@@ -442,11 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer files, tensor names, dtypes and shards); default safetensors")
     p.add_argument("--base", help="for --format hf: the Hugging Face directory to mirror "
                                   "(default: the base the model was planned from)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="--task: the checkpoint to write; --all-tasks: a directory of them")
     p.set_defaults(fn=cmd_export)
 
     p = add("inspect", help="routing table, sizes and groups of a saved model or plan")
-    p.add_argument("path")
+    p.add_argument("path", help="a model or plan directory")
     p.set_defaults(fn=cmd_inspect)
     return ap
 

@@ -104,6 +104,11 @@ def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
         (["merge", "--method", "ta", "--blocks", "nosuchpreset", "--size", "1", "--out", "x"],
          "unknown block preset"),
         (["merge", "--method", "ta", "--linkage", "ward", "--size", "1", "--out", "x"], "linkage must be"),
+        (["merge", "--method", "slerp", "--hp", "t", "--size", "1", "--out", "x"], "expected NAME=VALUE"),
+        (["merge", "--method", "breadcrumbs", "--hp", "tpo=0.1", "--size", "1", "--out", "x"],
+         "--method breadcrumbs:"),
+        (["merge", "--method", "ties", "--keep", "0.2", "--hp", "keep=0.3", "--size", "1", "--out",
+          "x"], "--hp keep: given twice"),
     ],
 )
 def test_user_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
@@ -177,3 +182,27 @@ def test_existing_out_fails_before_any_work(capsys, tmp_path):
                              tmp_path / "a.npz", tmp_path / "b.npz", "--out", tmp_path / "m")
         # Reported before the inputs are even looked at (planning can take minutes).
         assert code == 2 and "exists; pass --overwrite" in err and "missing" not in err
+
+
+def test_any_factory_argument_through_hp(tiny, capsys, tmp_path):
+    z, d, base, fts = tiny
+    code, out, err = run(capsys, "merge", "--base", base, "--finetuned", *fts, "--method",
+                         "breadcrumbs", "--hp", "top=0.05", "--hp", "bottom=0.6", "--blocks", "vit",
+                         "--size", "1", "--out", tmp_path / "m", "--quiet")
+    assert code == 0, err
+    got = fm.load(tmp_path / "m").params_for_task(0)
+    want = fm.merge(z.base, z.finetuned, fm.methods.breadcrumbs(top=0.05, bottom=0.6), blocks="vit")
+    default = fm.merge(z.base, z.finetuned, fm.methods.breadcrumbs(), blocks="vit")
+    a, b, c = (fm.tree.flatten(t)[1] for t in (got, want, default))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c))
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md holds every subcommand's --help (regenerate: python docs/cli_reference.py)."""
+    import runpy
+    from pathlib import Path
+
+    gen = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "cli_reference.py"))
+    text = gen["DOC"].read_text()
+    assert gen["render"](text) == text, "docs/cli.md is stale: run python docs/cli_reference.py"
