@@ -139,8 +139,8 @@ def job(spec: dict) -> dict:
     import jax
 
     import flexmerge_jax as fm
-    from flexmerge_jax._engine import Prepared
-    from flexmerge_jax._plan import as_source
+    from flexmerge_jax._prepared import Prepared
+    from flexmerge_jax.sources import as_source
 
     shapes = vit_shapes(**spec["model"])
     layers = spec["model"].get("layers", 12)
@@ -221,7 +221,7 @@ def _loop_seconds(blocks: int, n: int, linkage: str) -> float:
     """Steady-state time of the greedy loop alone (every block's merge
     sequence from its Gram matrix, then the cross-block interleave), on
     random Gram matrices of the benchmark's shape."""
-    from flexmerge_jax._schedule import interleave, linkage_sequences
+    from flexmerge_jax.schedule.greedy import interleave, linkage_sequences
 
     rng = np.random.default_rng(1)
     a = rng.standard_normal((blocks, n, 3 * n))

@@ -43,9 +43,9 @@ def main() -> None:
 
     data = tempfile.mkdtemp(prefix="flexmerge-multihost-")
     z = zoo.load()
-    fm.io.save_params(f"{data}/base.safetensors", z.base)
+    fm.save_params(f"{data}/base.safetensors", z.base)
     for name, ft in zip(z.task_names, z.finetuned):
-        fm.io.save_params(f"{data}/task_{name}.safetensors", ft)
+        fm.save_params(f"{data}/task_{name}.safetensors", ft)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

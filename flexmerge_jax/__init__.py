@@ -10,10 +10,10 @@ Typical use::
     fm.export(model, "out/deploy", format="hf")   # one Hugging Face directory per task
 """
 
-from . import _cache, baselines, blocks, io, kernels, methods, prep, progress, serve, tree
+from . import _cache, baselines, blocks, methods, progress, serve, sources, tree
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
-from ._source import MemorySource, Source
+from .sources import MemorySource, Source, load_params, save_params
 from ._tune import Tuning
 from .checkpointing import load, save, save_cut
 from ._export import export
@@ -27,14 +27,14 @@ __all__ = [
     "baselines",
     "blocks",
     "serve",
-    "io",
+    "sources",
+    "load_params",
+    "save_params",
     "sweep",
     "SweepResult",
     "SweepPoint",
     "default_sizes",
-    "kernels",
     "methods",
-    "prep",
     "tree",
     "plan",
     "merge",

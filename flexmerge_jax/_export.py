@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import io as io_lib
+from .sources import files as io_lib
 from ._flexmodel import FlexModel
 from .tree import flatten
 
@@ -43,7 +43,7 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
       format: what a task's checkpoint is (dtypes are the inputs' throughout):
 
         * ``"safetensors"`` — ``model.safetensors`` keyed by the params names
-          (``fm.io.load_params(dir)`` reads the directory);
+          (``fm.load_params(dir)`` reads the directory);
         * ``"npz"`` — ``params.npz`` keyed by the params names;
         * ``"orbax"`` — the directory is an Orbax checkpoint of the params
           pytree (``ocp.StandardCheckpointer().restore``);
@@ -51,7 +51,7 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
           files (``config.json``, tokenizer files, ...) copied, the weights
           under its tensor names, in its dtypes and shard files (with
           ``model.safetensors.index.json`` when it is sharded), so
-          ``from_pretrained`` or ``fm.io.load_params`` reads it.
+          ``from_pretrained`` or ``fm.load_params`` reads it.
       base: for ``"hf"``, the Hugging Face directory (or index, or
         ``.safetensors`` file: then no other files are copied) to mirror;
         default: the model's recorded base input, when it was planned from

@@ -63,7 +63,7 @@ class BlockModel:
 
 
 @jax.jit
-def _deploy_masked(base, w, mask, gamma):
+def deploy_masked(base, w, mask, gamma):
     b = base.astype(jnp.float32)
     out = b + (w.astype(jnp.float32) - b) * (mask.astype(jnp.float32) * gamma)
     return out.astype(base.dtype)
@@ -152,7 +152,7 @@ class FlexModel:
             if b.masked[s]:
                 g = jnp.float32(b.rescalers[i])
                 for k in b.leaves:
-                    flat[k] = _deploy_masked(b.base[k], params[k], b.masks[i][k], g)
+                    flat[k] = deploy_masked(b.base[k], params[k], b.masks[i][k], g)
             else:
                 flat.update(params)
         return self.layout.unflatten([flat[k] for k in self.layout.names])

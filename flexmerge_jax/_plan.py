@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -13,9 +12,10 @@ import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import Prepared, block_gram, grams, materialize, read_ahead
-from ._flexmodel import FlexModel
-from ._schedule import (
+from ._flexmodel import FlexModel, summary_text
+from ._prepared import Prepared, materialize
+from ._traced import any_traced, traced_merge
+from .schedule.greedy import (
     LINKAGE_ALIASES,
     LINKAGES,
     SIMILARITIES,
@@ -26,10 +26,15 @@ from ._schedule import (
     materialized_sequence,
     replay,
 )
-from ._source import MemorySource, Source, reuse_buffers
+from .sources._source import Source, reuse_buffers
+from .sources.files import as_source, fingerprint_change
+from .sources.sharding import ShardedSource, check_method
+from .sources.threads import read_ahead
+from .stats.gram import block_gram
+from .stats.passes import grams
 from .progress import counting
 from ._tune import Tuning, check_tunable, tune_scales
-from .tree import layout_mismatch
+from .tree import Layout, layout_mismatch
 
 PyTree = Any
 ORDERS = ("greedy", "left-right", "right-left", "random")
@@ -158,22 +163,6 @@ def _canonical_linkage(linkage):
     return key
 
 
-def as_source(base, finetuned, task_names=None, verify: str = "fast") -> Source:
-    """Coerces (pytree, [pytrees]) or a :class:`Source` to a Source
-    (``verify``: how its inputs are fingerprinted, see :func:`plan`)."""
-    from . import io as io_lib
-
-    if verify not in io_lib.VERIFY:
-        raise ValueError(f"verify must be one of {list(io_lib.VERIFY)}, got {verify!r}")
-    if isinstance(base, Source):
-        if finetuned is not None:
-            raise ValueError("pass finetuned=None when base is a Source")
-        return base
-    if finetuned is None:
-        raise ValueError("finetuned models are required")
-    if isinstance(base, (str, os.PathLike)):
-        return io_lib.path_source(base, finetuned, task_names, verify)
-    return MemorySource(base, finetuned, task_names, verify)
 
 
 def _check_size(size, floor: float, n: int) -> None:
@@ -226,7 +215,6 @@ def axis_end(prepared: Prepared, size: float):
 def cut_summary(partition, method, n: int, groups: dict, n_models: float, step) -> str:
     """:meth:`FlexModel.summary` of a cut from its groups (``{block name:
     groups}``), without materializing it."""
-    from ._flexmodel import summary_text
 
     m = method.min_merged
     blocks = {name: (sum(1 if len(g) >= m else len(g) for g in gs), gs)
@@ -435,7 +423,6 @@ class Plan:
           ValueError: no inputs are attached, or the method cannot run with
             its parameters sharded on ``mesh``.
         """
-        from .sharding import ShardedSource, check_method
 
         prepared = self._require_inputs()
         check_method(self.method, mesh, mesh_axis)
@@ -452,7 +439,6 @@ class Plan:
     def from_json(cls, meta: dict, *, base=None, finetuned=None, method=None) -> "Plan":
         """Rebuilds a plan saved by :func:`flexmerge_jax.save` (``method``:
         see :func:`flexmerge_jax.load`)."""
-        from .tree import Layout
 
         n = len(meta["task_names"])
         seqs = []
@@ -513,14 +499,13 @@ class Plan:
 def _changed_inputs(recorded: dict | None, source: Source | None) -> list[str]:
     """The inputs of ``source`` (``None``: the recorded files themselves)
     that are not the ones a plan's record (``plan.source_info``) describes,
-    each as ``"task 'x' PATH (why)"`` (see :func:`~.io.fingerprint_change`).
+    each as ``"task 'x' PATH (why)"`` (see :func:`~.sources.fingerprint_change`).
 
     Files are compared with files, in-memory models with in-memory models
-    (:func:`~._source.tree_fingerprint`, as recorded); other pairs (files
+    (:func:`~.sources._source.tree_fingerprint`, as recorded); other pairs (files
     planned, arrays attached), and records without fingerprints, cannot be
     compared and give none.
     """
-    from .io import fingerprint_change
 
     rec = (recorded or {}).get("fingerprints")
     if not rec:
@@ -671,7 +656,6 @@ def prepare(base, finetuned, *, blocks, method: methods_lib.Method, task_names=N
     source = as_source(base, finetuned, task_names, verify)
     _check_pairwise(method, source.n)
     if mesh is not None:
-        from .sharding import ShardedSource, check_method
 
         check_method(method, mesh, mesh_axis)
         source = ShardedSource(source, mesh, mesh_axis)
@@ -729,7 +713,7 @@ def plan(
         is a terminal).
       mesh: a ``jax.sharding.Mesh``: task vectors, statistics, merges and the
         cut models are sharded over its ``mesh_axis`` on parameter dims
-        (see :mod:`flexmerge_jax.sharding`).
+        (see :mod:`flexmerge_jax.sources.sharding`).
       mesh_axis: the mesh axis to shard parameters over.
       gram_precision: ``"float64"`` (default: every similarity the schedule
         compares is a float64 sum: Gram matrices of exact products, and
@@ -746,7 +730,7 @@ def plan(
         in-memory models) or ``"full"`` (a hash of every byte: reads the
         inputs once more, and files again before each cut; a copy with a
         new modification time is then the same input). See
-        :func:`~flexmerge_jax.io.fingerprint`.
+        :func:`~flexmerge_jax.sources.fingerprint`.
 
     Returns:
       A :class:`Plan`: ``plan.events``, ``plan.sizes``, ``plan.at_step(k)``,
@@ -858,7 +842,6 @@ def merge(
         not be merged: use :func:`plan` to keep them per task).
     """
     method = methods_lib.get(method)
-    from ._traced import any_traced, traced_merge
 
     if any_traced(method, base, finetuned):
         _check_pairwise(method, len(finetuned))
@@ -874,7 +857,6 @@ def merge(
         )
     _check_pairwise(method, source.n)
     if mesh is not None:
-        from .sharding import ShardedSource, check_method
 
         check_method(method, mesh, mesh_axis)
         source = ShardedSource(source, mesh, mesh_axis)

@@ -2,7 +2,7 @@
 
 When a method's numeric hyperparameters or the input parameters are JAX
 tracers, :func:`flexmerge_jax.merge` runs here instead of the host engine
-(:mod:`._engine`, which reads blocks, checks them for NaN/Inf and computes
+(:mod:`._prepared`, which reads blocks, checks them for NaN/Inf and computes
 order statistics with NumPy): every step is a ``jax.numpy`` function of the
 in-memory pytrees, in the engine's order and with its kernels, so the
 result equals the eager one (same float32 operations; XLA may fuse them
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from . import blocks as blocks_lib
-from . import prep
-from ._schedule import canonical, named
 from .methods import Method
-from .tree import check_finetuned, flatten
+from .methods.dare import dare_drop
+from .stats.order import ties_keep_count, trim
+from .tree import canonical, check_finetuned, flatten, named
 
 
 def any_traced(method: Method, base, finetuned) -> bool:
@@ -41,13 +41,13 @@ def _check(method: Method) -> None:
 
 
 def _trim(x: dict, keep: float, total: int) -> dict:
-    """The global per-task TIES trim of :class:`~._engine.Prepared`, in XLA:
+    """The global per-task TIES trim of :class:`~._prepared.Prepared`, in XLA:
     the same order statistic (``ties_keep_count``-th smallest ``|x_i|``)."""
     n = next(iter(x.values())).shape[0]
     mags = jnp.concatenate([jnp.abs(v).reshape(n, -1) for v in x.values()], axis=1)
-    k = prep.ties_keep_count(total, keep)
+    k = ties_keep_count(total, keep)
     thr = jnp.sort(mags, axis=1)[:, k - 1]
-    return {name: prep.trim(v, thr) for name, v in x.items()}
+    return {name: trim(v, thr) for name, v in x.items()}
 
 
 def traced_merge(base, finetuned, method: Method, blocks):
@@ -73,7 +73,7 @@ def traced_merge(base, finetuned, method: Method, blocks):
     elif method.sparsify is not None:
         key = jax.random.key(method.sparsify.seed)
         index = layout.index()
-        tau = {k: prep.dare(v, key, method.sparsify.drop, index[k]) for k, v in tau.items()}
+        tau = {k: dare_drop(v, key, method.sparsify.drop, index[k]) for k, v in tau.items()}
     everyone = jnp.ones((n,), bool)
     out = {}
     for b, block in enumerate(partition.blocks):

@@ -25,6 +25,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ._flexmodel import deploy_masked
+from ._prepared import add_base, merge_groups
+from .progress import Progress
+
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -69,9 +73,6 @@ def tune_scales(plan, prepared, tuning: Tuning, progress=None) -> list[float | N
 
     ``None`` for events that merge nothing (two singletons of a mask method).
     """
-    from ._engine import _add_base, merge_groups
-    from ._flexmodel import _deploy_masked
-    from .progress import Progress
 
     method, part, layout = prepared.method, prepared.partition, prepared.layout
     src, n = prepared.source, prepared.n
@@ -96,7 +97,7 @@ def tune_scales(plan, prepared, tuning: Tuning, progress=None) -> list[float | N
         if b in masks[i]:
             mk, g = masks[i][b]
             for k in leaves:
-                flat[k] = _deploy_masked(base_b[b][k], cand[k], mk[k], jnp.float32(g))
+                flat[k] = deploy_masked(base_b[b][k], cand[k], mk[k], jnp.float32(g))
         else:
             flat.update(cand)
         return layout.unflatten([flat[k] for k in names])
@@ -120,14 +121,14 @@ def tune_scales(plan, prepared, tuning: Tuning, progress=None) -> list[float | N
             u = merge_groups(x_b[b], members, extra, method, np.ones(1, np.float32)).vector
             best_score = -np.inf
             for lam in tuning.lambdas:
-                cand = _add_base(base_b[b], {k: jnp.float32(lam) * v for k, v in u.items()},
+                cand = add_base(base_b[b], {k: jnp.float32(lam) * v for k, v in u.items()},
                                  np.int32(0))
                 score = float(np.mean([tuning.eval_fn(params_for(i, b, cand), i) for i in group]))
                 bar.update(1, f"step {t + 1} lambda {lam}")
                 if score > best_score:
                     best, best_score = float(lam), score
         gm = merge_groups(x_b[b], members, extra, method, np.array([best], np.float32))
-        deployed = _add_base(base_b[b], gm.vector, np.int32(0))
+        deployed = add_base(base_b[b], gm.vector, np.int32(0))
         for i in group:
             w[i].update(deployed)
             if method.uses_masks:

@@ -39,11 +39,12 @@ import numpy as np
 
 from . import blocks as blocks_lib
 from . import methods as methods_lib
-from ._engine import Prepared, block_gram, materialize
-from ._engine import grams as engine_grams
 from ._flexmodel import FlexModel
-from ._plan import as_source
-from ._schedule import cosine_from_gram
+from ._prepared import Prepared, materialize
+from .schedule.greedy import cosine_from_gram
+from .sources.files import as_source
+from .stats.gram import block_gram
+from .stats.passes import grams as engine_grams
 
 __all__ = ["cluster_merge", "channel_merge", "BaselinePlan", "agglomerative"]
 

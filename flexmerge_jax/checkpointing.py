@@ -325,7 +325,7 @@ def save_groups(path, prepared, groups, *, task_names, n_models: float, step: in
     block is materialized, written and released in turn (what
     :func:`save_cut` and one-shot merges write; ``source``: the inputs'
     record, see :meth:`~._source.Source.describe`)."""
-    from ._engine import materialize_block
+    from ._prepared import materialize_block
     from .progress import Progress
 
     def blocks():
@@ -550,7 +550,7 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
     v1 = meta["version"] == 1
     place = place_all = None
     if mesh is not None:
-        from .sharding import leaf_spec
+        from .sources.sharding import leaf_spec
 
         def place_all(keys, shape):
             return jax.sharding.NamedSharding(mesh, leaf_spec(shape, mesh, axis))
@@ -642,7 +642,7 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None, method=None, mes
         if base is not None or finetuned is not None:
             raise ValueError("base/finetuned are only used when loading a plan")
         if mesh is not None:
-            from .sharding import _check_axis
+            from .sources.sharding import check_axis as _check_axis
 
             _check_axis(mesh, mesh_axis)
         with _malformed(path):

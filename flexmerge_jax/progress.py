@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ._source import Source
+from .sources._source import Source
 
 __all__ = ["Progress", "DEFAULT", "counting"]
 

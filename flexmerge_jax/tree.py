@@ -33,6 +33,9 @@ __all__ = [
     "apply_task_vector",
     "stack",
     "unstack",
+    "canonical",
+    "named",
+    "host_resident",
 ]
 
 PyTree = Any
@@ -293,3 +296,33 @@ def unstack(tree: PyTree) -> list[PyTree]:
         jax.tree_util.tree_unflatten(treedef, [x[i] for x in leaves])
         for i in range(n)
     ]
+
+
+# ---------------------------------------------------------------------------- blocks as jit inputs
+
+
+def canonical(x: dict) -> dict:
+    """Renames a block's leaves to positional keys for jitted code.
+
+    The jit cache is keyed by pytree structure, dict keys included: with
+    positional keys, blocks of identical shapes (every layer's attention,
+    every LayerNorm) share one compilation.
+    """
+    return {f"{i:05d}": v for i, v in enumerate(x.values())}
+
+
+def named(out: dict, names) -> dict:
+    """Inverse of :func:`canonical` for a dict produced from canonical keys."""
+    return dict(zip(names, (out[f"{i:05d}"] for i in range(len(names)))))
+
+
+def host_resident(x) -> bool:
+    """Whether ``x`` is a NumPy array or a JAX array on one CPU device (its
+    data can be read on the host without a transfer)."""
+    if isinstance(x, np.ndarray):
+        return True
+    sh = getattr(x, "sharding", None)
+    return (
+        isinstance(x, jax.Array) and sh is not None and len(sh.device_set) == 1
+        and next(iter(sh.device_set)).platform == "cpu"
+    )

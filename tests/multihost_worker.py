@@ -48,7 +48,7 @@ def main() -> None:
     # the same on every process), once per plan below.
     read_before = _bytes_read()
     for f in [base, *fts]:
-        fm.io.fingerprint(f)
+        fm.sources.fingerprint(f)
     fingerprint_bytes = _bytes_read() - read_before
     read_before = _bytes_read()
     for name, method, linkage in [

@@ -2,7 +2,7 @@
 
 NOT part of the package and never imported by it. Each function is written from the method's
 paper (equations / pseudo-code; where the paper is silent, from the authors' released code, as
-noted) and deliberately differs in structure from :mod:`flexmerge_jax.kernels_extra`: it works on
+noted) and deliberately differs in structure from the kernels in :mod:`flexmerge_jax.methods`: it works on
 the *gathered* group (a list of member dicts in task order, float64), concatenates compactly
 (no fixed-width buffers), ranks with Python sorts and loops per element where that is clearer.
 

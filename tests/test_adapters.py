@@ -257,7 +257,7 @@ def test_npz_round_trip(tmp_path):
         back = {k: z[k] for k in z.files}
     assert set(back) == set(sd) and all(_bits_equal(back[k], sd[k]) for k in sd)
     # and params through the plain io npz writer/reader
-    fm_io = pytest.importorskip("flexmerge_jax.io")
+    fm_io = pytest.importorskip("flexmerge_jax.sources.files")
     fm_io.save_params(tmp_path / "flax.npz", params)
     assert _trees_bit_equal(fm_io.load_params(tmp_path / "flax.npz"), params)
 

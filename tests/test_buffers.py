@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax import _plan, _source
-from flexmerge_jax._source import aligned_empty, reuse_buffers
+from flexmerge_jax import _plan
+from flexmerge_jax.sources import _source
+from flexmerge_jax.sources._source import aligned_empty, reuse_buffers
 
 MB = 1 << 20
 

@@ -96,8 +96,8 @@ def test_plan_roundtrip_and_later_cuts(tmp_path):
 def saved_plan_of_files(tmp_path, seed, suffix):
     """A ta plan of 3 random models saved as files, saved to ``tmp_path/plan``."""
     base, fts = random_case(seed, n=3)
-    fm.io.save_params(tmp_path / "base.npz", base)
-    paths = [fm.io.save_params(tmp_path / f"t{i}{suffix}", f) for i, f in enumerate(fts)]
+    fm.save_params(tmp_path / "base.npz", base)
+    paths = [fm.save_params(tmp_path / f"t{i}{suffix}", f) for i, f in enumerate(fts)]
     p = fm.plan(tmp_path / "base.npz", paths, blocks="by-layer", method="ta", linkage="min")
     fm.save(tmp_path / "plan", p)
     return fts, paths, p
@@ -107,7 +107,7 @@ def test_plan_whose_files_changed_loads_without_inputs(tmp_path):
     fts, paths, p = saved_plan_of_files(tmp_path, 2, ".npz")
     assert fm.load(tmp_path / "plan").has_inputs  # the files are reattached
     (tmp_path / "t1.npz").unlink()
-    fm.io.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
+    fm.save_params(tmp_path / "t1.npz", {**fts[1], "emb": np.zeros(7, np.float32)})
     with pytest.warns(UserWarning, match=r"without its inputs, which changed since planning: "
                                          r"task 't1' .*t1.npz \(size \d+ -> \d+ bytes\)"):
         bare = fm.load(tmp_path / "plan")
@@ -131,7 +131,7 @@ def test_replaced_files_of_the_same_layout_are_noticed(tmp_path):
     same_params(p.at_size(2.0), again.at_size(2.0), 3)
     # t2 re-trained (same names, shapes and dtypes, other values).
     paths[2].unlink()
-    fm.io.save_params(paths[2], {k: v + 0.5 for k, v in fts[2].items()})
+    fm.save_params(paths[2], {k: v + 0.5 for k, v in fts[2].items()})
     with pytest.warns(UserWarning, match="without its inputs.*t2.safetensors .content differs"):
         assert not fm.load(tmp_path / "plan").has_inputs
     with pytest.warns(UserWarning, match="not the ones this plan was computed from "
@@ -146,40 +146,40 @@ def test_fingerprint_samples_content_not_names(tmp_path):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(data)
     b.write_bytes(data)
-    fp = fm.io.fingerprint(a)
+    fp = fm.sources.fingerprint(a)
     assert fp["sample"].startswith("blake2b:") and fp["size"] == len(data)
-    assert fp["sample"] == fm.io.fingerprint(b)["sample"]  # a copy
+    assert fp["sample"] == fm.sources.fingerprint(b)["sample"]  # a copy
     # A copy with another modification time: the same input for a full hash;
     # the fast check cannot tell it from an in-place edit, and says so.
-    assert fm.io.fingerprint_change(fm.io.fingerprint(b, "full"), a) is None
-    assert fm.io.fingerprint_change(fm.io.fingerprint(b), a).startswith("modified since")
+    assert fm.sources.fingerprint_change(fm.sources.fingerprint(b, "full"), a) is None
+    assert fm.sources.fingerprint_change(fm.sources.fingerprint(b), a).startswith("modified since")
     # 50 values edited in place between the samples.
-    full = fm.io.fingerprint(a, "full")
+    full = fm.sources.fingerprint(a, "full")
     st = a.stat()
     values = np.frombuffer(data, np.float32).copy()
     values[150_000:150_050] += 1.0
     a.write_bytes(values.tobytes())
-    assert fm.io.fingerprint(a)["sample"] == fp["sample"]  # missed by the samples alone
-    assert fm.io.fingerprint_change(fp, a).startswith("modified since")  # seen: the mtime
+    assert fm.sources.fingerprint(a)["sample"] == fp["sample"]  # missed by the samples alone
+    assert fm.sources.fingerprint_change(fp, a).startswith("modified since")  # seen: the mtime
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the mtime put back
-    assert fm.io.fingerprint_change(full, a) == "content differs"
+    assert fm.sources.fingerprint_change(full, a) == "content differs"
     edited = bytearray(data)
     edited[-1] ^= 1  # the last 4 KiB are a sample
     b.write_bytes(bytes(edited))
-    assert fm.io.fingerprint(b)["sample"] != fp["sample"]
-    assert fm.io.fingerprint_change(fp, b) == "content differs"
+    assert fm.sources.fingerprint(b)["sample"] != fp["sample"]
+    assert fm.sources.fingerprint_change(fp, b) == "content differs"
     b.write_bytes(data + b"\0")  # the size
-    assert fm.io.fingerprint_change(fp, b) == f"size {len(data)} -> {len(data) + 1} bytes"
+    assert fm.sources.fingerprint_change(fp, b) == f"size {len(data)} -> {len(data) + 1} bytes"
     # Directories (Orbax checkpoints): every file, with its relative path.
-    ck = fm.io.save_params(tmp_path / "ck", {"w": np.ones((64, 64), np.float32)})
-    fp_dir = fm.io.fingerprint(ck, "full")
-    assert fm.io.fingerprint(ck, "full") == fp_dir and "full" in fp_dir
+    ck = fm.save_params(tmp_path / "ck", {"w": np.ones((64, 64), np.float32)})
+    fp_dir = fm.sources.fingerprint(ck, "full")
+    assert fm.sources.fingerprint(ck, "full") == fp_dir and "full" in fp_dir
     shutil.rmtree(ck)
-    fm.io.save_params(ck, {"w": np.full((64, 64), 2.0, np.float32)})
-    assert fm.io.fingerprint_change(fp_dir, ck) is not None
+    fm.save_params(ck, {"w": np.full((64, 64), 2.0, np.float32)})
+    assert fm.sources.fingerprint_change(fp_dir, ck) is not None
     with pytest.raises(ValueError, match="no such file"):
-        fm.io.fingerprint(tmp_path / "missing")
-    assert fm.io.fingerprint_change(fp, tmp_path / "missing") == "no longer exists"
+        fm.sources.fingerprint(tmp_path / "missing")
+    assert fm.sources.fingerprint_change(fp, tmp_path / "missing") == "no longer exists"
 
 
 def test_refuses_existing_and_foreign_directories(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax import io, zoo
+from flexmerge_jax import zoo
+from flexmerge_jax.sources import files
 from flexmerge_jax.cli import main
 
 
@@ -18,8 +19,8 @@ from flexmerge_jax.cli import main
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     z = zoo.load().subset(3, 64)
-    base = io.save_params(d / "base.npz", z.base)
-    fts = [io.save_params(d / f"{t}.safetensors", f) for t, f in zip(z.task_names, z.finetuned)]
+    base = files.save_params(d / "base.npz", z.base)
+    fts = [files.save_params(d / f"{t}.safetensors", f) for t, f in zip(z.task_names, z.finetuned)]
     return z, d, str(base), [str(f) for f in fts]
 
 
@@ -75,13 +76,13 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
 
 def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
     z = zoo.load().subset(3, 16)
-    base = io.save_params(tmp_path / "base.npz", z.base)
-    fts = [io.save_params(tmp_path / f"{t}.npz", f) for t, f in zip(z.task_names, z.finetuned)]
+    base = files.save_params(tmp_path / "base.npz", z.base)
+    fts = [files.save_params(tmp_path / f"{t}.npz", f) for t, f in zip(z.task_names, z.finetuned)]
     code, out, err = run(capsys, "plan", "--base", base, "--finetuned", *fts, "--method", "ta",
                          "--blocks", "vit", "--out", tmp_path / "plan")
     assert code == 0, err
     fts[1].unlink()
-    io.save_params(fts[1], jax.tree.map(lambda v: v * 2, z.finetuned[1]))  # re-trained
+    files.save_params(fts[1], jax.tree.map(lambda v: v * 2, z.finetuned[1]))  # re-trained
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c")
     assert code == 2 and "pass --base and --finetuned" in err
     assert err.startswith(f"flexmerge: warning: loaded the plan without its inputs")
@@ -126,7 +127,7 @@ def test_mismatched_file_is_named(tiny, capsys, tmp_path):
     z, d, base, fts = tiny
     bad = dict(z.finetuned[1])
     bad["proj"] = {"kernel": np.zeros((64, 32), np.float32)}
-    path = io.save_params(tmp_path / "bad.npz", bad)
+    path = files.save_params(tmp_path / "bad.npz", bad)
     code, out, err = run(capsys, "plan", "--base", base, "--finetuned", fts[0], path, "--method", "ta",
                          "--out", tmp_path / "p")
     assert code == 2 and "bad.npz" in err and "proj/kernel" in err

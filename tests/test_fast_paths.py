@@ -9,8 +9,8 @@ import pytest
 from conftest import random_case
 
 import flexmerge_jax as fm
-from flexmerge_jax import _plan, io
-from flexmerge_jax._source import MemorySource
+from flexmerge_jax import _plan
+from flexmerge_jax.sources import MemorySource, files
 from flexmerge_jax.cli import main
 
 BLOCKS = ["l1.attn", "l1.mlp", "l0.", "emb"]
@@ -27,8 +27,8 @@ def _no_schedule(monkeypatch):
 
 def _files(tmp_path, seed, n):
     base, fts = random_case(seed, n=n)
-    b = io.save_params(tmp_path / "base.safetensors", base)
-    return str(b), [str(io.save_params(tmp_path / f"t{i}.npz", f)) for i, f in enumerate(fts)]
+    b = files.save_params(tmp_path / "base.safetensors", base)
+    return str(b), [str(files.save_params(tmp_path / f"t{i}.npz", f)) for i, f in enumerate(fts)]
 
 
 def _same_directories(a, b):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax import io as fio
+from flexmerge_jax.sources import files as fio
 from flexmerge_jax.cli import main
 from conftest import random_case, write_hf_dir
 

@@ -17,7 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from flexmerge_jax import kernels, methods, prep
+from flexmerge_jax import methods
+from flexmerge_jax.methods._common import group_mean, task_sum
+from flexmerge_jax.methods.emr import emr_merge
+from flexmerge_jax.methods.pcb import pcb_clip_bounds, pcb_merge, pcb_thresholds
+from flexmerge_jax.methods.task_arithmetic import task_arithmetic_merge
+from flexmerge_jax.methods.ties import ties_merge
 
 TOL = dict(rtol=1e-5, atol=1e-8)
 SHAPES = {"w": (5, 3), "b": (3,), "s": (4,)}
@@ -62,9 +67,9 @@ def test_linear_kernels_match_reference(seed, mi, maybe_jit):
     x = block(seed)
     members = MEMBER_SETS[mi]
     xj = {k: jnp.asarray(v) for k, v in x.items()}
-    avg = maybe_jit(kernels.average)(xj, members)
+    avg = maybe_jit(group_mean)(xj, members)
     assert_close(avg, ref.avg_ref(rows(x, members)))
-    ta = maybe_jit(lambda a, m: kernels.task_arithmetic(a, m, scale=1.5))(xj, members)
+    ta = maybe_jit(lambda a, m: task_arithmetic_merge(a, m, scale=1.5))(xj, members)
     assert_close(ta, ref.ta_ref(rows(x, members), 1.5))
 
 
@@ -77,7 +82,7 @@ def test_ties_matches_reference(seed, mi, maybe_jit):
     x["b"][:, 1] = 0.0
     x["s"][0, 2], x["s"][2, 2] = 0.01, -0.01
     members = MEMBER_SETS[mi]
-    got = maybe_jit(lambda a, m: kernels.ties_merge(a, m, scale=1.2))(
+    got = maybe_jit(lambda a, m: ties_merge(a, m, scale=1.2))(
         {k: jnp.asarray(v) for k, v in x.items()}, members
     )
     assert_close(got, ref.ties_ref(rows(x, members), 1.2))
@@ -87,11 +92,11 @@ def test_ties_zero_sign_fallback_is_block_majority():
     # Column 0 sums to exactly zero; the block has more negative than positive
     # elected signs, so column 0 takes -1 and keeps only the negative entry.
     x = {"a": jnp.asarray([[1.0, -1.0, -2.0], [-1.0, -3.0, -1.0]], jnp.float32)}
-    got = np.asarray(kernels.ties_merge(x)["a"])
+    got = np.asarray(ties_merge(x)["a"])
     np.testing.assert_array_equal(got, [-1.0, -2.0, -1.5])
     # Majority 0 -> +1.
     x = {"a": jnp.asarray([[1.0, 2.0, -2.0], [-1.0, 1.0, -3.0]], jnp.float32)}
-    got = np.asarray(kernels.ties_merge(x)["a"])
+    got = np.asarray(ties_merge(x)["a"])
     np.testing.assert_array_equal(got, [1.0, 1.5, -2.5])
 
 
@@ -106,12 +111,12 @@ def test_pcb_matches_reference(seed, mi):
     model = [{**{k: x[k][i] for k in x}, **{"o" + k: other[k][i] for k in other}} for i in range(n)]
     lohi = ref.pcb_thresholds(model, 0.2)
     leaves = [jnp.asarray(v) for v in x.values()] + [jnp.asarray(v) for v in other.values()]
-    lo, hi = prep.pcb_thresholds(leaves, 0.2, sum(np.prod(s) for s in SHAPES.values()) * 2)
+    lo, hi = pcb_thresholds(leaves, 0.2, sum(np.prod(s) for s in SHAPES.values()) * 2)
     np.testing.assert_allclose(lo, [a for a, _ in lohi], rtol=1e-5)
     np.testing.assert_allclose(hi, [b for _, b in lohi], rtol=1e-5)
     d = sum(int(np.prod(s)) for s in SHAPES.values())
-    clo, chi = prep.pcb_clip_bounds([jnp.asarray(v) for v in x.values()], d)
-    got = kernels.pcb_merge(
+    clo, chi = pcb_clip_bounds([jnp.asarray(v) for v in x.values()], d)
+    got = pcb_merge(
         {k: jnp.asarray(v) for k, v in x.items()}, members, scale=1.0,
         clip_lo=jnp.asarray(clo), clip_hi=jnp.asarray(chi), lo=jnp.asarray(lo), hi=jnp.asarray(hi),
     )
@@ -162,7 +167,7 @@ def test_emr_matches_reference(seed, mi, maybe_jit):
     x = block(seed)
     x["w"][:, 1, 1] = 0.0  # mu == 0 -> flag -1
     members = MEMBER_SETS[mi]
-    out = maybe_jit(kernels.emr)({k: jnp.asarray(v) for k, v in x.items()}, members)
+    out = maybe_jit(emr_merge)({k: jnp.asarray(v) for k, v in x.items()}, members)
     uni, masks, resc = ref.emr_ref(rows(x, members))
     assert_close(out.unified, uni)
     idx = np.flatnonzero(members)
@@ -177,7 +182,7 @@ def test_emr_matches_reference(seed, mi, maybe_jit):
 def test_emr_zero_task_vector_gets_unit_rescaler():
     # Reference: 0/0 -> NaN rescaler and NaN parameters; we deploy theta_0.
     x = {"a": jnp.asarray([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0]], jnp.float32)}
-    out = kernels.emr(x)
+    out = emr_merge(x)
     assert np.isfinite(np.asarray(out.rescalers)).all()
     assert float(out.rescalers[0]) == 1.0
     assert not np.asarray(out.masks["a"])[0].any()
@@ -225,8 +230,8 @@ def test_single_task_returns_itself(method):
 
 def test_task_arithmetic_is_scaled_average():
     x = {k: jnp.asarray(v) for k, v in block(5).items()}
-    for k, v in kernels.task_arithmetic(x, scale=2.5).items():
-        np.testing.assert_allclose(np.asarray(v), 2.5 * np.asarray(kernels.average(x)[k]), rtol=1e-6)
+    for k, v in task_arithmetic_merge(x, scale=2.5).items():
+        np.testing.assert_allclose(np.asarray(v), 2.5 * np.asarray(group_mean(x)[k]), rtol=1e-6)
 
 
 @settings(deadline=None, max_examples=25)
@@ -253,7 +258,7 @@ def test_kernels_compile_once_across_groups_and_scales():
 
     def f(x, members, scale):
         traces.append(1)
-        return kernels.ties_merge(x, members, scale=scale)
+        return ties_merge(x, members, scale=scale)
 
     jf = jax.jit(f)
     x = {k: jnp.asarray(v) for k, v in block(6).items()}
@@ -266,7 +271,7 @@ def test_sequential_task_sum_order():
     # (a + b) + c differs from a + (b + c) in float32 here: the kernels use the
     # reference's left-to-right order.
     x = jnp.asarray([[1e8], [1.0], [-1e8]], jnp.float32)
-    assert float(kernels.task_sum(x)[0]) == float((np.float32(1e8) + np.float32(1.0)) - np.float32(1e8))
+    assert float(task_sum(x)[0]) == float((np.float32(1e8) + np.float32(1.0)) - np.float32(1e8))
 
 
 def test_pcb_zero_task_vector_is_finite():
@@ -277,9 +282,9 @@ def test_pcb_zero_task_vector_is_finite():
         v[1] = 0.0
     leaves = [jnp.asarray(v) for v in x.values()]
     d = sum(int(np.prod(s)) for s in SHAPES.values())
-    lo, hi = prep.pcb_thresholds(leaves, 0.2, d)
+    lo, hi = pcb_thresholds(leaves, 0.2, d)
     assert np.isfinite(lo).all() and np.isfinite(hi).all()
-    clo, chi = prep.pcb_clip_bounds(leaves, d)
-    out = kernels.pcb_merge({k: jnp.asarray(v) for k, v in x.items()}, None, clip_lo=jnp.asarray(clo),
+    clo, chi = pcb_clip_bounds(leaves, d)
+    out = pcb_merge({k: jnp.asarray(v) for k, v in x.items()}, None, clip_lo=jnp.asarray(clo),
                             clip_hi=jnp.asarray(chi), lo=jnp.asarray(lo), hi=jnp.asarray(hi))
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values())

@@ -1,4 +1,4 @@
-"""Kernels of :mod:`flexmerge_jax.kernels_extra` against float64 NumPy transcriptions of the papers
+"""Kernels of the kernels of :mod:`flexmerge_jax.methods` beyond the reference against float64 NumPy transcriptions of the papers
 (tests/reference_extra.py), their properties, and FusionBench's / mergekit's implementations.
 
 Tolerances (``max|got - exp| <= tol * max|exp|`` per parameter, data of scale 1e-2):
@@ -39,7 +39,16 @@ import pytest
 
 import fusionbench_utils as fbu
 import reference_extra as ref
-from flexmerge_jax import kernels, kernels_extra as ke
+from flexmerge_jax.methods._common import floor_count
+from flexmerge_jax.methods.breadcrumbs import breadcrumbs_masks, breadcrumbs_merge
+from flexmerge_jax.methods.della import della_merge, della_noise, magprune
+from flexmerge_jax.methods.iso import iso_c_merge, iso_cts_merge
+from flexmerge_jax.methods.magmax import magmax_merge
+from flexmerge_jax.methods.model_stock import model_stock_merge, model_stock_ratio
+from flexmerge_jax.methods.slerp import slerp_merge
+from flexmerge_jax.methods.task_arithmetic import task_arithmetic_merge, task_arithmetic_sum
+from flexmerge_jax.methods.ties import ties_disjoint_merge, ties_merge
+from flexmerge_jax.methods.tsv import task_svd, tsv_merge
 
 SHAPES = {"w": (12, 10), "v": (8, 14), "b": (10,), "s": (), "k": (2, 3, 4)}
 SMALL = {"w": (6, 5), "b": (5,), "s": ()}
@@ -124,7 +133,7 @@ def run(fn, x, members, static=None, **hp):
     return _jitted(fn, static)(jx(x), jnp.asarray(members, bool), hp)
 
 
-_noise = jax.jit(ke.della_noise)
+_noise = jax.jit(della_noise)
 
 
 # ============================================================================ vs the papers
@@ -134,43 +143,43 @@ _noise = jax.jit(ke.della_noise)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tsv_matches_reference(seed, mi):
     x, members = block(seed), MEMBER_SETS[mi]
-    assert_close(run(ke.tsv_merge, x, members, scale=1.3), ref.tsv_m_ref(rows(x, members), 1.3), SVD)
+    assert_close(run(tsv_merge, x, members, scale=1.3), ref.tsv_m_ref(rows(x, members), 1.3), SVD)
 
 
 @pytest.mark.parametrize("k", [1, 2, 7])
 def test_tsv_explicit_k_and_exclude(k):
     x, members = block(3), MEMBER_SETS[1]
-    got = run(ke.tsv_merge, x, members, {"exclude": ("v",)}, k=k)
+    got = run(tsv_merge, x, members, {"exclude": ("v",)}, k=k)
     assert_close(got, ref.tsv_m_ref(rows(x, members), 1.0, k=k, exclude=("v",)), SVD)
     if k == 7:  # clipped to floor(r/m): r = 10, m = 3 -> 3, the default
-        assert_close(got, as64(run(ke.tsv_merge, x, members, {"exclude": ("v",)})), 1e-6)
+        assert_close(got, as64(run(tsv_merge, x, members, {"exclude": ("v",)})), 1e-6)
 
 
 def test_tsv_precomputed_svd_is_the_same():
     x, members = block(4), MEMBER_SETS[4]
-    a = run(ke.tsv_merge, x, members)
-    b = run(ke.tsv_merge, x, members, svd=jax.jit(ke.task_svd)(jx(x)))
+    a = run(tsv_merge, x, members)
+    b = run(tsv_merge, x, members, svd=jax.jit(task_svd)(jx(x)))
     assert_close(b, as64(a), 1e-6)
 
 
 def test_tsv_rank_below_group_size_gives_zero():
     # r = 2 < m = 3: every member keeps floor(2/3) = 0 triplets (as FusionBench).
     x = block(5, shapes={"w": (2, 5)})
-    np.testing.assert_array_equal(np.asarray(run(ke.tsv_merge, x, MEMBER_SETS[1])["w"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(run(tsv_merge, x, MEMBER_SETS[1])["w"]), 0.0)
 
 
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_iso_c_matches_reference(seed, mi):
     x, members = block(seed), MEMBER_SETS[mi]
-    assert_close(run(ke.iso_c, x, members, scale=1.3), ref.iso_c_ref(rows(x, members), 1.3), SVD)
+    assert_close(run(iso_c_merge, x, members, scale=1.3), ref.iso_c_ref(rows(x, members), 1.3), SVD)
 
 
 @pytest.mark.parametrize("frac", [0.8, 0.5, 0.0, 1.0])
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_iso_cts_matches_reference(mi, frac):
     x, members = block(mi), MEMBER_SETS[mi]
-    got = run(ke.iso_cts, x, members, scale=0.9, common_fraction=frac)
+    got = run(iso_cts_merge, x, members, scale=0.9, common_fraction=frac)
     assert_close(got, ref.iso_cts_ref(rows(x, members), frac, 0.9), SVD)
 
 
@@ -180,7 +189,7 @@ def test_iso_cts_sizes_follow_the_authors_rounding():
     assert ref.iso_cts_sizes(5, 3, 0.0) == (2, 1)  # FusionBench would crash (s = 2, c = -1)
     # The clipped case through the kernel (r = 5 < m s = 6 in FusionBench's rounding).
     x = block(7, shapes={"w": (5, 9)})
-    got = run(ke.iso_cts, x, MEMBER_SETS[1], common_fraction=0.0)
+    got = run(iso_cts_merge, x, MEMBER_SETS[1], common_fraction=0.0)
     assert_close(got, ref.iso_cts_ref(rows(x, MEMBER_SETS[1]), 0.0), SVD)
 
 
@@ -188,13 +197,13 @@ def test_iso_cts_sizes_follow_the_authors_rounding():
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_breadcrumbs_matches_reference(mi, granularity):
     x, members = block(mi + 10), MEMBER_SETS[mi]
-    got = run(ke.breadcrumbs, x, members, {"granularity": granularity}, top=0.1, bottom=0.55, scale=0.7)
+    got = run(breadcrumbs_merge, x, members, {"granularity": granularity}, top=0.1, bottom=0.55, scale=0.7)
     assert_close(got, ref.breadcrumbs_ref(rows(x, members), 0.1, 0.55, 0.7, granularity), ELEM)
 
 
 def test_breadcrumbs_masks_counts():
     x = jx(block(2))
-    bm = jax.jit(ke.breadcrumbs_masks, static_argnames="granularity")
+    bm = jax.jit(breadcrumbs_masks, static_argnames="granularity")
     masks = bm(x, top=0.05, bottom=0.7)
     # "w": 120 entries -> drop int(6.0)=6 largest and int(84.0)=84 smallest -> 30 kept per task.
     np.testing.assert_array_equal(np.asarray(masks["w"]).reshape(N, -1).sum(1), 30)
@@ -209,7 +218,7 @@ def test_breadcrumbs_masks_counts():
 def test_della_matches_reference(mi, granularity):
     x, members = block(mi + 20), MEMBER_SETS[mi]
     noise = _noise(jx(x), jax.random.key(mi))
-    got = run(ke.della, x, members, {"granularity": granularity}, noise=noise, density=0.6, epsilon=0.2, scale=1.1)
+    got = run(della_merge, x, members, {"granularity": granularity}, noise=noise, density=0.6, epsilon=0.2, scale=1.1)
     us = rows({k: np.asarray(v) for k, v in noise.items()}, members)
     assert_close(got, ref.della_ref(rows(x, members), us, 0.6, 0.2, 1.1, True, granularity), ELEM)
 
@@ -217,7 +226,7 @@ def test_della_matches_reference(mi, granularity):
 def test_della_unscaled_matches_reference():
     x, members = block(25), MEMBER_SETS[1]
     noise = _noise(jx(x), jax.random.key(9))
-    got = run(ke.della, x, members, {"rescale": False}, noise=noise, density=0.5, epsilon=0.1)
+    got = run(della_merge, x, members, {"rescale": False}, noise=noise, density=0.5, epsilon=0.1)
     us = rows({k: np.asarray(v) for k, v in noise.items()}, members)
     assert_close(got, ref.della_ref(rows(x, members), us, 0.5, 0.1, 1.0, False, "node"), ELEM)
 
@@ -225,10 +234,10 @@ def test_della_unscaled_matches_reference():
 def test_della_key_path_and_magprune_statistics():
     x = jx(block(30, n=4, shapes={"w": (64, 48)}))
     key = jax.random.key(3)
-    a = jax.jit(lambda x, k: ke.della(x, None, key=k, density=0.4, epsilon=0.1))(x, key)
-    b = jax.jit(lambda x, u: ke.della(x, None, noise=u, density=0.4, epsilon=0.1))(x, _noise(x, key))
+    a = jax.jit(lambda x, k: della_merge(x, None, key=k, density=0.4, epsilon=0.1))(x, key)
+    b = jax.jit(lambda x, u: della_merge(x, None, noise=u, density=0.4, epsilon=0.1))(x, _noise(x, key))
     assert_close(a, as64(b), 0.0)
-    pruned = np.asarray(jax.jit(lambda x, k: ke.magprune(x, key=k, density=0.4, epsilon=0.1))(x, key)["w"])
+    pruned = np.asarray(jax.jit(lambda x, k: magprune(x, key=k, density=0.4, epsilon=0.1))(x, key)["w"])
     kept = pruned != 0
     assert abs(kept.mean() - 0.4) < 0.02  # mean keep probability = density
     # larger magnitudes are kept more often (rank-linear probabilities 0.3 .. 0.5 per node)
@@ -239,19 +248,19 @@ def test_della_key_path_and_magprune_statistics():
     ratio = (pruned * np.sign(np.asarray(x["w"]))).sum() / mag.sum()
     assert abs(ratio - 1.0) < 0.05
     with pytest.raises(ValueError, match="PRNG key"):
-        ke.della(x)
+        della_merge(x)
 
 
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_magmax_matches_reference(mi):
     x, members = block(mi + 40), MEMBER_SETS[mi]
-    assert_close(run(ke.magmax, x, members, scale=0.5), ref.magmax_ref(rows(x, members), 0.5), ELEM)
+    assert_close(run(magmax_merge, x, members, scale=0.5), ref.magmax_ref(rows(x, members), 0.5), ELEM)
 
 
 def test_magmax_ties_go_to_the_later_task():
     x = {"a": jnp.asarray([[1.0, -2.0, 0.0], [-1.0, 2.0, 0.0], [0.5, -2.0, -0.0]], jnp.float32)}
-    np.testing.assert_array_equal(np.asarray(ke.magmax(x)["a"]), [-1.0, -2.0, 0.0])
-    np.testing.assert_array_equal(np.asarray(ke.magmax(x, np.array([1, 1, 0], bool))["a"]), [-1.0, 2.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(magmax_merge(x)["a"]), [-1.0, -2.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(magmax_merge(x, np.array([1, 1, 0], bool))["a"]), [-1.0, 2.0, 0.0])
 
 
 @pytest.mark.parametrize("angle_average", ["angle", "cosine"])
@@ -261,15 +270,15 @@ def test_model_stock_matches_reference(mi, angle_average):
     x, members = drop(block(mi + 50), "s"), MEMBER_SETS[mi]
     static = {"angle_average": angle_average}
     exp, ts = ref.model_stock_ref(rows(x, members), angle_average)
-    assert_close(run(ke.model_stock, x, members, static), exp, STOCK)
-    ratio = run(ke.model_stock_ratio, x, members, static)
+    assert_close(run(model_stock_merge, x, members, static), exp, STOCK)
+    ratio = run(model_stock_ratio, x, members, static)
     for k in ts:
         np.testing.assert_allclose(float(ratio[k]), ts[k], rtol=STOCK, atol=STOCK)
 
 
 def test_model_stock_zero_task_vector():
     x = {"a": jnp.asarray([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0]], jnp.float32)}
-    t = float(ke.model_stock_ratio(x, np.array([1, 1, 0], bool))["a"])
+    t = float(model_stock_ratio(x, np.array([1, 1, 0], bool))["a"])
     assert abs(t) < 1e-6  # cos = 0 with a zero vector (FusionBench: 0 / (0 + eps)) -> theta_0
 
 
@@ -282,7 +291,7 @@ def test_slerp_matches_reference(t, use_base):
     x = block(60)
     members = np.array([0, 1, 0, 0, 1, 0], bool)
     hp = {"base": jx(SLERP_BASE)} if use_base else {}
-    got = run(ke.slerp, x, members, t=t, **hp)
+    got = run(slerp_merge, x, members, t=t, **hp)
     a, b = rows(x, members)
     assert_close(got, ref.slerp_ref(a, b, t, SLERP_BASE if use_base else None), SLERP_BASE_TOL if use_base else SLERP)
 
@@ -290,34 +299,34 @@ def test_slerp_matches_reference(t, use_base):
 def test_slerp_colinear_uses_lerp_and_orientation():
     v = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
     x = {"a": jnp.asarray(np.stack([v, 2.0 * v]))}
-    np.testing.assert_allclose(np.asarray(ke.slerp(x, t=0.25)["a"]), 1.25 * v, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(slerp_merge(x, t=0.25)["a"]), 1.25 * v, rtol=1e-6)
     y = block(61, n=2, shapes={"a": (3, 5)})  # t -> 1 - t with the members swapped
-    a = run(ke.slerp, y, [True, True], t=0.3)
-    b = run(ke.slerp, {k: v[::-1] for k, v in y.items()}, [True, True], t=0.7)
+    a = run(slerp_merge, y, [True, True], t=0.3)
+    b = run(slerp_merge, {k: v[::-1] for k, v in y.items()}, [True, True], t=0.7)
     assert_close(a, as64(b), SLERP)
 
 
 def test_slerp_group_size_errors_and_traced_groups():
     x = block(62)
     with pytest.raises(ValueError, match="exactly 2"):
-        ke.slerp(jx(x))  # n = 6, members=None
+        slerp_merge(jx(x))  # n = 6, members=None
     with pytest.raises(ValueError, match="has 3"):
-        ke.slerp(jx(x), np.array([1, 1, 1, 0, 0, 0], bool))
+        slerp_merge(jx(x), np.array([1, 1, 1, 0, 0, 0], bool))
     with pytest.raises(ValueError, match="has 1"):
-        ke.slerp(jx(x), [False, True, False, False, False, False])
-    one = run(ke.slerp, x, MEMBER_SETS[3])  # traced singleton: itself
+        slerp_merge(jx(x), [False, True, False, False, False, False])
+    one = run(slerp_merge, x, MEMBER_SETS[3])  # traced singleton: itself
     assert_close(one, {k: np.float64(v[3]) for k, v in x.items()}, 1e-6)
-    three = run(ke.slerp, x, MEMBER_SETS[1])  # traced group of 3: NaN
+    three = run(slerp_merge, x, MEMBER_SETS[1])  # traced group of 3: NaN
     assert all(np.isnan(np.asarray(v)).all() for v in three.values())
 
 
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_ta_sum_matches_reference(mi):
     x, members = block(mi + 70), MEMBER_SETS[mi]
-    got = run(ke.task_arithmetic_sum, x, members, scale=0.3)
+    got = run(task_arithmetic_sum, x, members, scale=0.3)
     assert_close(got, ref.ta_sum_ref(rows(x, members), 0.3), ELEM)
     m = int(members.sum())
-    lam = run(kernels.task_arithmetic, x, members, scale=0.3 * m)  # alpha = lambda / m
+    lam = run(task_arithmetic_merge, x, members, scale=0.3 * m)  # alpha = lambda / m
     assert_close(got, as64(lam), 1e-6)
 
 
@@ -327,49 +336,49 @@ def test_ties_disjoint_merge_matches_reference(mi, merge_func):
     x, members = block(mi + 80), MEMBER_SETS[mi]
     x["w"][:, 0, 0] = 0.0  # zero column: block-majority fallback
     x["b"][:, 1] = 0.0
-    got = run(ke.ties_disjoint_merge, x, members, {"merge_func": merge_func}, scale=1.2)
+    got = run(ties_disjoint_merge, x, members, {"merge_func": merge_func}, scale=1.2)
     assert_close(got, ref.ties_merge_func_ref(rows(x, members), 1.2, merge_func), ELEM)
     if merge_func == "mean":
-        assert_close(got, as64(run(kernels.ties_merge, x, members, scale=1.2)), 0.0)
+        assert_close(got, as64(run(ties_merge, x, members, scale=1.2)), 0.0)
 
 
 def test_bad_static_switches_raise():
     x = jx(block(0, shapes=SMALL))
     with pytest.raises(ValueError, match="merge_func"):
-        ke.ties_disjoint_merge(x, merge_func="median")
+        ties_disjoint_merge(x, merge_func="median")
     with pytest.raises(ValueError, match="granularity"):
-        ke.breadcrumbs(x, granularity="row")
+        breadcrumbs_merge(x, granularity="row")
     with pytest.raises(ValueError, match="angle_average"):
-        ke.model_stock(x, angle_average="mean")
+        model_stock_merge(x, angle_average="mean")
     with pytest.raises(ValueError, match="exclude"):
-        ke.tsv_merge(x, exclude="w")
+        tsv_merge(x, exclude="w")
 
 
 def test_traced_fraction_counts_match_python_counts():
     # 0.7 is 0.69999999 in float32: the guarded float32 floor still gives int(10 * 0.7) = 7.
-    floor = jax.jit(ke._floor_count, static_argnums=0)
+    floor = jax.jit(floor_count, static_argnums=0)
     for total, frac in [(10, 0.7), (10, 0.8), (120, 0.05), (12, 0.25), (5, 0.0), (7, 1.0)]:
         assert int(floor(total, jnp.float32(frac))) == int(total * frac)
-        assert int(ke._floor_count(total, frac)) == int(total * frac)
+        assert int(floor_count(total, frac)) == int(total * frac)
     # The documented difference: float64 100 * 0.29 = 28.999999999999996, int() -> 28 (what
     # Python/FusionBench/mergekit compute, and the static path); the traced path gives 29.
-    assert int(ke._floor_count(100, 0.29)) == 28 and int(floor(100, jnp.float32(0.29))) == 29
+    assert int(floor_count(100, 0.29)) == 28 and int(floor(100, jnp.float32(0.29))) == 29
 
 
 # ============================================================================ properties
 
 # name -> (kernel, static switches, traced hyperparameters, tolerance)
 KERNELS = {
-    "tsv": (ke.tsv_merge, {}, {"scale": 1.1}, SVD),
-    "iso_c": (ke.iso_c, {}, {"scale": 1.1}, SVD),
-    "iso_cts": (ke.iso_cts, {}, {"scale": 1.1, "common_fraction": 0.6}, SVD),
-    "breadcrumbs": (ke.breadcrumbs, {}, {"top": 0.05, "bottom": 0.6, "scale": 0.5}, ELEM),
-    "della": (ke.della, {}, {"density": 0.6, "epsilon": 0.2}, ELEM),  # + noise
-    "magmax": (ke.magmax, {}, {"scale": 0.5}, ELEM),
-    "model_stock": (ke.model_stock, {}, {}, STOCK),  # on blocks without the scalar
-    "ta_sum": (ke.task_arithmetic_sum, {}, {"scale": 0.3}, ELEM),
-    "ties_sum": (ke.ties_disjoint_merge, {"merge_func": "sum"}, {"scale": 0.7}, ELEM),
-    "ties_max": (ke.ties_disjoint_merge, {"merge_func": "max"}, {"scale": 0.7}, ELEM),
+    "tsv": (tsv_merge, {}, {"scale": 1.1}, SVD),
+    "iso_c": (iso_c_merge, {}, {"scale": 1.1}, SVD),
+    "iso_cts": (iso_cts_merge, {}, {"scale": 1.1, "common_fraction": 0.6}, SVD),
+    "breadcrumbs": (breadcrumbs_merge, {}, {"top": 0.05, "bottom": 0.6, "scale": 0.5}, ELEM),
+    "della": (della_merge, {}, {"density": 0.6, "epsilon": 0.2}, ELEM),  # + noise
+    "magmax": (magmax_merge, {}, {"scale": 0.5}, ELEM),
+    "model_stock": (model_stock_merge, {}, {}, STOCK),  # on blocks without the scalar
+    "ta_sum": (task_arithmetic_sum, {}, {"scale": 0.3}, ELEM),
+    "ties_sum": (ties_disjoint_merge, {"merge_func": "sum"}, {"scale": 0.7}, ELEM),
+    "ties_max": (ties_disjoint_merge, {"merge_func": "max"}, {"scale": 0.7}, ELEM),
 }
 
 
@@ -413,16 +422,16 @@ def test_masked_group_equals_gathered_group(name):
 
 
 SINGLE = {  # kernels whose definition returns (a multiple of) a single task vector
-    "tsv": (ke.tsv_merge, {}, {}, 1.0, SVD),  # k = r: the full SVD
-    "breadcrumbs": (ke.breadcrumbs, {}, {"top": 0.0, "bottom": 0.0, "scale": 0.8}, 0.8, ELEM),
-    "della": (ke.della, {}, {"density": 1.0, "epsilon": 0.0}, 1.0, ELEM),  # + noise: p = 1
-    "magmax": (ke.magmax, {}, {"scale": 0.5}, 0.5, ELEM),
-    "model_stock": (ke.model_stock, {}, {}, 1.0, ELEM),
-    "ta_sum": (ke.task_arithmetic_sum, {}, {"scale": 0.3}, 0.3, ELEM),
-    "ties_mean": (ke.ties_disjoint_merge, {"merge_func": "mean"}, {}, 1.0, ELEM),
-    "ties_sum": (ke.ties_disjoint_merge, {"merge_func": "sum"}, {}, 1.0, ELEM),
-    "ties_max": (ke.ties_disjoint_merge, {"merge_func": "max"}, {}, 1.0, ELEM),
-    "slerp": (ke.slerp, {}, {}, 1.0, ELEM),
+    "tsv": (tsv_merge, {}, {}, 1.0, SVD),  # k = r: the full SVD
+    "breadcrumbs": (breadcrumbs_merge, {}, {"top": 0.0, "bottom": 0.0, "scale": 0.8}, 0.8, ELEM),
+    "della": (della_merge, {}, {"density": 1.0, "epsilon": 0.0}, 1.0, ELEM),  # + noise: p = 1
+    "magmax": (magmax_merge, {}, {"scale": 0.5}, 0.5, ELEM),
+    "model_stock": (model_stock_merge, {}, {}, 1.0, ELEM),
+    "ta_sum": (task_arithmetic_sum, {}, {"scale": 0.3}, 0.3, ELEM),
+    "ties_mean": (ties_disjoint_merge, {"merge_func": "mean"}, {}, 1.0, ELEM),
+    "ties_sum": (ties_disjoint_merge, {"merge_func": "sum"}, {}, 1.0, ELEM),
+    "ties_max": (ties_disjoint_merge, {"merge_func": "max"}, {}, 1.0, ELEM),
+    "slerp": (slerp_merge, {}, {}, 1.0, ELEM),
 }
 
 
@@ -437,16 +446,16 @@ def test_single_task_returns_itself(name):
 
 
 EAGER = {  # kernel, static, Python-number hyperparameters (the exact count path), reference
-    "tsv": (ke.tsv_merge, {}, {"scale": 1.1}, lambda xs: ref.tsv_m_ref(xs, 1.1)),
-    "iso_c": (ke.iso_c, {}, {"scale": 1.1}, lambda xs: ref.iso_c_ref(xs, 1.1)),
-    "iso_cts": (ke.iso_cts, {}, {"common_fraction": 0.7}, lambda xs: ref.iso_cts_ref(xs, 0.7)),
-    "breadcrumbs": (ke.breadcrumbs, {}, {"top": 0.1, "bottom": 0.7}, lambda xs: ref.breadcrumbs_ref(xs, 0.1, 0.7, 1.0)),
-    "magmax": (ke.magmax, {}, {}, lambda xs: ref.magmax_ref(xs, 1.0)),
-    "model_stock": (ke.model_stock, {"angle_average": "cosine"}, {}, None),
-    "ta_sum": (ke.task_arithmetic_sum, {}, {"scale": 0.3}, lambda xs: ref.ta_sum_ref(xs, 0.3)),
-    "ties_max": (ke.ties_disjoint_merge, {"merge_func": "max"}, {}, lambda xs: ref.ties_merge_func_ref(xs, 1.0, "max")),
-    "della": (ke.della, {}, {"density": 0.5, "epsilon": 0.1}, None),  # + noise
-    "slerp": (ke.slerp, {}, {"t": 0.4}, None),
+    "tsv": (tsv_merge, {}, {"scale": 1.1}, lambda xs: ref.tsv_m_ref(xs, 1.1)),
+    "iso_c": (iso_c_merge, {}, {"scale": 1.1}, lambda xs: ref.iso_c_ref(xs, 1.1)),
+    "iso_cts": (iso_cts_merge, {}, {"common_fraction": 0.7}, lambda xs: ref.iso_cts_ref(xs, 0.7)),
+    "breadcrumbs": (breadcrumbs_merge, {}, {"top": 0.1, "bottom": 0.7}, lambda xs: ref.breadcrumbs_ref(xs, 0.1, 0.7, 1.0)),
+    "magmax": (magmax_merge, {}, {}, lambda xs: ref.magmax_ref(xs, 1.0)),
+    "model_stock": (model_stock_merge, {"angle_average": "cosine"}, {}, None),
+    "ta_sum": (task_arithmetic_sum, {}, {"scale": 0.3}, lambda xs: ref.ta_sum_ref(xs, 0.3)),
+    "ties_max": (ties_disjoint_merge, {"merge_func": "max"}, {}, lambda xs: ref.ties_merge_func_ref(xs, 1.0, "max")),
+    "della": (della_merge, {}, {"density": 0.5, "epsilon": 0.1}, None),  # + noise
+    "slerp": (slerp_merge, {}, {"t": 0.4}, None),
 }
 
 
@@ -479,20 +488,20 @@ def test_compile_once_across_groups_and_hyperparameters():
     """Every kernel: all member sets and two values of every hyperparameter, one trace."""
     x = block(140)
     cases = {
-        ke.tsv_merge: [{"scale": 0.5, "k": 1}, {"scale": 1.5, "k": 3}],
-        ke.iso_c: [{"scale": 0.5}, {"scale": 1.5}],
-        ke.iso_cts: [{"scale": 0.5, "common_fraction": 0.4}, {"scale": 1.5, "common_fraction": 0.9}],
-        ke.breadcrumbs: [{"top": 0.01, "bottom": 0.5, "scale": 0.3}, {"top": 0.1, "bottom": 0.7, "scale": 1.0}],
-        ke.della: [
+        tsv_merge: [{"scale": 0.5, "k": 1}, {"scale": 1.5, "k": 3}],
+        iso_c_merge: [{"scale": 0.5}, {"scale": 1.5}],
+        iso_cts_merge: [{"scale": 0.5, "common_fraction": 0.4}, {"scale": 1.5, "common_fraction": 0.9}],
+        breadcrumbs_merge: [{"top": 0.01, "bottom": 0.5, "scale": 0.3}, {"top": 0.1, "bottom": 0.7, "scale": 1.0}],
+        della_merge: [
             {"noise": _noise(jx(x), jax.random.key(0)), "density": 0.4, "epsilon": 0.1, "scale": 0.5},
             {"noise": _noise(jx(x), jax.random.key(1)), "density": 0.7, "epsilon": 0.2, "scale": 1.0},
         ],
-        ke.magmax: [{"scale": 0.5}, {"scale": 1.0}],
-        ke.task_arithmetic_sum: [{"scale": 0.3}, {"scale": 1.0}],
-        ke.slerp: [{"t": 0.2}, {"t": 0.9}],
+        magmax_merge: [{"scale": 0.5}, {"scale": 1.0}],
+        task_arithmetic_sum: [{"scale": 0.3}, {"scale": 1.0}],
+        slerp_merge: [{"t": 0.2}, {"t": 0.9}],
     }
     for fn, hps in cases.items():
-        groups = MEMBER_SETS if fn is not ke.slerp else [np.array([1, 1, 0, 0, 0, 0], bool), np.array([0, 0, 1, 0, 0, 1], bool)]
+        groups = MEMBER_SETS if fn is not slerp_merge else [np.array([1, 1, 0, 0, 0, 0], bool), np.array([0, 0, 1, 0, 0, 1], bool)]
         before = TRACES[(fn, ())]
         for members in groups:
             for hp in hps:
@@ -544,7 +553,7 @@ def fb():
 def test_fusionbench_tsv(fb, gi):
     x, members = block(200 + gi), FB_GROUPS[gi]
     exp = fb["tsv"].compute_and_sum_svd_mem_reduction(_torch_tvs(x, members), exclude_keys=["v"], accelerator="cpu")
-    got = run(ke.tsv_merge, x, members, {"exclude": ("v",)})
+    got = run(tsv_merge, x, members, {"exclude": ("v",)})
     assert_close(got, _np(exp), SVD)
 
 
@@ -553,10 +562,10 @@ def test_fusionbench_tsv(fb, gi):
 def test_fusionbench_iso(fb, gi):
     x, members = block(210 + gi), FB_GROUPS[gi]
     exp = fb["iso"].iso_c(_torch_tvs(x, members), accelerator="cpu")
-    assert_close(run(ke.iso_c, x, members), _np(exp), SVD)
+    assert_close(run(iso_c_merge, x, members), _np(exp), SVD)
     for frac in (0.8, 0.5):
         exp = fb["iso"].iso_cts(_torch_tvs(x, members), common_space_fraction=frac, accelerator="cpu")
-        assert_close(run(ke.iso_cts, x, members, common_fraction=frac), _np(exp), SVD)
+        assert_close(run(iso_cts_merge, x, members, common_fraction=frac), _np(exp), SVD)
 
 
 @needs_fb
@@ -564,7 +573,7 @@ def test_fusionbench_iso(fb, gi):
 def test_fusionbench_magmax(fb, gi):
     x, members = block(220 + gi), FB_GROUPS[gi]
     exp = fb["magmax"]._magmax_select(_torch_tvs(x, members))
-    assert_close(run(ke.magmax, x, members, scale=1.0), _np(exp), 0.0)
+    assert_close(run(magmax_merge, x, members, scale=1.0), _np(exp), 0.0)
 
 
 @needs_fb
@@ -594,10 +603,10 @@ def test_fusionbench_model_stock(fb, gi):
         avg = {key: sum(sd[key] for sd in sds) / K for key in b_t}
         merged = {key: avg[key] * r + b_t[key] * (1.0 - r) for key, r in ratio.items()}
     exp = {k: merged[k].numpy().astype(np.float64) - base[k] for k in base}
-    got = run(ke.model_stock, x, members)
+    got = run(model_stock_merge, x, members)
     # theta_0 ~ 1 and tau ~ 0.1: FusionBench's float32 weights lose ~1e-7 * 10 relative.
     assert_close(got, exp, STOCK)
-    kr = run(ke.model_stock_ratio, x, members)
+    kr = run(model_stock_ratio, x, members)
     for k in ratio:
         np.testing.assert_allclose(float(kr[k]), ratio[k], rtol=STOCK)
 
@@ -612,10 +621,10 @@ def test_fusionbench_slerp(fb, t):
     base = {k: np.random.default_rng(3).standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
     a, b = _torch_tvs(x, members)
     tv = {k: fb["slerp"].slerp(t, a[k], b[k]) for k in a}
-    assert_close(run(ke.slerp, x, members, t=t), _np(tv), SLERP)
+    assert_close(run(slerp_merge, x, members, t=t), _np(tv), SLERP)
     full = {k: fb["slerp"].slerp(t, torch.from_numpy(base[k]) + a[k], torch.from_numpy(base[k]) + b[k]) for k in a}
     exp = {k: full[k].numpy().astype(np.float64) - base[k] for k in a}
-    assert_close(run(ke.slerp, x, members, t=t, base=jx(base)), exp, SLERP_BASE_TOL)
+    assert_close(run(slerp_merge, x, members, t=t, base=jx(base)), exp, SLERP_BASE_TOL)
 
 
 @needs_fb
@@ -639,7 +648,7 @@ def test_fusionbench_task_arithmetic_sum(fb, gi):
     merged = sda[1](pre, sda[2](tv, 0.3))
     exp = {k: v.numpy().astype(np.float64) - base[k] for k, v in merged.items()}
     # FusionBench forms theta_i - theta_0 in float32 (|theta_0| ~ 0.1): ~1e-8 absolute per entry.
-    got = run(ke.task_arithmetic_sum, x, members, scale=0.3)
+    got = run(task_arithmetic_sum, x, members, scale=0.3)
     assert_close(got, exp, 5e-5)
 
 
@@ -665,7 +674,7 @@ def test_fusionbench_ties_disjoint_merge(fb, gi, merge_func):
         size = int(np.prod(x[k].shape[1:]))
         exp[k] = merged[off : off + size].reshape(x[k].shape[1:])
         off += size
-    got = run(ke.ties_disjoint_merge, x, members, {"merge_func": merge_func})
+    got = run(ties_disjoint_merge, x, members, {"merge_func": merge_func})
     assert_close(got, exp, ELEM)
 
 
@@ -678,9 +687,9 @@ def test_mergekit_della_magprune(granularity, monkeypatch):
 
     sp = fbu.load_mergekit("sparsify.py")
     x = block(270, shapes={"w": (9, 7), "b": (7,)})
-    u = ke.della_noise(jx(x), jax.random.key(5))
-    got_masked = ke.magprune(jx(x), noise=u, density=0.5, epsilon=0.2, rescale=False, granularity=granularity)
-    got = ke.magprune(jx(x), noise=u, density=0.5, epsilon=0.2, granularity=granularity)
+    u = della_noise(jx(x), jax.random.key(5))
+    got_masked = magprune(jx(x), noise=u, density=0.5, epsilon=0.2, rescale=False, granularity=granularity)
+    got = magprune(jx(x), noise=u, density=0.5, epsilon=0.2, granularity=granularity)
     node = granularity == "node"
 
     def to_mk(a):  # mergekit ranks each row of a torch [out, in] weight; 1-D: one row
@@ -720,7 +729,7 @@ def test_mergekit_breadcrumbs_masks(density, gamma):
         n_top, target = int(gamma * total), int(density * total)
         n_bot = max(0, total - target - n_top)
         bottom = (n_bot + 0.5) / total  # int(bottom * total) == n_bot
-        masks = ke.breadcrumbs_masks({k: jnp.asarray(x[k])}, top=gamma, bottom=bottom)[k]
+        masks = breadcrumbs_masks({k: jnp.asarray(x[k])}, top=gamma, bottom=bottom)[k]
         for i in range(N):
             res = sp.magnitude_outliers(torch.from_numpy(x[k][i]), density, None, gamma).numpy()
             np.testing.assert_array_equal(np.asarray(masks[i]), res != 0)

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax import kernels_extra as kx
-from flexmerge_jax._schedule import linear_sequences, materialized_sequence
-from flexmerge_jax._engine import block_gram
+from flexmerge_jax.methods.breadcrumbs import breadcrumbs_merge
+from flexmerge_jax.methods.iso import iso_c_merge, iso_cts_merge
+from flexmerge_jax.methods.magmax import magmax_merge
+from flexmerge_jax.methods.model_stock import model_stock_merge
+from flexmerge_jax.methods.slerp import slerp_merge
+from flexmerge_jax.methods.task_arithmetic import task_arithmetic_sum
+from flexmerge_jax.methods.ties import ties_disjoint_merge
+from flexmerge_jax.methods.tsv import tsv_merge
+from flexmerge_jax.schedule.greedy import linear_sequences, materialized_sequence
+from flexmerge_jax.stats.gram import block_gram
 from conftest import random_case
 
 SHAPES = {"a.w": (6, 5), "a.b": (5,), "b.w": (5, 7), "c": (4,)}
@@ -24,17 +31,17 @@ def taus(base, fts, names):
 
 
 DIRECT = [
-    (fm.methods.tsv(1.0), lambda x: kx.tsv_merge(x, scale=1.0)),
-    (fm.methods.tsv(0.7, k=1), lambda x: kx.tsv_merge(x, scale=0.7, k=1)),
-    (fm.methods.iso_c(1.3), lambda x: kx.iso_c(x, scale=1.3)),
-    (fm.methods.iso_cts(1.0, 0.5), lambda x: kx.iso_cts(x, scale=1.0, common_fraction=0.5)),
+    (fm.methods.tsv(1.0), lambda x: tsv_merge(x, scale=1.0)),
+    (fm.methods.tsv(0.7, k=1), lambda x: tsv_merge(x, scale=0.7, k=1)),
+    (fm.methods.iso_c(1.3), lambda x: iso_c_merge(x, scale=1.3)),
+    (fm.methods.iso_cts(1.0, 0.5), lambda x: iso_cts_merge(x, scale=1.0, common_fraction=0.5)),
     (fm.methods.breadcrumbs(0.5, top=0.05, bottom=0.5),
-     lambda x: kx.breadcrumbs(x, top=0.05, bottom=0.5, scale=0.5)),
-    (fm.methods.magmax(0.5), lambda x: kx.magmax(x, scale=0.5)),
-    (fm.methods.model_stock(), lambda x: kx.model_stock(x)),
-    (fm.methods.task_arithmetic(0.3, convention="sum"), lambda x: kx.task_arithmetic_sum(x, scale=0.3)),
-    (fm.methods.ties(0.4, merge_func="sum"), lambda x: kx.ties_disjoint_merge(x, scale=0.4, merge_func="sum")),
-    (fm.methods.ties(1.0, merge_func="max"), lambda x: kx.ties_disjoint_merge(x, scale=1.0, merge_func="max")),
+     lambda x: breadcrumbs_merge(x, top=0.05, bottom=0.5, scale=0.5)),
+    (fm.methods.magmax(0.5), lambda x: magmax_merge(x, scale=0.5)),
+    (fm.methods.model_stock(), lambda x: model_stock_merge(x)),
+    (fm.methods.task_arithmetic(0.3, convention="sum"), lambda x: task_arithmetic_sum(x, scale=0.3)),
+    (fm.methods.ties(0.4, merge_func="sum"), lambda x: ties_disjoint_merge(x, scale=0.4, merge_func="sum")),
+    (fm.methods.ties(1.0, merge_func="max"), lambda x: ties_disjoint_merge(x, scale=1.0, merge_func="max")),
 ]
 
 
@@ -76,7 +83,7 @@ SHARED = [fm.methods.tsv(0.8), fm.methods.tsv(1.0, k=1),
 def test_shared_state_gives_the_groups_merges_and_the_plans(method, monkeypatch):
     # The state computed once per block (SVDs, masks, pruned vectors) must
     # give every group exactly what the kernel computes on its own.
-    from flexmerge_jax._schedule import canonical
+    from flexmerge_jax.tree import canonical
 
     base, fts = case(n=5, seed=4)
     x = canonical(taus(base, fts, ["a.w", "a.b"]))
@@ -131,7 +138,7 @@ def test_slerp_is_two_tasks_only():
     base, fts = case()
     out = fm.merge(base, fts[:2], fm.methods.slerp(0.25), blocks=BLOCKS)
     x = taus(base, fts[:2], ["b.w"])
-    np.testing.assert_allclose(np.asarray(out["b.w"]), base["b.w"] + np.asarray(kx.slerp(x, t=0.25)["b.w"]),
+    np.testing.assert_allclose(np.asarray(out["b.w"]), base["b.w"] + np.asarray(slerp_merge(x, t=0.25)["b.w"]),
                                rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="exactly two"):
         fm.plan(base, fts, method=fm.methods.slerp())

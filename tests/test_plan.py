@@ -218,8 +218,8 @@ def test_merged_vector_slots_are_donated_and_reused_across_blocks():
     import jax
     import jax.numpy as jnp
 
-    from flexmerge_jax._engine import block_gram
-    from flexmerge_jax._schedule import materialized_sequence
+    from flexmerge_jax.stats.gram import block_gram
+    from flexmerge_jax.schedule.greedy import materialized_sequence
 
     rng = np.random.default_rng(5)
     m = fm.methods.ties(1.0, keep=1.0)
@@ -247,8 +247,8 @@ def test_merged_vector_slots_are_donated_and_reused_across_blocks():
 def test_float32_precision_reaches_group_vector_comparisons():
     # Same singleton Gram for both precisions: only the comparisons of the
     # materialized group vectors differ, by float32 rounding.
-    from flexmerge_jax._engine import block_gram
-    from flexmerge_jax._schedule import materialized_sequence
+    from flexmerge_jax.stats.gram import block_gram
+    from flexmerge_jax.schedule.greedy import materialized_sequence
 
     rng = np.random.default_rng(3)
     x = {"w": rng.standard_normal((6, 64, 96)).astype(np.float32),
@@ -273,7 +273,7 @@ def test_float64_comparisons_sum_float32_products_in_float64(similarity):
     import jax
     import jax.numpy as jnp
 
-    from flexmerge_jax._schedule import _pair
+    from flexmerge_jax.schedule.greedy import _pair
 
     rng = np.random.default_rng(7)
     shapes = {"w": (48, 640), "b": (640,)}
@@ -471,7 +471,7 @@ def test_merged_vector_plan_reads_the_next_block_ahead_from_memory(monkeypatch):
     # In-memory sources do not prefetch elsewhere (source.prefetch is False);
     # the merged-vector pass computes the next blocks' (trimmed) task
     # vectors in host threads while block b's merges run, each block once.
-    from flexmerge_jax._source import MemorySource
+    from flexmerge_jax.sources import MemorySource
 
     base, fts = random_case(23, n=4)
     blocks = ["l1.attn", "l1.mlp", "l0.attn", "l0.mlp", "emb"]

@@ -33,8 +33,8 @@ def test_lines_when_not_a_terminal(capsys, monkeypatch):
 
 def test_cli_reports_each_stage_and_quiet_silences_it(tmp_path, capsys):
     base, fts = random_case(1, n=3)
-    fm.io.save_params(tmp_path / "b.safetensors", base)
-    paths = [str(fm.io.save_params(tmp_path / f"t{i}.safetensors", f)) for i, f in enumerate(fts)]
+    fm.save_params(tmp_path / "b.safetensors", base)
+    paths = [str(fm.save_params(tmp_path / f"t{i}.safetensors", f)) for i, f in enumerate(fts)]
     args = ["--base", str(tmp_path / "b.safetensors"), "--finetuned", *paths, "--method", "ta"]
     assert main(["plan", *args, "--out", str(tmp_path / "p")]) == 0
     assert main(["cut", str(tmp_path / "p"), "--size", "2", "--out", str(tmp_path / "m")]) == 0
@@ -71,8 +71,8 @@ def test_the_counting_source_is_its_source_but_for_the_count(tmp_path):
     import os
 
     base, fts = random_case(3, n=3)
-    paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
-    src = fm.io.path_source(fm.io.save_params(tmp_path / "b.npz", base), paths)
+    paths = [fm.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
+    src = fm.sources.path_source(fm.save_params(tmp_path / "b.npz", base), paths)
     counted, bar = progress.counting(src, "plan", True)
     assert counted is not src and counted.describe() == src.describe()
     os.utime(paths[1], ns=(1, 1))  # "edited": another modification time

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexmerge_jax._pyset import max_table_size, set_positions
+from flexmerge_jax.schedule.pyset import max_table_size, set_positions
 
 
 @pytest.mark.parametrize("n", [2, 5, 8, 9, 12, 17, 30, 33, 64, 129])

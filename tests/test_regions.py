@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flexmerge_jax import io
-from flexmerge_jax._source import region_runs
+from flexmerge_jax.sources import files
+from flexmerge_jax.sources._source import region_runs
 
 
 def _random_region(rng, shape):
@@ -35,8 +35,8 @@ def test_read_region_equals_slice_of_whole_read(tmp_path, dtype):
               "s": np.asarray(1.5, dtype)}
     save_file(arrays, str(tmp_path / "p.safetensors"))
     np.savez(tmp_path / "p.npz", **{k: v.astype(np.float32) for k, v in arrays.items()})
-    src = io.path_source(tmp_path / "p.safetensors", [tmp_path / "p.safetensors"] * 2)
-    npz = io.path_source(tmp_path / "p.npz", [tmp_path / "p.npz"] * 2)
+    src = files.path_source(tmp_path / "p.safetensors", [tmp_path / "p.safetensors"] * 2)
+    npz = files.path_source(tmp_path / "p.npz", [tmp_path / "p.npz"] * 2)
     for k, idx in [("w", (slice(None), slice(2, 6), slice(None))), ("w", (slice(1, 3),) * 3),
                    ("b", (slice(3, 7),)), ("s", ())]:
         got = src.base_region(k, idx)

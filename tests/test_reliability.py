@@ -184,8 +184,8 @@ def test_a_live_processes_temporary_is_kept(small, tmp_path):
                                               (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
     base, fts = random_case(1, n=3)
-    fm.io.save_params(tmp_path / "base.safetensors", base)
-    paths = [fm.io.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
+    fm.save_params(tmp_path / "base.safetensors", base)
+    paths = [fm.save_params(tmp_path / f"t{i}.npz", f) for i, f in enumerate(fts)]
     r = run_python(f"""
         import os, signal, sys
         from flexmerge_jax import checkpointing
@@ -229,8 +229,8 @@ def small_filesystem(path: Path, size: str, *options):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     base, fts = random_case(2, n=3, shapes={f"l{i}.w": (128, 128) for i in range(4)})
-    fm.io.save_params(tmp_path / "base.safetensors", base)
-    paths = [str(fm.io.save_params(tmp_path / f"t{i}.npz", f)) for i, f in enumerate(fts)]
+    fm.save_params(tmp_path / "base.safetensors", base)
+    paths = [str(fm.save_params(tmp_path / f"t{i}.npz", f)) for i, f in enumerate(fts)]
     with small_filesystem(tmp_path / "disk", "256k") as mounted:
         if not mounted:  # not root: a write that fails as TensorStore's does
             def full(self, path, arrays):
@@ -300,8 +300,8 @@ def edit_between_samples(path: Path, keep_mtime=False):
 def files_plan(tmp_path):
     """A ta plan of 3 random models (512 KiB .safetensors files)."""
     base, fts = random_case(3, n=3, shapes={"l0.w": (256, 256), "l1.w": (256, 256)})
-    fm.io.save_params(tmp_path / "base.safetensors", base)
-    paths = [fm.io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    fm.save_params(tmp_path / "base.safetensors", base)
+    paths = [fm.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
     return base, fts, paths, fm.plan(tmp_path / "base.safetensors", paths, blocks="by-layer",
                                      method="ta")
 
@@ -312,7 +312,7 @@ def test_live_plan_rechecks_its_files_before_a_cut(files_plan, tmp_path, edit):
     before = plan.at_size(2.0)
     if edit == "rewritten":
         paths[1].unlink()
-        fm.io.save_params(paths[1], {k: v + 1 for k, v in fts[1].items()})
+        fm.save_params(paths[1], {k: v + 1 for k, v in fts[1].items()})
         why = r"\(content differs\)"
     elif edit == "50 values in place":
         edit_between_samples(paths[1])
@@ -474,11 +474,11 @@ def test_arrays_that_do_not_match_flexmerge_json_are_named(saved, tmp_path):
 
 def test_damaged_orbax_input_is_named(tmp_path):
     base, fts = random_case(5, n=2)
-    ck = fm.io.save_params(tmp_path / "base_ck", base)
+    ck = fm.save_params(tmp_path / "base_ck", base)
     (ck / "_METADATA").write_text("{not json")
     with pytest.raises(ValueError, match=rf"{ck}: cannot read orbax params \(no readable tree "
                                          r"metadata \(_METADATA missing or damaged\)\)"):
-        fm.io.load_params(ck)
+        fm.load_params(ck)
     (ck / "_METADATA").write_text("{}")
     with pytest.raises(ValueError, match=r"\(no field 'tree_metadata' in its metadata\)"):
         fm.plan(ck, [ck, ck])
@@ -504,7 +504,7 @@ def test_npz_of_python_objects_is_named(tmp_path):
     np.savez(tmp_path / "obj.npz", **{**base, "emb": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(ValueError, match=rf"{tmp_path / 'obj.npz'}: parameter 'emb' is an array "
                                          r"of Python objects"):
-        fm.io.load_params(tmp_path / "obj.npz")
+        fm.load_params(tmp_path / "obj.npz")
 
 
 def test_a_block_name_shadowed_by_an_earlier_one_is_warned(small):

@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import flexmerge_jax as fm
-from flexmerge_jax import prep
-from flexmerge_jax._engine import _gram
+from flexmerge_jax.stats import order
+from flexmerge_jax.stats.gram import _gram
 from conftest import assert_blocks_read_ahead_trimmed, record_task_vector_reads
 from oracle_utils import load_case
 
@@ -92,19 +92,19 @@ def test_sharded_float32_merged_vector_plan_equals_single_device():
 def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     # Files behind a mesh: every block read from disk (the next one read and
     # placed in a background thread) gives the single-device in-memory plan.
-    from flexmerge_jax import io
-    from flexmerge_jax.sharding import ShardedSource
+    from flexmerge_jax.sources import files
+    from flexmerge_jax.sources.sharding import ShardedSource
 
     c = load_case("caseB")
     paths = []
     for i, params in enumerate([c.base] + list(c.finetuned)):
         paths.append(tmp_path / f"m{i}.safetensors")
-        io.save_params(paths[-1], params)
+        files.save_params(paths[-1], params)
     kw = dict(blocks=c.blocks, method=fm.methods.ties(1.0, keep=0.2), linkage=None,
               similarity="cosine")
     ref = fm.plan(c.base, c.finetuned, **kw)
     m = mesh(EX)
-    src = ShardedSource(io.PathSource(paths[0], paths[1:]), m)
+    src = ShardedSource(files.PathSource(paths[0], paths[1:]), m)
     assert src.prefetch
     reads = record_task_vector_reads(monkeypatch, ShardedSource)
     sh = fm.plan(paths[0], paths[1:], mesh=m, **kw)
@@ -127,21 +127,21 @@ def test_statistics_do_not_gather_task_vectors():
     with jax.enable_x64(True):
         hlo = _gram.lower((x,)).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" in hlo
-    fn = prep._hist_sharded(m, x.sharding.spec, True, False)
+    fn = order._hist_sharded(m, x.sharding.spec, True, False)
     hlo = fn.lower(x, jnp.zeros((8,), jnp.int32)).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" in hlo
     # And the sharded radix select is exact.
     rng = np.random.default_rng(0)
     host = rng.standard_normal((3, 16, 64)).astype(np.float32)
     xs = jax.device_put(jnp.asarray(host), NamedSharding(m, P(None, None, "model")))
-    got = prep.kth_smallest([xs], [1, 500, 1024])
+    got = order.kth_smallest([xs], [1, 500, 1024])
     srt = np.sort(host.reshape(3, -1), axis=1)
     np.testing.assert_array_equal(got, [srt[0, 0], srt[1, 499], srt[2, 1023]])
 
 
 def test_leaf_spec():
     m = mesh(AxisType.Auto)
-    from flexmerge_jax.sharding import leaf_spec
+    from flexmerge_jax.sources.sharding import leaf_spec
 
     assert leaf_spec((24, 96), m) == P(None, "model")
     assert leaf_spec((5,), m) == P(None)
@@ -193,8 +193,8 @@ def test_extra_methods_on_a_mesh(name):
 
 
 def test_unknown_mesh_axis_is_named():
-    from flexmerge_jax._plan import as_source
-    from flexmerge_jax.sharding import ShardedSource
+    from flexmerge_jax.sources import as_source
+    from flexmerge_jax.sources.sharding import ShardedSource
 
     base, fts = random_inputs()
     m = mesh(EX)
@@ -206,13 +206,13 @@ def test_unknown_mesh_axis_is_named():
 
 def test_cli_mesh_flag_gives_the_unsharded_model(tmp_path, capsys):
     from conftest import random_case
-    from flexmerge_jax import io
+    from flexmerge_jax.sources import files
     from flexmerge_jax.cli import main
 
     base, fts = random_case(3, n=3, shapes={"l0.w": (16, 8), "l1.w": (8, 24), "l1.b": (8,),
                                             "emb": (3,)})
-    b = io.save_params(tmp_path / "base.safetensors", base)
-    f = [io.save_params(tmp_path / f"t{i}.safetensors", x) for i, x in enumerate(fts)]
+    b = files.save_params(tmp_path / "base.safetensors", base)
+    f = [files.save_params(tmp_path / f"t{i}.safetensors", x) for i, x in enumerate(fts)]
     common = ["merge", "--base", str(b), "--finetuned", *map(str, f), "--method", "ties",
               "--keep", "0.2", "--size", "2"]
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0

@@ -67,7 +67,7 @@ def test_errors_name_task_and_parameter():
 def test_host_task_vectors_are_aligned_for_zero_copy():
     """Host task vectors start on 64-byte boundaries (XLA's CPU client then
     aliases them instead of copying) and equal f32(ft) - f32(base)."""
-    from flexmerge_jax._source import aligned_empty, host_task_vectors
+    from flexmerge_jax.sources._source import aligned_empty, host_task_vectors
 
     rng = np.random.default_rng(0)
     base = {"w": rng.standard_normal((33, 7)).astype(np.float32),

@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax import _engine, io, prep
-from flexmerge_jax._engine import Prepared, block_gram, grams
-from flexmerge_jax._source import MemorySource
+from flexmerge_jax._prepared import Prepared
+from flexmerge_jax.sources import _source, files
+from flexmerge_jax.sources import threads as host_threads
+from flexmerge_jax.sources._source import MemorySource
+from flexmerge_jax.stats import gram, order, passes
+from flexmerge_jax.stats.gram import block_gram
+from flexmerge_jax.stats.passes import grams
 from conftest import random_case
 
 BLOCKS = ["l1.", "l0."]
@@ -25,7 +29,7 @@ def _reference(src, part, keep):
           for k in src.layout.names}
     flat = np.concatenate([v.reshape(src.n, -1) for v in tv.values()], axis=1)
     d = flat.shape[1]
-    kk = prep.ties_keep_count(d, keep)
+    kk = order.ties_keep_count(d, keep)
     thr = np.sort(np.abs(flat), axis=1)[:, kk - 1]
     g = []
     for blk in part.blocks:
@@ -50,14 +54,14 @@ def _check(src, keep=0.3, precision="float64"):
 
 def _spy_scans(monkeypatch):
     results = []
-    real = _engine._bracket_scan
+    real = passes._bracket_scan
 
     def spy(*a, **k):
         r = real(*a, **k)
         results.append((k.get("counts", True), r is not None))
         return r
 
-    monkeypatch.setattr(_engine, "_bracket_scan", spy)
+    monkeypatch.setattr(passes, "_bracket_scan", spy)
     return results
 
 
@@ -65,13 +69,13 @@ def _spy_scans(monkeypatch):
 @pytest.mark.parametrize("dense", [0, 3000, 1 << 26])  # captured columns packed / mixed / not
 def test_sampled_bracket_path(monkeypatch, keep, dense):
     # A sample smaller than the model: runs of 4 entries, cluster errors.
-    monkeypatch.setattr(_engine, "_SAMPLE", 80)
-    monkeypatch.setattr(_engine, "_RUN", 4)
-    monkeypatch.setattr(_engine, "_DENSE_BYTES", dense)
-    monkeypatch.setattr(_engine, "_columns", lambda n: 64)  # many chunks per block
+    monkeypatch.setattr(passes, "_SAMPLE", 80)
+    monkeypatch.setattr(passes, "_RUN", 4)
+    monkeypatch.setattr(passes, "_DENSE_BYTES", dense)
+    monkeypatch.setattr(passes, "columns", lambda n: 64)  # many chunks per block
     kinds = []
-    real = _engine._unpack_columns
-    monkeypatch.setattr(_engine, "_unpack_columns", lambda *c: (kinds.append(len(c)), real(*c))[1])
+    real = passes._unpack_columns
+    monkeypatch.setattr(passes, "_unpack_columns", lambda *c: (kinds.append(len(c)), real(*c))[1])
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case(shapes={"l1.w": (40, 30), "l0.w": (30, 40), "emb": (4,)})), keep=keep)
     assert scans == [(True, True), (True, True)]  # one pass each, the bracket held
@@ -92,7 +96,7 @@ def test_bracket_miss_falls_back_to_radix_select(monkeypatch):
         key = np.float32(1e30).view(np.uint32)
         return np.full(prepared.n, key, np.uint32), np.full(prepared.n, key + 1, np.uint32)
 
-    monkeypatch.setattr(_engine, "_sample_bracket", wrong)
+    monkeypatch.setattr(passes, "_sample_bracket", wrong)
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case()))
     assert calls and scans[0] == (True, False)  # missed; radix select, then a Gram pass
@@ -100,14 +104,14 @@ def test_bracket_miss_falls_back_to_radix_select(monkeypatch):
 
 
 def test_too_many_undecided_keys_falls_back(monkeypatch):
-    monkeypatch.setattr(_engine, "_KEY_BYTES", -1)
+    monkeypatch.setattr(passes, "_KEY_BYTES", -1)
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case()))
     assert scans[0] == (True, False)
 
 
 def test_column_budget_gives_a_second_pass(monkeypatch):
-    monkeypatch.setattr(_engine, "_column_budget", lambda prepared: 0)
+    monkeypatch.setattr(passes, "_column_budget", lambda prepared: 0)
     scans = _spy_scans(monkeypatch)
     _check(MemorySource(*_case()), precision="float32")
     assert scans[:2] == [(True, True), (False, True)]  # counting pass, then the Gram pass
@@ -130,7 +134,7 @@ def test_gram_sum_pieces_against_numpy(precision):
     one float64 product; exactly symmetric."""
     rng = np.random.default_rng(3)
     n = 5
-    g = _engine._GramSum(n, precision)
+    g = gram.GramSum(n, precision)
     want = np.zeros((n, n))
     for c in (3 * g.width + 17, 1, g.width):
         a = rng.standard_normal((n, c)).astype(np.float32)
@@ -149,9 +153,9 @@ def test_safetensors_runs_equal_memory_runs(tmp_path):
     cases = {"f32": (base, fts, ".safetensors"), "bf16": (b16, f16, ".safetensors"),
              "npz": (base, fts, ".npz")}  # npz: whole parameters, then the runs
     for tag, (bb, ff, ext) in cases.items():
-        io.save_params(tmp_path / f"{tag}-base{ext}", bb)
-        paths = [io.save_params(tmp_path / f"{tag}-{i}{ext}", f) for i, f in enumerate(ff)]
-        disk = io.path_source(tmp_path / f"{tag}-base{ext}", paths)
+        files.save_params(tmp_path / f"{tag}-base{ext}", bb)
+        paths = [files.save_params(tmp_path / f"{tag}-{i}{ext}", f) for i, f in enumerate(ff)]
+        disk = files.path_source(tmp_path / f"{tag}-base{ext}", paths)
         mem = MemorySource(bb, ff)
         req = [("l1.mlp.w", np.array([0, 7, 3, 28]), 7), ("emb", np.array([1]), 3)]
         a = disk.sample_runs(req)
@@ -167,10 +171,10 @@ def test_safetensors_runs_equal_memory_runs(tmp_path):
     ("ties", None, ".safetensors"), ("ties", "min", ""),  # "": Orbax directories
 ])
 def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method, linkage, ext):
-    monkeypatch.setattr(_engine, "_SAMPLE", 60)
+    monkeypatch.setattr(passes, "_SAMPLE", 60)
     base, fts = _case()
-    io.save_params(tmp_path / f"base{ext}", base)
-    paths = [io.save_params(tmp_path / f"t{i}{ext}", f) for i, f in enumerate(fts)]
+    files.save_params(tmp_path / f"base{ext}", base)
+    paths = [files.save_params(tmp_path / f"t{i}{ext}", f) for i, f in enumerate(fts)]
     m = fm.methods.ties(keep=0.3) if method == "ties" else fm.methods.task_arithmetic(0.5)
     kw = dict(blocks=BLOCKS, method=m, linkage=linkage)
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
@@ -182,9 +186,9 @@ def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method, linkage, ex
 
 def test_blocks_read_ahead_in_order(tmp_path):
     base, fts = _case(n=3)
-    io.save_params(tmp_path / "base.safetensors", base)
-    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = io.path_source(tmp_path / "base.safetensors", paths)
+    files.save_params(tmp_path / "base.safetensors", base)
+    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    src = files.path_source(tmp_path / "base.safetensors", paths)
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
     p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
@@ -222,9 +226,9 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     import time
 
     base, fts = _case(n=3)
-    io.save_params(tmp_path / "base.safetensors", base)
-    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = io.path_source(tmp_path / "base.safetensors", paths)
+    files.save_params(tmp_path / "base.safetensors", base)
+    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    src = files.path_source(tmp_path / "base.safetensors", paths)
     names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"], ["l0.attn.w"]]
     consumed, seen, threads = [], [], set()
 
@@ -239,16 +243,16 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
 
         return work
 
-    for ahead, w in [(None, _engine.HOST_QUEUE), (1, _engine.HOST_THREADS)]:
+    for ahead, w in [(None, host_threads.HOST_QUEUE), (1, host_threads.HOST_THREADS)]:
         consumed.clear(), seen.clear()
-        for i, (j, got) in enumerate(_engine._host_map(src, names, task, ahead=ahead)):
+        for i, (j, got) in enumerate(host_threads.host_map(src, names, task, ahead=ahead)):
             assert j == i
             np.testing.assert_array_equal(got, fts[1][names[i][0]])
             consumed.append(i)
         assert seen == [(i, max(0, i - w)) for i in range(len(names))]
     assert threads and all(t.startswith("flexmerge-host") for t in threads)
-    probe = [_engine.host_inputs(src, names[0])]  # a caller's probe is handed over
-    assert [r[0] for r in _engine._host_map(src, names, task, probe)] == [0, 1, 2, 3]
+    probe = [_source.host_inputs(src, names[0])]  # a caller's probe is handed over
+    assert [r[0] for r in host_threads.host_map(src, names, task, probe)] == [0, 1, 2, 3]
     assert probe == []
 
     events, lock = [], threading.Lock()  # +1 when a work starts, -1 when it ends
@@ -263,25 +267,25 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
             return i
         return work
 
-    assert list(_engine._host_map(src, names * 3, counted)) == list(range(len(names) * 3))
+    assert list(host_threads.host_map(src, names * 3, counted)) == list(range(len(names) * 3))
     running = np.cumsum(events)  # the memory bound: HOST_THREADS lists at once
-    assert running.max() == _engine.HOST_THREADS and running[-1] == 0
+    assert running.max() == host_threads.HOST_THREADS and running[-1] == 0
     reader = src._ft[2]
     last = max(reader._offsets, key=reader._offsets.get)
     with open(paths[2], "r+b") as f:
         f.truncate(reader._offsets[last] + 4)
     first = [n for n in reader.names if n != last][:1]
-    results = _engine._host_map(src, [first, [last]], lambda i: lambda inputs: i)
+    results = host_threads.host_map(src, [first, [last]], lambda i: lambda inputs: i)
     assert next(results) == 0
     with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
         next(results)
 
     events.clear()
-    results = _engine._host_map(src, names * 3, counted)
+    results = host_threads.host_map(src, names * 3, counted)
     assert next(results) == 0
     results.close()  # cancels what has not started, waits for what has
     assert sum(events) == 0 and 0 < len(events) < 2 * len(names) * 3
-    assert _engine._host_pool()._work_queue.empty()
+    assert host_threads.host_pool()._work_queue.empty()
 
 
 @pytest.mark.parametrize("method", ["ta", "ties"])
@@ -308,7 +312,7 @@ def test_safetensors_reads_are_exact_aligned_and_checked(tmp_path):
             "e.scalar": np.array(2.5, np.float32), "f.empty": np.zeros((0, 3), np.float32)}
     path = tmp_path / "m.safetensors"
     save_file(want, str(path))
-    reader = io._Reader(path)
+    reader = files._Reader(path)
     got = reader.read(list(want)[::-1])
     assert list(got) == list(want)[::-1]
     for k, v in want.items():
@@ -328,8 +332,8 @@ def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
     """A cut reads the fine-tuned files of the tasks it keeps unmerged only,
     and equals the cut of the in-memory plan."""
     base, fts = _case(n=4)
-    io.save_params(tmp_path / "base.safetensors", base)
-    paths = [io.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    files.save_params(tmp_path / "base.safetensors", base)
+    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
     kw = dict(blocks=BLOCKS, method=fm.methods.ties(keep=0.3), linkage="min")
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
         disk = fm.plan(tmp_path / "base.safetensors", paths, **kw)
@@ -337,8 +341,8 @@ def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
         mem = fm.plan(base, fts, **kw)
     step = 2  # two merges: some blocks keep singletons
     reads = []
-    real = io._Reader.read
-    monkeypatch.setattr(io._Reader, "read", lambda self, names: (
+    real = files._Reader.read
+    monkeypatch.setattr(files._Reader, "read", lambda self, names: (
         reads.append((self.path.name, tuple(names))), real(self, names))[1])
     src = disk._require_inputs().source
     got = src.finetuned_tasks(["l0.mlp.w"], [2, 0])
@@ -357,12 +361,11 @@ def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
 def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     """``Source.task_vectors(names, threshold)`` trims in the subtraction's
     pass (host: on the bits, chunk by chunk; device: XLA), bit for bit
-    ``prep.trim`` of the untrimmed vectors, signed zeros included: ties at
+    ``order.trim`` of the untrimmed vectors, signed zeros included: ties at
     the threshold kept, thresholds <= 0 keep everything, a NaN threshold
     keeps nothing; NaN/Inf inputs still raise naming the parameter."""
     import jax.numpy as jnp
 
-    from flexmerge_jax import _source
 
     base, fts = _case(n=4)
     fts[1]["l0.mlp.w"] = base["l0.mlp.w"].copy()  # a task vector of zeros
@@ -373,7 +376,7 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     cases = [np.array([0.1, 0.5, tie, 0.0], np.float32),
              np.array([-1.0, np.nan, 0.3, 1e30], np.float32)]
     for thr in cases:
-        want = {k: np.asarray(prep.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
+        want = {k: np.asarray(order.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
         host = src.task_vectors(names, thr)
         with monkeypatch.context() as m:  # the device (XLA) path
             m.setattr(_source, "_all_host", lambda *a: False)
@@ -390,7 +393,7 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     # across chunk boundaries of the fused pass
     monkeypatch.setattr(_source, "_TRIM_COLUMNS", 7)
     np.testing.assert_array_equal(src.task_vectors(names, cases[0])["l1.mlp.w"],
-                                  np.asarray(prep.trim(jnp.asarray(raw["l1.mlp.w"]),
+                                  np.asarray(order.trim(jnp.asarray(raw["l1.mlp.w"]),
                                                        jnp.asarray(cases[0]))))
     fts[3]["l1.attn.w"] = fts[3]["l1.attn.w"].copy()
     fts[3]["l1.attn.w"].flat[5] = np.inf
@@ -416,7 +419,7 @@ def test_read_ahead_holds_at_most_one_largest_result_ahead():
         return i * i
 
     got = []
-    for i, r in enumerate(_engine.read_ahead(fn, sizes)):
+    for i, r in enumerate(host_threads.read_ahead(fn, sizes)):
         got.append(r)
         time.sleep(0.05)  # the workers start what was submitted
         ahead = sorted(j for j in list(started) if j > i)
@@ -430,20 +433,20 @@ def test_read_ahead_holds_at_most_one_largest_result_ahead():
     assert all(threads[i].startswith("flexmerge-host") for i in range(1, len(sizes)))
     # [1, 1, 1, 1] ahead of a size-1 item fit a budget of 10 all at once
     started.clear()
-    it = _engine.read_ahead(fn, [1, 1, 1, 1, 10])
+    it = host_threads.read_ahead(fn, [1, 1, 1, 1, 10])
     assert next(it) == 0
     time.sleep(0.05)
     assert sorted(started) == [0, 1, 2, 3]  # not 4: 1 + 1 + 1 + 10 > 10
     it.close()  # stopping early: nothing left running, nothing more started
     assert sorted(started) == [0, 1, 2, 3]
-    assert list(_engine.read_ahead(fn, [])) == []
+    assert list(host_threads.read_ahead(fn, [])) == []
 
     def failing(i):
         if i == 2:
             raise RuntimeError("block 2")
         return i
 
-    it = _engine.read_ahead(failing, [1, 1, 1])
+    it = host_threads.read_ahead(failing, [1, 1, 1])
     assert [next(it), next(it)] == [0, 1]
     with pytest.raises(RuntimeError, match="block 2"):
         next(it)

@@ -9,7 +9,7 @@ only:
 
 * :func:`from_hf` / :func:`to_hf` — a ``{hf_name: array}`` dict <-> params.
 * :func:`load_hf` / :func:`save_hf` — the same from/to a file (``.safetensors``
-  or ``.npz``, through :mod:`flexmerge_jax.io`).
+  or ``.npz``, through :mod:`flexmerge_jax.sources.files`).
 * :func:`hf_source` — a lazy :class:`~flexmerge_jax.Source` over HF files, so
   ``fm.plan`` reads one block at a time straight from the checkpoints.
 * :func:`bert_mapping` — the mapping for BERT-style encoders (``BertModel``
@@ -64,8 +64,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from .. import io as _io
-from .._source import Source, _check_names
+from ..sources import files as _io
+from ..sources._source import Source, check_names
 from ..tree import Layout, flatten, nest
 
 __all__ = [
@@ -371,7 +371,7 @@ def load_hf(path, mapping: MappingLike = None, *, transpose: TransposeLike = Tru
             nested: bool = True) -> PyTree:
     """Reads an HF-named ``.safetensors`` / ``.npz`` file into params.
 
-    Reading goes through :func:`flexmerge_jax.io.load_params`; see
+    Reading goes through :func:`flexmerge_jax.load_params`; see
     :func:`from_hf` for the arguments.
 
     Examples:
@@ -388,7 +388,7 @@ def save_hf(path, params: PyTree, mapping: MappingLike = None, *, transpose: Tra
     """Writes params as an HF-named ``.safetensors`` (or ``.npz``) file.
 
     The inverse of :func:`load_hf` (see :func:`to_hf` for the arguments);
-    atomic, through :func:`flexmerge_jax.io.save_params`. Loading the result
+    atomic, through :func:`flexmerge_jax.save_params`. Loading the result
     with ``transformers`` (``BertModel.from_pretrained(dir)``) needs the
     model's ``config.json`` beside it, named ``model.safetensors``.
     """
@@ -451,7 +451,7 @@ class HFSource(_io.FileInputs, Source):
         default = [_io.task_name(p) for p in finetuned]
         if task_names is None and len(set(default)) == len(default):
             task_names = default
-        self.task_names = _check_names(task_names, len(finetuned))
+        self.task_names = check_names(task_names, len(finetuned))
         self._record_inputs(base, finetuned, self.task_names, "fast")
 
     def _read(self, reader, names):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .. import kernels
+from ._common import group_mean
 from ._contract import GroupMerge, Method, Traits
 
 
 def _merge(x, members, state):
     del state
-    return GroupMerge(kernels.average(x, members), None, None)
+    return GroupMerge(group_mean(x, members), None, None)
 
 
 def average() -> Method:

@@ -4,25 +4,47 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .. import kernels
-from ._common import numeric
+from ._common import Block, as_members, numeric, per_task
 from ._contract import GroupMerge, Method, Traits, is_traced
+from .task_arithmetic import task_arithmetic_merge
+from .ties import ties_merge
+
+
+def consensus_masks(x: Block, merged: Block, members=None, *, consensus=0.3) -> Block:
+    r"""TALL masks :math:`M_k = |x_k| > c\,|v - x_k|` (strict), members only.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` task vectors.
+      merged: ``{name: f32[...]}`` the group's merged vector :math:`v`
+        (including :math:`\lambda`).
+      members: ``bool[n]``; non-members get all-False masks.
+      consensus: :math:`c` (the reference's ``--CONSENSUS_LAMBDA``).
+
+    Returns:
+      ``{name: bool[n, ...]}``.
+    """
+    members = as_members(x, members)
+    c = jnp.asarray(consensus, jnp.float32)
+    return {
+        k: (jnp.abs(v) > c * jnp.abs(merged[k][None] - v)) & per_task(members, v)
+        for k, v in x.items()
+    }
 
 
 def _masked(v, x, members, consensus):
-    masks = kernels.consensus_masks(x, v, members, consensus=consensus)
+    masks = consensus_masks(x, v, members, consensus=consensus)
     n = next(iter(x.values())).shape[0]
     return GroupMerge(v, masks, jnp.ones((n,), jnp.float32))
 
 
 def _merge_ta(x, members, state, *, scale, consensus):
     del state
-    return _masked(kernels.task_arithmetic(x, members, scale=scale), x, members, consensus)
+    return _masked(task_arithmetic_merge(x, members, scale=scale), x, members, consensus)
 
 
 def _merge_ties(x, members, state, *, scale, consensus):
     del state
-    return _masked(kernels.ties_merge(x, members, scale=scale), x, members, consensus)
+    return _masked(ties_merge(x, members, scale=scale), x, members, consensus)
 
 
 def _check(consensus):

@@ -2,14 +2,42 @@ r"""MagMax: per parameter, the task-vector entry of largest magnitude."""
 
 from __future__ import annotations
 
-from .. import kernels_extra
-from ._common import numeric
+import jax.numpy as jnp
+
+from ._common import Block, as_members, numeric
 from ._contract import GroupMerge, Method
+
+
+def magmax_merge(x: Block, members=None, *, scale=1.0) -> Block:
+    r"""MagMax: per entry, the member task vector entry of largest magnitude, times :math:`\lambda`.
+
+    :math:`\Delta_j=\lambda\,\tau_{i^*(j),j}`, :math:`i^*(j)=\arg\max_{i\in G}|\tau_{ij}|`;
+    ties go to the **later** task (the official code folds with ``>=``; FusionBench too).
+
+    Args:
+      scale: :math:`\lambda` (FusionBench default 0.5, the official 8-task script). Traceable.
+
+    Returns:
+      ``{name: f32[...]}``; one task in gives ``scale`` times itself.
+
+    References:
+      Marczak et al., MagMax, ECCV 2024 (arXiv:2407.06322).
+    """
+    members = as_members(x, members)
+    s = jnp.asarray(scale, jnp.float32)
+    out = {}
+    for k, v in x.items():
+        n = v.shape[0]
+        mb = members.reshape((n,) + (1,) * (v.ndim - 1))
+        a = jnp.where(mb, jnp.abs(v), -1.0)
+        idx = (n - 1) - jnp.argmax(a[::-1], axis=0)
+        out[k] = s * jnp.take_along_axis(v, idx[None], axis=0)[0]
+    return out
 
 
 def _merge(x, members, state, *, scale):
     del state
-    return GroupMerge(kernels_extra.magmax(x, members, scale=scale), None, None)
+    return GroupMerge(magmax_merge(x, members, scale=scale), None, None)
 
 
 def magmax(scale=1.0) -> Method:

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from ._source import Source, _check_names, _flat_runs, region_runs
-from .tree import Layout, flatten, layout_mismatch, nest
+from ..tree import Layout, flatten, layout_mismatch, nest
+from ._source import MemorySource, Source, aligned_empty, check_names, flat_runs, region_runs
 
 __all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path",
-           "fingerprint", "hf_weights", "task_name"]
+           "fingerprint", "fingerprint_change", "hf_weights", "task_name", "as_source"]
 
 PyTree = Any
 
@@ -405,8 +405,6 @@ class _Reader:
         aligned arrays (one copy; XLA's CPU client then aliases them instead
         of copying, and the read releases the GIL for a prefetching thread);
         other dtypes through ``safetensors``."""
-        from ._source import aligned_empty
-
         out, other = {}, []
         shape = dict(zip(self.names, self.shapes))
         with open(self.file, "rb", buffering=0) as f:
@@ -448,7 +446,7 @@ class _Reader:
             self._dtype[r[0]] in _RUN_DTYPES for r in requests)
         if not ranged:
             got = self.read([r[0] for r in requests])
-            return [_flat_runs(got[name], st, ln) for name, st, ln in requests]
+            return [flat_runs(got[name], st, ln) for name, st, ln in requests]
         out = []
         with open(self.file, "rb", buffering=0) as f:
             fd = f.fileno()
@@ -627,7 +625,7 @@ class PathSource(FileInputs, Source):
         default = [task_name(p) for p in finetuned]
         if task_names is None and len(set(default)) == len(default):
             task_names = default
-        self.task_names = _check_names(task_names, len(finetuned))
+        self.task_names = check_names(task_names, len(finetuned))
         self._record_inputs(base, finetuned, self.task_names, verify)
 
     def base(self, names):
@@ -665,3 +663,19 @@ def path_source(base, finetuned, task_names=None, verify: str = "fast") -> PathS
     """A :class:`PathSource` (``finetuned``: list of paths; ``verify``: see
     :func:`fingerprint`)."""
     return PathSource(base, finetuned, task_names, verify)
+
+
+def as_source(base, finetuned, task_names=None, verify: str = "fast") -> Source:
+    """Coerces (pytree, [pytrees]) or a :class:`Source` to a Source
+    (``verify``: how its inputs are fingerprinted, see :func:`plan`)."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
+    if isinstance(base, Source):
+        if finetuned is not None:
+            raise ValueError("pass finetuned=None when base is a Source")
+        return base
+    if finetuned is None:
+        raise ValueError("finetuned models are required")
+    if isinstance(base, (str, os.PathLike)):
+        return path_source(base, finetuned, task_names, verify)
+    return MemorySource(base, finetuned, task_names, verify)

@@ -1,21 +1,20 @@
-r"""One-time preprocessing of task vectors (spec §3), sharding-friendly.
+r"""Order statistics of task vectors: exact radix select, and the TIES trim.
 
+* :func:`kth_smallest` / :class:`RadixSelect` — exact per-task k-th smallest
+  value over any number of leaves, by a two-pass radix select (16-bit
+  histograms of the float bit patterns) instead of a sort: it streams over
+  any number of leaves (or blocks read from disk), only needs per-task
+  histograms to be summed, and works on sharded arrays without gathering a
+  task vector on one device.
 * :func:`ties_trim_thresholds` / :func:`trim` — TIES trimming done **once
   per task over the whole model**: keep fraction ``keep``,
   ``k = d - int(d*keep)``, threshold :math:`t_i` = k-th smallest
   :math:`|\tau_i|`, keep :math:`|\tau_i|\ge t_i` (``int(d*keep)+1`` entries
-  absent ties).
-* :func:`pcb_thresholds` — the reference's global per-task PCB thresholds
-  (note the quirk: index ``int(d*keep)`` treats ``keep`` as a drop fraction).
-* :func:`pcb_clip_bounds` — per-task order statistics used by the PCB kernel
-  on one block.
-* :func:`dare` — random drop with rescale by :math:`1/(1-p)` (explicit key).
+  absent ties). The host pass that finds the same thresholds in one read
+  (fused with the Gram matrices) is :func:`flexmerge_jax.stats.passes.trim_pass`.
 
-Order statistics are computed by :func:`kth_smallest`, an exact two-pass
-radix select (16-bit histograms of the float bit patterns) instead of a
-sort: it streams over any number of leaves (or blocks read from disk), only
-needs per-task histograms to be summed, and works on sharded arrays without
-gathering a task vector on one device.
+PCB's thresholds (:mod:`flexmerge_jax.methods.pcb`) are built on
+:func:`kth_smallest`.
 """
 
 from __future__ import annotations
@@ -28,14 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..tree import host_resident
+
 __all__ = [
     "kth_smallest",
+    "RadixSelect",
     "ties_keep_count",
     "ties_trim_thresholds",
     "trim",
-    "pcb_thresholds",
-    "pcb_clip_bounds",
-    "dare",
 ]
 
 _BINS = 1 << 16
@@ -44,7 +43,7 @@ _SIGN = np.uint32(0x80000000)
 Leaves = Sequence[jax.Array] | Callable[[], Iterable[jax.Array]]
 
 
-def _iter(leaves: Leaves) -> Iterable[jax.Array]:
+def leaf_iter(leaves: Leaves) -> Iterable[jax.Array]:
     return leaves() if callable(leaves) else leaves
 
 
@@ -184,8 +183,8 @@ def kth_smallest(
       ValueError: if some ``k`` is outside ``[1, number of values]``.
     """
     sel = RadixSelect(k, signed=signed, transform=transform, magnitude=magnitude)
-    sel.first_pass(_iter(leaves))
-    return sel.second_pass(_iter(leaves))
+    sel.first_pass(leaf_iter(leaves))
+    return sel.second_pass(leaf_iter(leaves))
 
 
 class RadixSelect:
@@ -226,9 +225,7 @@ class RadixSelect:
         self.prefix = hi.astype(np.int32)
 
     def _hist(self, x, prefix) -> np.ndarray:
-        from ._source import _host_resident
-
-        if self.magnitude and _host_resident(x):
+        if self.magnitude and host_resident(x):
             return _host_magnitude_hist(x, prefix)
         return _hist(self.tf(x), None if prefix is None else jnp.asarray(prefix), self.signed)
 
@@ -266,7 +263,7 @@ def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
     """
     leaves_list = leaves
     n = None
-    for x in _iter(leaves_list):
+    for x in leaf_iter(leaves_list):
         n = x.shape[0]
         break
     return kth_smallest(leaves_list, np.full((n,), ties_keep_count(d, keep)), magnitude=True)
@@ -277,104 +274,3 @@ def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
     """Zeroes entries with ``|x[i]| < threshold[i]`` (``x: f32[n, ...]``)."""
     t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
-
-
-def _pcb_indices(d: int) -> tuple[int, int]:
-    # The reference's clamp(x, min_ratio=0.0001, max_ratio=0.0001) indices,
-    # with its Python float arithmetic reproduced exactly.
-    return int(d * 0.0001), int(d * (1 - 0.0001) - 1)
-
-
-def pcb_clip_bounds(leaves: Leaves, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task order statistics of ``|x|`` used by PCB's clamp.
-
-    Args:
-      leaves: task-vector leaves ``f32[n, ...]`` (one block, or the model).
-      d: their total number of entries per task.
-
-    Returns:
-      ``(lo, hi)``, ``f32[n]`` each: the values at sorted indices
-      ``int(d*1e-4)`` and ``int(d*(1-1e-4)-1)`` of each task's ``|x|``.
-    """
-    i_lo, i_hi = _pcb_indices(d)
-    first = next(iter(_iter(leaves)))
-    n = first.shape[0]
-    lo = kth_smallest(leaves, np.full(n, i_lo + 1), magnitude=True)
-    hi = kth_smallest(leaves, np.full(n, i_hi + 1), magnitude=True)
-    return lo, hi
-
-
-@jax.jit
-def _pcb_scores(x, colsum, clip_lo, clip_hi):
-    n = x.shape[0]
-    b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))
-    from .kernels import _minmax_sq
-
-    a = jnp.clip(jnp.abs(x), b(clip_lo), b(clip_hi))
-    selfp = _minmax_sq(a, b(clip_lo), b(clip_hi))  # 0 for a constant row (ref: NaN)
-    return jnp.exp(jnp.float32(n) * selfp) * jnp.tanh(x * colsum[None])
-
-
-def pcb_thresholds(leaves: Leaves, keep: float, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's global per-task PCB thresholds (``sparsify_pcb``).
-
-    Over the whole model and all n tasks: :math:`A` = ``|T|`` clipped per
-    task to :func:`pcb_clip_bounds`; self = minmax(A)^2; :math:`P =
-    e^{n\\cdot\\mathrm{self}}\\tanh(T\\odot\\mathrm{colsum}(T))`; per task
-    ``lo = sorted(P)[int(d*keep)]`` (``keep`` used as a *drop* fraction,
-    the reference's quirk) and ``hi = max(P)``.
-
-    Returns:
-      ``(lo, hi)``, ``f32[n]`` each.
-    """
-    from .kernels import task_sum
-
-    clip_lo, clip_hi = pcb_clip_bounds(leaves, d)
-    cl, ch = jnp.asarray(clip_lo), jnp.asarray(clip_hi)
-    colsum = jax.jit(task_sum)
-
-    def scores():
-        for x in _iter(leaves):
-            yield _pcb_scores(x, colsum(x), cl, ch)
-
-    first = next(iter(_iter(leaves)))
-    n = first.shape[0]
-    lo = kth_smallest(scores, np.full(n, int(d * keep) + 1), signed=True)
-    hi = kth_smallest(scores, np.full(n, d), signed=True)
-    return lo, hi
-
-
-@functools.partial(jax.jit, static_argnames=("drop",))
-def _dare_leaf(x, key, drop: float):
-    # Draws take the shape (and sharding) of one task's slice; with the
-    # partitionable threefry PRNG (JAX's default) the values do not depend
-    # on the sharding.
-    sh = getattr(jax.typeof(x), "sharding", None)
-    rest = None
-    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.axis_names:
-        rest = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[1:]))
-    u = jnp.stack([
-        jax.random.uniform(jax.random.fold_in(key, i), x.shape[1:], jnp.float32, out_sharding=rest)
-        for i in range(x.shape[0])
-    ])
-    keep = u > jnp.float32(drop)
-    return x * keep.astype(x.dtype) * jnp.float32(1.0 / (1.0 - drop))
-
-
-def dare(x: jax.Array, key: jax.Array, drop: float, leaf_index: int) -> jax.Array:
-    r"""DARE on one leaf: keep each entry iff :math:`U(0,1) > p`, rescale.
-
-    Args:
-      x: ``f32[n, ...]`` task vectors of one parameter.
-      key: the run's PRNG key (``jax.random.key(seed)``).
-      drop: :math:`p \in [0, 1)`.
-      leaf_index: the parameter's position in the layout; the per-task,
-        per-parameter key is ``fold_in(fold_in(key, leaf_index), task)``, so
-        the result does not depend on how the model is read (in memory,
-        block by block, sharded).
-
-    Returns:
-      ``f32[n, ...]``: ``x * mask * (1 / (1 - p))``. Matches the reference
-      (torch generator) in distribution only.
-    """
-    return _dare_leaf(x, jax.random.fold_in(key, leaf_index), float(drop))

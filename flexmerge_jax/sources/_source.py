@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .prep import trim
-from .tree import Layout, check_finetuned, flatten
+from ..stats.order import trim
+from ..tree import Layout, check_finetuned, flatten, host_resident
 
 PyTree = Any
 
@@ -111,7 +111,7 @@ class Source(abc.ABC):
         Args:
           names: the parameters.
           threshold: optional ``f32[n]`` TIES trim thresholds: entries with
-            ``|x| < threshold[i]`` are zeroed (:func:`~.prep.trim`, bit for
+            ``|x| < threshold[i]`` are zeroed (:func:`~flexmerge_jax.stats.order.trim`, bit for
             bit), on the host in the same pass as the subtraction.
 
         Raises:
@@ -172,7 +172,7 @@ def region_runs(shape: Sequence[int], index: tuple[slice, ...]) -> tuple[np.ndar
     return starts, int(length)
 
 
-def _flat_runs(arr, starts, length) -> np.ndarray:
+def flat_runs(arr, starts, length) -> np.ndarray:
     idx = np.asarray(starts, np.int64)[:, None] + np.arange(length)
     return np.asarray(arr).reshape(-1)[idx].astype(np.float32)
 
@@ -180,14 +180,14 @@ def _flat_runs(arr, starts, length) -> np.ndarray:
 def _runs(base: dict, fts: Sequence[dict], requests) -> list[np.ndarray]:
     out = []
     for name, starts, length in requests:
-        b = _flat_runs(base[name], starts, length)
-        out.append(np.stack([_flat_runs(f[name], starts, length) - b for f in fts]))
+        b = flat_runs(base[name], starts, length)
+        out.append(np.stack([flat_runs(f[name], starts, length) - b for f in fts]))
     return out
 
 
 def _all_host(names, base, fts) -> bool:
     return jax.default_backend() == "cpu" and all(
-        _host_resident(base[k]) and all(_host_resident(f[k]) for f in fts) for k in names
+        host_resident(base[k]) and all(host_resident(f[k]) for f in fts) for k in names
     )
 
 
@@ -254,14 +254,6 @@ def _check_finite(names, oks, task_names, base: dict) -> None:
             )
 
 
-def _host_resident(x) -> bool:
-    if isinstance(x, np.ndarray):
-        return True
-    sh = getattr(x, "sharding", None)
-    return (
-        isinstance(x, jax.Array) and sh is not None and len(sh.device_set) == 1
-        and next(iter(sh.device_set)).platform == "cpu"
-    )
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -416,9 +408,9 @@ def _host_task_vector(base, fts, threshold=None) -> tuple[np.ndarray, np.ndarray
 
 
 # |x| as the bits of a float32 with the sign cleared: monotone in |x| as an
-# unsigned integer; keys from _INF_BITS up are Inf or NaN.
-_ABS_BITS = np.uint32(0x7FFFFFFF)
-_INF_BITS = np.uint32(0x7F800000)
+# unsigned integer; keys from INF_BITS up are Inf or NaN.
+ABS_BITS = np.uint32(0x7FFFFFFF)
+INF_BITS = np.uint32(0x7F800000)
 
 
 def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool:
@@ -428,7 +420,7 @@ def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool
 
     Works on the bits: ``|x|`` with the sign bit cleared is monotone in
     ``|x|`` as an unsigned integer, and a kept entry is ANDed with all ones,
-    a dropped one with zero (``+0.0``, as :func:`~.prep.trim` writes).
+    a dropped one with zero (``+0.0``, as :func:`~flexmerge_jax.stats.order.trim` writes).
     NaN entries compare above every threshold (kept, and reported).
     """
     thr = np.float32(threshold)
@@ -441,19 +433,19 @@ def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool
     for j in range(0, out.size, _TRIM_COLUMNS):
         o, t = out[j:j + _TRIM_COLUMNS], tmp[:min(_TRIM_COLUMNS, out.size - j)]
         np.subtract(f[j:j + _TRIM_COLUMNS], b[j:j + _TRIM_COLUMNS], out=o)
-        np.bitwise_and(o.view(np.uint32), _ABS_BITS, out=t)
+        np.bitwise_and(o.view(np.uint32), ABS_BITS, out=t)
         top = max(top, t.max())
         np.greater_equal(t, key, out=t, casting="unsafe")  # 1: kept, 0: dropped
         np.negative(t, out=t)  # all ones, or zero
         np.bitwise_and(bits[j:j + _TRIM_COLUMNS], t, out=bits[j:j + _TRIM_COLUMNS])
-    return bool(top < _INF_BITS)
+    return bool(top < INF_BITS)
 
 
 @jax.jit
 def _task_vector(base, fts, threshold=None):
     """Task vectors ``f32[n, ...]`` and, fused in the same pass, ``bool[n]``
     whether each task's entries are all finite; trimmed by ``threshold``
-    (``f32[n]``, :func:`~.prep.trim`) if given."""
+    (``f32[n]``, :func:`~flexmerge_jax.stats.order.trim`) if given."""
     b = base.astype(jnp.float32)
     tv = jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
     ok = jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))
@@ -478,7 +470,7 @@ class MemorySource(Source):
         names, leaves, _ = flatten(base)
         self._base = dict(zip(names, leaves))
         self._ft = [dict(zip(names, flatten(f)[1])) for f in finetuned]
-        self.task_names = _check_names(task_names, len(finetuned))
+        self.task_names = check_names(task_names, len(finetuned))
         self._verify = verify
         self._fingerprints = None  # taken when first described
 
@@ -525,13 +517,13 @@ def tree_fingerprint(leaves: dict, verify: str = "fast") -> dict:
             part = x
         else:
             idx = np.linspace(0, size - 1, _TREE_SAMPLES).astype(np.int64)
-            part = (np.asarray(x).reshape(-1)[idx] if _host_resident(x)
+            part = (np.asarray(x).reshape(-1)[idx] if host_resident(x)
                     else jax.device_get(jnp.ravel(x)[idx]))
         h.update(np.ascontiguousarray(np.asarray(part)).tobytes())
     return {"full" if verify == "full" else "sample": "blake2b:" + h.hexdigest()}
 
 
-def _check_names(task_names, n: int) -> tuple[str, ...]:
+def check_names(task_names, n: int) -> tuple[str, ...]:
     if task_names is None:
         return default_task_names(n)
     names = tuple(str(t) for t in task_names)
@@ -540,3 +532,16 @@ def _check_names(task_names, n: int) -> tuple[str, ...]:
     if len(set(names)) != n:
         raise ValueError(f"task names must be distinct, got {list(names)}")
     return names
+
+
+def read_chunks(names: Sequence[str], sizes: Sequence[int], budget: int = 1 << 24):
+    """Groups consecutive parameters into reads of about ``budget`` entries."""
+    cur, total = [], 0
+    for name, size in zip(names, sizes):
+        cur.append(name)
+        total += size
+        if total >= budget:
+            yield cur
+            cur, total = [], 0
+    if cur:
+        yield cur

@@ -27,14 +27,14 @@ from ._source import Source, host_task_vectors
 
 __all__ = ["ShardedSource", "leaf_spec", "check_method"]
 
-def _check_axis(mesh: Mesh, axis: str) -> None:
+def check_axis(mesh: Mesh, axis: str) -> None:
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
 
 
 def check_method(method, mesh: Mesh, axis: str = "model") -> None:
     """Raises if ``method`` cannot run with its parameters sharded on ``mesh``."""
-    _check_axis(mesh, axis)
+    check_axis(mesh, axis)
     explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
     # Kernels that factor, sort or contract whole parameters (SVD, per-parameter
     # ranks, an inner product over all entries): on ``Auto`` axes XLA gathers what
@@ -78,7 +78,7 @@ class ShardedSource(Source):
     host_capable = False  # its arrays live on the mesh
 
     def __init__(self, source: Source, mesh: Mesh, axis: str = "model"):
-        _check_axis(mesh, axis)
+        check_axis(mesh, axis)
         self.inner, self.mesh, self.axis = source, mesh, axis
         # Files: later passes read (and place) the next block in a background
         # thread while this one is computed on, as without a mesh.

@@ -19,7 +19,7 @@ the interleaving is a sort by (-similarity, block, sequence) (§10.2); the
 scan gives the same order without relying on it.
 
 Exact reference tie rules: pairs are enumerated in the order of
-``list(set(roots))`` (emulated by :mod:`._pyset`), ``A`` before ``B``,
+``list(set(roots))`` (emulated by :mod:`.pyset`), ``A`` before ``B``,
 strict ``>`` (first pair wins); union by rank (ranks start at 1; equal ranks:
 ``A`` survives and its rank grows). NaN similarities (e.g. a block that
 trimming made all-zero) rank below every real one and such pairs are merged
@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._pyset import set_positions
+from ..stats.gram import block_gram, gram_dot
+from ..tree import canonical, host_resident
+from .pyset import set_positions
 
 LINKAGES = ("min", "mean", "max")
 LINKAGE_ALIASES = {"single": "min", "average": "mean", "complete": "max"}
@@ -242,7 +244,6 @@ def _linear_sequences(gram, numel, scale, *, similarity, min_merged, sums):
 
 def _sign_sims(v: dict, numel: int) -> jax.Array:
     """Sign agreement between all rows of the group vectors ``v`` (f64)."""
-    from ._engine import gram_dot
 
     agree = 0
     for x in v.values():
@@ -402,10 +403,9 @@ def _materialized_sequence(x, singles, rows, slots, gram, extra, hp, *, similari
 def _host_rows(singles: dict):
     """Per-task rows of host-resident ``singles`` as NumPy views (jit
     arguments that alias them when 64-byte aligned), else ``None``."""
-    from ._source import _host_resident
 
     leaves = list(singles.values())
-    if not leaves or not all(_host_resident(v) for v in leaves):
+    if not leaves or not all(host_resident(v) for v in leaves):
         return None
     arrays = {k: np.asarray(v) for k, v in singles.items()}
     n = leaves[0].shape[0]
@@ -416,19 +416,8 @@ def _host_rows(singles: dict):
 # Public-in-package entry points.
 
 
-def canonical(x: dict) -> dict:
-    """Renames a block's leaves to positional keys for jitted code.
-
-    The jit cache is keyed by pytree structure, dict keys included: with
-    positional keys, blocks of identical shapes (every layer's attention,
-    every LayerNorm) share one compilation.
-    """
-    return {f"{i:05d}": v for i, v in enumerate(x.values())}
 
 
-def named(out: dict, names) -> dict:
-    """Inverse of :func:`canonical` for a dict produced from canonical keys."""
-    return dict(zip(names, (out[f"{i:05d}"] for i in range(len(names)))))
 
 
 def _to_sequences(out) -> list[BlockSequence]:
@@ -483,7 +472,7 @@ def materialized_sequence(
       gram: ``f64[n, n]`` Gram matrix of ``singles`` if already known
         (cosine and euclidean start from it).
       precision: ``"float64"`` or ``"float32"``: of the Gram computed here
-        if not given (see :func:`~._engine.block_gram`) and of every group
+        if not given (see :func:`~flexmerge_jax.stats.gram.block_gram`) and of every group
         vector comparison (see :func:`_pair`).
       scratch: a dict the caller keeps across blocks: host-resident blocks
         hand the buffers of their ``n // 2`` group-vector slots back in it,
@@ -491,7 +480,6 @@ def materialized_sequence(
         memory, whose first touch costs a page fault per 4 KB on the CPU;
         they took ~20% of a ViT-B/32 TIES plan's time).
     """
-    from ._engine import block_gram
 
     x, singles = canonical(x), canonical(singles)
     static, hp = method.split()

@@ -1,0 +1,390 @@
+"""Per-block method inputs, group merges and materialization.
+
+:class:`Prepared` wraps a :class:`~flexmerge_jax.sources.Source` with one
+method's global preprocessing (DARE, the whole-model TIES trim thresholds,
+PCB thresholds): it hands out the preprocessed task vectors of one block at
+a time. :func:`merge_groups` merges several groups of one block in one
+program; :func:`materialize_block` / :func:`materialize` build the deployed
+:class:`~flexmerge_jax.FlexModel`. Everything reads one block at a time, so
+peak memory is one block of all tasks (two when a file source reads the next
+block in a host thread meanwhile, see :mod:`flexmerge_jax.sources.threads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._flexmodel import BlockModel, FlexModel
+from .blocks import Partition
+from .methods import Method
+from .methods.dare import dare_drop
+from .sources._source import Source, read_chunks
+from .sources.threads import host_pool
+from .stats.order import kth_smallest, ties_keep_count, trim
+from .stats.passes import trim_pass
+from .tree import canonical, named
+
+
+class Prepared:
+    """A source of task vectors with a method's global preprocessing applied.
+
+    Global statistics (TIES thresholds, PCB thresholds) are computed in
+    streaming passes over all parameters when first needed (TIES: fused
+    into the Gram pass when possible, see :func:`trim_pass`); every task
+    vector is checked for NaN/Inf whenever it is read (materialized ones in
+    the same pass that computes them; the streamed passes detect NaN/Inf in
+    their own statistics, then read again the checked way to name the
+    parameter), and parameters outside the blocks are checked too, so
+    nothing that is deployed goes unchecked.
+    """
+
+    def __init__(self, source: Source, partition: Partition, method: Method):
+        self.source = source
+        self.partition = partition
+        self.method = method
+        self.layout = source.layout
+        self._index = self.layout.index()
+        self._extra: dict[int, dict] = {}
+        self._trim_threshold = None
+        self._ahead, self._in_order, self._cut_groups = None, False, None  # in_order()
+        self.prepared = None  # the method's whole-model statistics (method.prepare)
+        d = self.layout.total
+        if method.trims:
+            # Thresholds are computed lazily (trim_threshold, or fused into
+            # the Gram pass); that pass reads, and checks, every parameter.
+            self.keep_count = np.full((source.n,), ties_keep_count(d, method.trim_keep),
+                                      np.int64)
+        elif method.prepare is not None:  # reads, and checks, every parameter
+            self.prepared = method.prepare(self.all_leaves, d, **dict(method.static))
+        elif partition.unmatched:
+            # Blocks are checked when read; unmatched parameters are deployed
+            # as they are, so check them now.
+            self.source.task_vectors(partition.unmatched)
+        sp = method.sparsify
+        self.key = jax.random.key(int(sp.seed)) if sp is not None else None
+
+    def all_leaves(self):
+        """Every task-vector leaf (including unmatched parameters: the
+        reference trims, and computes PCB thresholds, before assigning
+        blocks), read in chunks of about 2^24 entries per task."""
+        for chunk in read_chunks(list(self.layout.names), self.layout.sizes):
+            yield from self.source.task_vectors(chunk).values()
+
+    @property
+    def n(self) -> int:
+        return self.source.n
+
+    @property
+    def trim_threshold(self) -> np.ndarray | None:
+        """Per-task TIES thresholds ``f32[n]`` (``None`` when not trimming)."""
+        if self.method.trims and self._trim_threshold is None:
+            res = trim_pass(self, want_grams=False)
+            if res is None:  # not host-resident: two radix passes (XLA)
+                self._trim_threshold = kth_smallest(
+                    self.all_leaves, self.keep_count, magnitude=True)
+        return self._trim_threshold
+
+    @property
+    def identity(self) -> bool:
+        """Whether preprocessing leaves task vectors unchanged."""
+        return not self.method.trims and self.method.sparsify is None
+
+    def tau(self, b: int) -> dict[str, jax.Array]:
+        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b`` (read
+        ahead inside :meth:`in_order`)."""
+        return self._read(b, trimmed=False)
+
+    def _read(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
+        return self._in_turn((b, trimmed), self._task_vectors, (b + 1, trimmed))
+
+    def _in_turn(self, key: tuple, compute, nxt: tuple | None):
+        """``compute(*key)`` (``key[0]``: a block), taken from the read-ahead
+        if that was ``key``; inside :meth:`in_order`, then submits
+        ``compute(*nxt)`` ahead (none past the last block)."""
+        pending, self._ahead = self._ahead, None
+        if pending is not None and pending[0] == key:
+            out = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            out = compute(*key)
+        if self._in_order and nxt is not None and nxt[0] < len(self.partition):
+            self._ahead = (nxt, host_pool().submit(compute, *nxt))
+        return out
+
+    def _task_vectors(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
+        leaves = self.partition.blocks[b].leaves
+        return self.source.task_vectors(leaves, self.trim_threshold if trimmed else None)
+
+    def cut_inputs(self, b: int, groups) -> tuple:
+        """What a cut needs of block ``b`` with these ``groups``, each input
+        read once (:meth:`~.sources.Source.inputs`): ``(base, {task:
+        params} of the tasks kept as they are, preprocessed task vectors)``,
+        base and task vectors ``None`` when no group is merged. Read ahead
+        inside :meth:`in_order` given the cut's groups."""
+        key = (b, *self._cut_needs(groups))
+        cut = self._cut_groups
+        nxt = (b + 1, *self._cut_needs(cut[b + 1])) if cut is not None and b + 1 < len(cut) \
+            else None
+        base, fts, tau = self._in_turn(key, self._cut_read, nxt)
+        if tau is not None and self.trim_threshold is None:
+            tau = self.preprocess(tau)  # (trimmed vectors were trimmed as read)
+        return base, fts, tau
+
+    def _cut_needs(self, groups) -> tuple[tuple[int, ...], bool]:
+        """``(tasks kept as they are, whether some group is merged)``."""
+        m = self.method.min_merged
+        return (tuple(sorted(t for g in groups if len(g) < m for t in g)),
+                any(len(g) >= m for g in groups))
+
+    def _cut_read(self, b: int, tasks, merged: bool):
+        leaves = self.partition.blocks[b].leaves
+        thr = self.trim_threshold if merged else None  # computed in the caller's thread
+        return self.source.inputs(leaves, tasks, thr, task_vectors=merged)
+
+    @contextlib.contextmanager
+    def in_order(self, cut=None):
+        """Declares that the blocks are about to be read in increasing order:
+        sources that read files (``source.prefetch``) then compute block
+        ``b + 1``'s task vectors (raw or trimmed, as block ``b``'s were
+        asked for; for a cut (``cut``: every block's groups), its
+        :meth:`cut_inputs`) in a background thread while the caller works on
+        block ``b`` (one block ahead at most; a block read out of turn drops
+        it, and so does leaving the context). Merged-vector plans read ahead
+        with :func:`read_ahead` instead, from memory too.
+
+        A cut's trim thresholds are computed here, in the caller's thread,
+        if any of its groups is merged.
+        """
+        if cut is not None and any(self._cut_needs(g)[1] for g in cut):
+            self.trim_threshold  # noqa: B018
+        self._in_order, self._cut_groups = self.source.prefetch, cut
+        try:
+            yield self
+        finally:
+            self._in_order, self._cut_groups = False, None
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+                self._ahead = None
+
+    def x(self, b: int, tau: dict | None = None) -> dict[str, jax.Array]:
+        """Preprocessed task vectors of block ``b`` (what merges and similarity
+        use), from its raw task vectors ``tau`` if given. Without ``tau``,
+        TIES-trimmed vectors are trimmed as they are computed (on the host:
+        in the same pass, no second array), and read ahead like :meth:`tau`."""
+        if tau is None and self.trim_threshold is not None:
+            return self._read(b, trimmed=True)
+        return self.preprocess(self.tau(b) if tau is None else tau)
+
+    def preprocess(self, tau: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        m = self.method
+        if self.trim_threshold is not None:
+            thr = jnp.asarray(self.trim_threshold)
+            return {k: trim(v, thr) for k, v in tau.items()}
+        if m.sparsify is not None:
+            return {
+                k: dare_drop(v, self.key, m.sparsify.drop, self._index[k]) for k, v in tau.items()
+            }
+        return tau
+
+    def extra(self, b: int, x: dict | None = None) -> dict | None:
+        """Per-block method state (:meth:`~.methods.Method.shared_state`:
+        TSV's SVDs, Breadcrumbs' masks, DELLA's pruned vectors, PCB's clip
+        bounds and thresholds), with the block's PRNG key as ``"key"`` for
+        methods with a ``seed``. Kept per block where the method declares it
+        small (``traits.keep_block_state``), else computed at each call from
+        ``x`` (callers ask once per block)."""
+        m = self.method
+        if m.block_state is None:
+            return None
+        if b in self._extra:
+            return self._extra[b]
+        x = self.x(b) if x is None else x
+        key = None if m.seed is None else jax.random.fold_in(jax.random.key(int(m.seed)), b)
+        state = m.shared_state(canonical(x), key, numel=self.partition.blocks[b].numel,
+                               prepared=self.prepared)
+        out = {**({} if key is None else {"key": key}), **state}
+        if m.traits.keep_block_state:
+            self._extra[b] = out
+        return out
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _merge_groups(x, members, scales, extra, hp, *, static: Method):
+    """``method.merge_group`` over groups ``members: bool[G, n]``, ``scales: f32[G]``
+    (each group's ``scale``, for methods with one)."""
+
+    def one(args):
+        mb, sc = args
+        return static.join({**hp, "scale": sc} if "scale" in hp else hp).merge_group(x, mb, extra)
+
+    return jax.lax.map(one, (members, scales))
+
+
+def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=None):
+    """Merges several groups of one block; pads G to a power of two.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` preprocessed task vectors of the block.
+      members: ``bool[G, n]`` the groups.
+      extra: per-block method state.
+      method: the method.
+      scales: optional per-group :math:`\\lambda` (``f32[G]``, validation
+        tuning); default ``method.scale`` for every group.
+
+    Returns:
+      :class:`~.methods.GroupMerge` with a leading group axis ``[G, ...]``.
+    """
+    g = members.shape[0]
+    bucket = 1 << max(0, (g - 1).bit_length())
+    padded = np.zeros((bucket, members.shape[1]), bool)
+    padded[:g] = members
+    padded[g:, 0] = True  # dummy groups: harmless work, discarded below
+    sc = np.full((bucket,), method.scale, np.float32)
+    if scales is not None:
+        sc[:g] = scales
+    names = list(x)
+    static, hp = method.split()
+    out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp, static=static)
+    if g < bucket:
+        out = jax.tree.map(lambda a: a[:g], out)
+    return out._replace(
+        vector=named(out.vector, names),
+        masks=None if out.masks is None else named(out.masks, names),
+    )
+
+
+@jax.jit
+def add_base(base: dict, v: dict, i) -> dict:
+    """``{k: base[k] + v[k][i]}`` in the base's dtype (one dispatch per group
+    for the whole block, not a slice and an add per leaf)."""
+    return {k: (b.astype(jnp.float32) + v[k][i]).astype(b.dtype) for k, b in base.items()}
+
+
+def _as_input_dtypes(merged: dict, base: dict, block: str) -> dict:
+    """A merged parameter set in the inputs' dtypes, as the per-task sets
+    beside it: float64 inputs (which JAX computes and returns as float32
+    unless ``jax_enable_x64``) as float64 host arrays; float16 results
+    checked for overflow (float16's range is 65504; bfloat16 has float32's)."""
+    out = dict(merged)
+    for k, v in merged.items():
+        want = np.dtype(base[k].dtype)
+        if want == np.float64 and v.dtype != want:
+            out[k] = np.asarray(v).astype(want)
+        elif want == np.float16 and not np.isfinite(np.asarray(v)).all():
+            warnings.warn(
+                f"block {block!r}: the merged parameter {k!r} overflows float16 (Inf entries; "
+                "the largest float16 is 65504): merge float32 copies of the inputs instead",
+                stacklevel=3)
+    return out
+
+
+def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
+    """The deployed :class:`~._flexmodel.BlockModel` of block ``b``.
+
+    One vectorised merge over the block's merged groups; tasks in groups
+    below the method's merge size keep their fine-tuned parameters.
+
+    Args:
+      prepared: the preprocessed source.
+      b: block index.
+      groups: the block's groups (task tuples).
+      scales: ``{group: lambda}`` for groups with a tuned lambda.
+    """
+    method, n = prepared.method, prepared.n
+    block = prepared.partition.blocks[b]
+    groups = sorted(tuple(sorted(g)) for g in groups)
+    merged = [g for g in groups if len(g) >= method.min_merged]
+    base, fts, x = prepared.cut_inputs(b, groups)
+    gm = None
+    if merged:
+        members = np.zeros((len(merged), n), bool)
+        for i, g in enumerate(merged):
+            members[i, list(g)] = True
+        tuned = scales or {}
+        sc = np.array([tuned.get(g, method.scale) for g in merged], np.float32)
+        gm = merge_groups(x, members, prepared.extra(b, x), method, sc)
+    sets, masked, masks = [], [], {}
+    routing = np.full((n,), -1, np.int32)
+    rescalers = np.ones((n,), np.float32)
+    gi = 0
+    if merged:  # on the device once, not once per group
+        base_dev = canonical({k: jnp.asarray(base[k]) for k in block.leaves})
+        vec = canonical({k: gm.vector[k] for k in block.leaves})
+    for g in groups:
+        if len(g) >= method.min_merged:
+            sets.append(_as_input_dtypes(named(add_base(base_dev, vec, np.int32(gi)),
+                                               block.leaves), base, block.name))
+            masked.append(method.uses_masks)
+            routing[list(g)] = len(sets) - 1
+            if method.uses_masks:
+                resc = np.asarray(gm.rescalers[gi])
+                for t in g:
+                    masks[t] = {k: gm.masks[k][gi, t] for k in block.leaves}
+                    rescalers[t] = resc[t]
+            gi += 1
+        else:
+            for t in g:
+                sets.append(fts[t])
+                masked.append(False)
+                routing[t] = len(sets) - 1
+    any_masked = any(masked)
+    return BlockModel(
+        name=block.name,
+        leaves=block.leaves,
+        groups=tuple(groups),
+        routing=routing,
+        sets=sets,
+        masked=np.asarray(masked, bool),
+        base=base if any_masked else None,
+        masks=masks,
+        rescalers=rescalers,
+    )
+
+
+def materialize(
+    prepared: Prepared,
+    groups_per_block: Sequence[Sequence[tuple[int, ...]]],
+    *,
+    n_models: float,
+    step: int | None,
+    scales: Sequence[dict] | None = None,
+):
+    """Builds the :class:`~._flexmodel.FlexModel` of a given partition.
+
+    Args:
+      prepared: the preprocessed source.
+      groups_per_block: for each block, its groups (sorted task tuples).
+      n_models: the size to record (from the schedule's accounting).
+      step: the schedule step, or ``None``.
+      scales: for each block, ``{group: lambda}`` for groups whose
+        :math:`\\lambda` was tuned (others use ``method.scale``).
+    """
+    with prepared.in_order(cut=groups_per_block):
+        models = [
+            materialize_block(prepared, b, groups_per_block[b],
+                              None if scales is None else scales[b])
+            for b in range(len(prepared.partition))
+        ]
+    src, n, partition = prepared.source, prepared.n, prepared.partition
+    unmatched = (
+        src.finetuned(partition.unmatched) if partition.unmatched else [{} for _ in range(n)]
+    )
+    return FlexModel(
+        layout=prepared.layout,
+        partition=partition,
+        method=prepared.method,
+        task_names=src.task_names,
+        blocks=models,
+        unmatched=unmatched,
+        n_models=n_models,
+        step=step,
+        source=src.describe(),
+    )
