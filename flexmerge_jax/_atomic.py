@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_dir", "check_target", "MANIFEST"]
+__all__ = ["write_dir", "begin", "finish", "abandon", "check_target", "MANIFEST"]
 
 #: File listing what a save wrote (paths relative to the directory, ``/``
 #: separated, directories with a trailing ``/``).
@@ -81,12 +81,13 @@ def remove_stale(target: Path) -> list[Path]:
     for p in entries:
         m = pattern.fullmatch(p.name)
         if m and m["host"] == _host() and not _alive(int(m["pid"])):
-            _discard(p)
+            abandon(p)
             removed.append(p)
     return removed
 
 
-def _discard(p: Path) -> None:
+def abandon(p: Path) -> None:
+    """Removes a temporary directory (or file) of an unfinished save."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     else:
@@ -230,13 +231,36 @@ def write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, overw
         an existing target is left as it was.
     """
     target = Path(target)
+    tmp = begin(target, overwrite=overwrite, check_ours=check_ours)
+    try:
+        write(tmp)
+    except BaseException as e:
+        abandon(tmp)
+        _reraise_as_target(e, tmp, target)
+        raise
+    finish(tmp, target, overwrite=overwrite, check_ours=check_ours, manifest=manifest)
+    return target
+
+
+def begin(target: Path, *, overwrite: bool, check_ours: Callable[[Path], object]) -> Path:
+    """The first half of :func:`write_dir`: checks ``target``, creates its
+    parents and a new empty temporary directory beside it (returned), for
+    :func:`finish` to claim ``target`` with once it is filled (several
+    processes may fill it, see ``checkpointing._atomic``)."""
     check_target(target, overwrite, check_ours)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
     tmp = _temp_name(target, "tmp")
     tmp.mkdir()
+    return tmp
+
+
+def finish(tmp: Path, target: Path, *, overwrite: bool, check_ours: Callable[[Path], object],
+           manifest: bool = True) -> None:
+    """The second half of :func:`write_dir`: writes the manifest of the
+    filled ``tmp`` and claims ``target`` with it. On any error ``tmp`` is
+    removed and an existing target is left as it was."""
     try:
-        write(tmp)
         if manifest:
             _write_manifest(tmp)
         if overwrite and os.path.lexists(target) and not _is_empty_dir(target):
@@ -244,12 +268,16 @@ def write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, overw
         else:
             _claim(tmp, target)
     except BaseException as e:
-        _discard(tmp)
-        if isinstance(e, OSError) and str(e.filename or "").startswith(str(tmp)):
-            # Name the user's path, not the temporary one that is gone.
-            raise OSError(e.errno, e.strerror, str(target)) from e
+        abandon(tmp)
+        _reraise_as_target(e, tmp, target)
         raise
-    return target
+
+
+def _reraise_as_target(e: BaseException, tmp: Path, target: Path) -> None:
+    """Raises an ``OSError`` about the temporary directory (gone now) as one
+    about the user's path; returns for other errors."""
+    if isinstance(e, OSError) and str(e.filename or "").startswith(str(tmp)):
+        raise OSError(e.errno, e.strerror, str(target)) from e
 
 
 def _replace(tmp: Path, target: Path, check_ours) -> None:
@@ -278,6 +306,6 @@ def _replace(tmp: Path, target: Path, check_ours) -> None:
         try:
             rename_noreplace(aside, target)  # the previous output back in its place
         except OSError:
-            _discard(aside)  # the target was taken meanwhile: old output of ours, replaced anyway
+            abandon(aside)  # the target was taken meanwhile: old output of ours, replaced anyway
         raise
-    _discard(aside)
+    abandon(aside)

@@ -104,7 +104,7 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
                 _write_task(dest, model.params_for_task(t), format, mirror)
                 bar.update(1, model.task_names[t])
 
-    return _atomic(out, write, overwrite=False, manifest=False)
+    return _atomic(out, write, overwrite=False, manifest=False, shared=False)
 
 
 def _task_dir(name: str) -> str:

@@ -3,25 +3,33 @@
 A saved directory holds ``flexmerge.json`` — everything that is not a
 parameter array (format marker, task names, method and hyperparameters,
 blocks, routing tables, groups, sizes, the plan's schedule), readable
-without JAX — and, for a model, ``arrays/``: one Orbax checkpoint per block
-(``b00000``, ...), ``unmatched`` and ``model``, so models are written and
-read block by block. The Orbax trees are named (parameter sets, parameter
-paths, task names, routing, masks, rescalers): ``orbax.checkpoint`` alone
-restores them (``docs/format.md``). Arrays are stored uncompressed
-(directories written with Orbax's default zstd compression load too); masks
-bit-packed (``np.packbits``: 1 bit per parameter on disk). Directories of
-format version 1 (anonymous keys) still load.
+without JAX — and, for a model, ``arrays/``: a few Orbax checkpoints
+("parts" ``p00000``, ...), each holding consecutive blocks (``b00000``, ...)
+up to about :data:`PART_BYTES`, then ``unmatched`` and ``model``. So a model
+is written and read a bounded part at a time, and a save costs a few Orbax
+saves, not one per block (each has a fixed cost of synchronization and
+metadata files, which dominated models of many small blocks:
+``benchmarks/results/write_speed.md``).
+The Orbax trees are named (parameter sets, parameter paths, task names,
+routing, masks, rescalers): ``orbax.checkpoint`` alone restores them
+(``docs/format.md``). Arrays are stored uncompressed (directories written
+with Orbax's default zstd compression load too); masks bit-packed
+(``np.packbits``: 1 bit per parameter on disk). Directories of format
+versions 1 (anonymous keys) and 2 (one Orbax checkpoint per block) still
+load.
 
 Saving is atomic: everything is written into a temporary sibling directory
 that is renamed into place only once complete, so a failure never leaves a
 directory that :func:`load` would accept, and the rename never replaces
 what it did not check (:mod:`._atomic`: concurrent saves, ``overwrite``).
+Under ``jax.distributed`` every process writes the shards it holds into one
+temporary directory (Orbax's multi-process save) and process 0 claims the
+target (:func:`_atomic`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 import re
@@ -41,9 +49,15 @@ __all__ = ["save", "save_cut", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
 
 FORMAT_MODEL = "flexmerge_jax/flexmodel"
 FORMAT_PLAN = "flexmerge_jax/plan"
-VERSION = 2
-_VERSIONS = (1, 2)  # version 1: anonymous Orbax keys (s00000/00000, m00000, t00000)
+VERSION = 3
+# Version 1: anonymous Orbax keys (s00000/00000, m00000, t00000), one Orbax
+# item per block; version 2: named keys, one Orbax item per block.
+_VERSIONS = (1, 2, 3)
 _META = "flexmerge.json"
+#: A save puts consecutive blocks into one Orbax checkpoint until it holds
+#: this many bytes (a block larger than that is a part of its own): host
+#: memory holds at most two parts (one being written, one being filled).
+PART_BYTES = 128 << 20
 
 
 def _key(prefix: str, i: int) -> str:
@@ -67,6 +81,16 @@ def _host(x):
         from jax.experimental import multihost_utils
 
         x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _stored(x):
+    """``x`` as Orbax is to write it: an array spread over several processes
+    stays a ``jax.Array``, so that each process writes the shards it holds
+    (one chunk per shard); anything else becomes a NumPy array, one chunk,
+    written by process 0."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
     return np.asarray(jax.device_get(x))
 
 
@@ -94,11 +118,11 @@ def _block_arrays(b: BlockModel, task_names) -> dict:
         "routing": np.asarray(b.routing, np.int32),
         "masked": np.asarray(b.masked, bool),
         "rescalers": np.asarray(b.rescalers, np.float32),
-        "sets": {str(si): _named(b.leaves, [_host(st[k]) for k in b.leaves])
+        "sets": {str(si): _named(b.leaves, [_stored(st[k]) for k in b.leaves])
                  for si, st in enumerate(b.sets)},
     }
     if b.base is not None:
-        tree["base"] = _named(b.leaves, [_host(b.base[k]) for k in b.leaves])
+        tree["base"] = _named(b.leaves, [_stored(b.base[k]) for k in b.leaves])
     if b.masks:
         tree["masks"] = {task_names[t]: _named(b.leaves, [_pack(m[k]) for k in b.leaves])
                          for t, m in sorted(b.masks.items())}
@@ -121,24 +145,25 @@ def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, 
                  blocks, unmatched, source) -> None:
     """Writes a FlexModel directory block by block (``blocks``: an iterable).
 
-    Each block is its own Orbax item under ``arrays/``, so a block can be
-    written (in the background, while the next one is materialized) as soon
-    as it is materialized and dropped (streaming cuts), and read on its own.
+    Consecutive blocks go into one Orbax item under ``arrays/`` up to
+    :data:`PART_BYTES`, written in the background while the next blocks are
+    materialized (streaming cuts), so a model larger than memory is written
+    a part at a time.
     """
     metas = []
     stored = 0.0
-    with _Writer() as writer:
+    with _Writer(tmp / "arrays") as writer:
         for bi, (blk, pb) in enumerate(zip(blocks, partition.blocks)):
-            writer.write(tmp / "arrays" / _key("b", bi), _block_arrays(blk, task_names))
+            writer.add(_key("b", bi), _block_arrays(blk, task_names))
             metas.append(_block_meta(blk))
             stored += blk.stored_parameters(pb.numel)
         if partition.unmatched:
-            writer.write(tmp / "arrays" / "unmatched", {
-                t: _named(partition.unmatched, [_host(u[k]) for k in partition.unmatched])
+            writer.add("unmatched", {
+                t: _named(partition.unmatched, [_stored(u[k]) for k in partition.unmatched])
                 for t, u in zip(task_names, unmatched)
             })
         stored += len(task_names) * partition.unmatched_numel
-        writer.write(tmp / "arrays" / "model", {
+        writer.add("model", {
             "n_models": np.float64(n_models), "stored_parameters": np.float64(stored)})
     _write_json(tmp / _META, {
         "format": FORMAT_MODEL,
@@ -150,6 +175,7 @@ def _write_model(tmp: Path, *, layout, partition, method, task_names, n_models, 
         "layout": layout.to_json(),
         "partition": partition.to_json(),
         "blocks": metas,
+        "parts": writer.parts,
         "stored_parameters": stored,
         "source": source,
     })
@@ -183,6 +209,8 @@ def _plan_meta(plan) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    if jax.process_index() != 0:  # process 0 writes a multi-process save's files
+        return
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=False)
         f.write("\n")
@@ -197,50 +225,85 @@ def _this_process_only():
     return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
+def _nbytes(tree) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
 class _Writer:
-    """Writes Orbax items one after another, each in the background while
-    the caller prepares the next (at most one write in flight: Orbax's
-    ``save`` first waits for the previous one). Leaving the context waits
-    for the last write (and raises its error, if any).
+    """Collects named trees (:meth:`add`) into parts of about
+    :data:`PART_BYTES` and writes each part as one Orbax checkpoint
+    ``<directory>/p00000``, ... in the background while the caller prepares
+    the next (at most one write in flight: Orbax's ``save`` first waits for
+    the previous one). Leaving the context writes the last part and waits
+    (raising the write's error, if any). ``parts``: the names in each part.
+
+    Under ``jax.distributed`` every process writes each part (Orbax's
+    multi-process save): the shards of the arrays it holds (:func:`_stored`),
+    process 0 the NumPy arrays and the part's metadata.
 
     Arrays are stored uncompressed: zstd saved ~8% of the bytes of float32
     parameters and took three times as long as the write itself.
     """
 
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.parts: list[list[str]] = []
+        self._pending: dict[str, Any] = {}
+        self._bytes = 0
+        self._last: Path | None = None
+
     def __enter__(self):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        alone = _this_process_only()  # under jax.distributed only process 0 writes
+        # One process: no barriers. Several: all of them, process 0 primary.
+        every = ocp.options.MultiprocessingOptions() if jax.process_count() > 1 \
+            else _this_process_only()
         self._ckpt = ocp.AsyncCheckpointer(
-            ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=alone),
-            multiprocessing_options=alone)
+            ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=every),
+            multiprocessing_options=every)
         return self
 
-    _last: Path | None = None
+    def add(self, name: str, tree: dict) -> None:
+        self._pending[name] = tree
+        self._bytes += _nbytes(tree)
+        if self._bytes >= PART_BYTES:
+            self._flush()
 
-    def write(self, path: Path, arrays: dict) -> None:
-        if _DISCARD.get():  # another process writes (see _atomic)
+    def _flush(self) -> None:
+        if not self._pending:
             return
+        path = self.directory / _key("p", len(self.parts))
+        self.parts.append(list(self._pending))
+        tree, self._pending, self._bytes = self._pending, {}, 0
+        self.write(path, tree)
+
+    def write(self, path: Path, tree: dict) -> None:
+        """Starts writing one part (an Orbax save in the background)."""
         self._last = path
         with _os_errors(path):
-            self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(arrays))
+            self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(tree))
 
     def __exit__(self, typ, exc, tb):
         # Already failing (an error, Ctrl-C): the in-flight write may fail
         # too (Orbax then cannot schedule its last steps), but the first
         # error is the one to report.
+        failed = typ is not None
         try:
+            if typ is None:
+                self._flush()
             with _os_errors(self._last):
                 self._ckpt.wait_until_finished()
         except Exception:
+            failed = True
             if typ is None:
                 raise
         finally:
-            try:
-                self._ckpt.close()
+            try:  # close() raises a failed write's error once more
+                with _os_errors(self._last):
+                    self._ckpt.close()
             except Exception:
-                if typ is None:
+                if not failed:
                     raise
 
 
@@ -347,51 +410,88 @@ def save_groups(path, prepared, groups, *, task_names, n_models: float, step: in
     return _atomic(Path(path), write, overwrite)
 
 
-def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True) -> Path:
+def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True,
+            shared: bool = True) -> Path:
     """Runs ``write(tmp_dir)`` (which writes ``flexmerge.json`` last: it
     marks the directory complete), then claims ``path`` (:mod:`._atomic`).
 
-    Under ``jax.distributed`` every process calls this with the same path:
-    each runs ``write`` (its gathers are collectives, see :func:`_host`),
-    only process 0 writes files and claims ``path``, and no process returns
-    before the directory is in place.
+    Under ``jax.distributed`` every process calls this with the same path,
+    in the same order. Process 0 checks the target and creates the
+    temporary directory; its name is broadcast (all processes fail alike if
+    process 0 cannot save there, or if another process cannot see the
+    directory: the path must be on a filesystem they share). With
+    ``shared``, every process runs ``write`` into it (Orbax's multi-process
+    save: each process writes the shards it holds, process 0 the rest, see
+    :class:`_Writer`); without (exports, written as whole files), process 0
+    writes and the others run ``write`` into a scratch directory they delete
+    (its gathers are collectives). After a barrier process 0 alone claims
+    ``path``, and broadcasts whether it did: no process returns before the
+    directory is in place, and all fail if it could not be claimed.
     """
     if jax.process_count() == 1:
         return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
                                 manifest=manifest)
+    import tempfile
+
     from jax.experimental import multihost_utils
 
     primary = jax.process_index() == 0
-    verdict = ""
+    error, tmp = None, None
     if primary:
         try:
-            _claim.check_target(path, overwrite, _read_meta)
-        except ValueError as e:
-            verdict = str(e)
+            tmp = _claim.begin(path, overwrite=overwrite, check_ours=_read_meta)
+        except (ValueError, OSError) as e:
+            error = e
     # Every process fails alike, before any collective in ``write``.
-    ok = multihost_utils.broadcast_one_to_all(np.int32(verdict == ""))
-    if not ok:
-        raise ValueError(verdict or f"{path}: process 0 cannot save there (see its error)")
-    if primary:
-        out = _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
-                               manifest=manifest)
-    else:
-        import tempfile
-
-        token = _DISCARD.set(True)
-        try:
-            with tempfile.TemporaryDirectory() as scratch:  # its small JSON files only
+    got = _broadcast_text("" if not primary else f"!{error}" if error else f"+{tmp.name}")
+    if got[0] == "!":
+        if error:
+            raise error
+        raise ValueError(f"{path}: process 0 cannot save there ({got[1:]})")
+    tmp = path.parent / got[1:]
+    seen = multihost_utils.process_allgather(np.int32(tmp.is_dir()))
+    if not seen.all():
+        if primary:
+            _claim.abandon(tmp)
+        blind = [int(i) for i in np.flatnonzero(seen == 0)]
+        raise ValueError(
+            f"{path}: process(es) {blind} do not see the temporary directory process 0 created "
+            f"beside it; saving from several processes needs a filesystem all of them share")
+    try:
+        if shared or primary:
+            write(tmp)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
                 write(Path(scratch))
-        finally:
-            _DISCARD.reset(token)
-        out = path
-    multihost_utils.sync_global_devices(f"flexmerge_jax save {path}")
-    return out
+    except BaseException:
+        if primary:
+            _claim.abandon(tmp)
+        raise
+    multihost_utils.sync_global_devices(f"flexmerge_jax save {path}")  # everything written
+    if primary:
+        try:
+            _claim.finish(tmp, path, overwrite=overwrite, check_ours=_read_meta,
+                          manifest=manifest)
+        except Exception as e:
+            error = e
+    got = _broadcast_text(f"!{error}" if error else "+")
+    if error:
+        raise error
+    if got[0] == "!":
+        raise ValueError(f"{path}: process 0 could not claim it ({got[1:]})")
+    return path
 
 
-# Set while a process other than the primary runs a save's ``write``: it
-# computes (and gathers) everything, but only process 0 writes arrays.
-_DISCARD: contextvars.ContextVar[bool] = contextvars.ContextVar("flexmerge_discard", default=False)
+def _broadcast_text(text: str, size: int = 4096) -> str:
+    """Process 0's ``text`` (its first ``size`` bytes) on every process (a
+    collective)."""
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(size, np.uint8)
+    raw = text.encode()[:size]
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+    return bytes(got).rstrip(b"\0").decode(errors="replace")
 
 
 def check_target(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -426,8 +526,9 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
     """The arrays of Orbax item ``arrays/<item>`` as NumPy arrays; with
     ``place(keys, shape) -> Sharding | None`` (``keys``: the leaf's path of
     dict keys), the leaves it gives a sharding are restored straight onto
-    it: each process holds only its shards (Orbax reads whole stored chunks,
-    and arrays are written as one chunk each)."""
+    it: each process holds only its shards, and reads the stored chunks that
+    overlap them (arrays saved by several processes are chunked by shard,
+    see :func:`_stored`; by one process, one chunk each)."""
     import orbax.checkpoint as ocp
 
     arr = path / "arrays" / item
@@ -509,7 +610,7 @@ def _check_model(path: Path, meta: dict):
     return names, layout, partition
 
 
-def _parts(entry: dict, want: dict, v1: bool) -> dict:
+def _wanted(entry: dict, want: dict, v1: bool) -> dict:
     """The parts ``want`` (``{label: (version-2 key path, version-1 key)}``)
     of an Orbax item read back, as ``{label: {parameter name: array} | None}``
     (``None``: missing). Version 1 keyed leaves by position (``00000``, in
@@ -529,7 +630,7 @@ def _parts(entry: dict, want: dict, v1: bool) -> dict:
 
 
 def _check_arrays(path: Path, item: str, parts: dict, leaves_of: dict, shapes: dict) -> None:
-    """``parts`` (:func:`_parts`) hold the parameters ``leaves_of[label]``
+    """``parts`` (:func:`_wanted`) hold the parameters ``leaves_of[label]``
     with the layout's shapes (masks, labelled ``masks/...``: bit-packed, any
     shape)."""
     for label, got in parts.items():
@@ -540,6 +641,55 @@ def _check_arrays(path: Path, item: str, parts: dict, leaves_of: dict, shapes: d
             _check(label.startswith("masks/") or tuple(a.shape) == tuple(shapes[k]), path,
                    f"arrays/{item}/{label}: parameter {k!r} has shape {tuple(a.shape)}, "
                    f"the layout says {tuple(shapes[k])}")
+
+
+class _Items:
+    """A saved model's Orbax trees by item name (``b00000``, ...,
+    ``unmatched``), asked for in the order they were written.
+
+    Version 3 keeps items in parts (``flexmerge.json["parts"]``): each part
+    is restored once, when its first item is asked for, and only the latest
+    is held. Earlier versions restore ``arrays/<item>``. ``place(keys,
+    shape)`` (keys within a block, see :func:`_read_arrays`) places blocks'
+    leaves, ``place_all`` the unmatched parameters; ``None``: host arrays.
+    """
+
+    def __init__(self, path: Path, meta: dict, place, place_all):
+        self.path, self.place, self.place_all = path, place, place_all
+        self.part_of = None
+        if meta["version"] >= 3:
+            parts = meta["parts"]
+            _check(isinstance(parts, list) and all(
+                isinstance(p, list) and all(isinstance(k, str) for k in p) for p in parts),
+                path, f"'parts' must be lists of item names, got {str(parts)[:80]}")
+            self.part_of = {k: i for i, keys in enumerate(parts) for k in keys}
+        self._name, self._tree = None, None
+
+    def _placer(self, item: str):
+        return self.place_all if item == "unmatched" else \
+            self.place if item.startswith("b") else None
+
+    def _place_in_part(self, keys, shape):
+        f = self._placer(keys[0])
+        return None if f is None else f(keys[1:], shape)
+
+    def __call__(self, item: str) -> tuple[str, dict]:
+        """``(where, tree)``: the item's path under ``arrays/`` (for
+        messages) and its tree."""
+        if self.part_of is None:
+            return item, _read_arrays(self.path, item, self._placer(item))
+        i = self.part_of.get(item)
+        _check(i is not None, self.path, f"no part lists the arrays of {item!r}")
+        name = _key("p", i)
+        if name != self._name:
+            self._tree = None  # the previous part released before the next is read
+            self._tree = _read_arrays(self.path, name,
+                                      None if self.place is None else self._place_in_part)
+            self._name = name
+        tree = self._tree.get(item)
+        if not isinstance(tree, dict):
+            raise ValueError(f"{self.path} is incomplete: no {item} in arrays/{name}")
+        return f"{name}/{item}", tree
 
 
 def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
@@ -562,6 +712,7 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
                 return place_all(keys, shape)
             return None
 
+    items = _Items(path, meta, place, place_all)
     blocks = []
     for bi, (bm, pb) in enumerate(zip(meta["blocks"], partition.blocks)):
         leaves = pb.leaves
@@ -571,8 +722,9 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
                      for t in bm["mask_tasks"]})
         if bm["has_base"]:
             want["base"] = (("base",), "base", leaves)
-        parts = _parts(_read_arrays(path, _key("b", bi), place), want, v1)
-        _check_arrays(path, _key("b", bi), parts, {lb: w[2] for lb, w in want.items()}, shapes)
+        where, tree = items(_key("b", bi))
+        parts = _wanted(tree, want, v1)
+        _check_arrays(path, where, parts, {lb: w[2] for lb, w in want.items()}, shapes)
         masks = {t: {k: _unpack(parts[f"masks/{tasks[t]}"][k], shapes[k]) for k in leaves}
                  for t in bm["mask_tasks"]}
         blocks.append(
@@ -590,8 +742,9 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
         )
     if partition.unmatched:
         want = {t: ((t,), _key("t", i), partition.unmatched) for i, t in enumerate(tasks)}
-        parts = _parts(_read_arrays(path, "unmatched", place_all), want, v1)
-        _check_arrays(path, "unmatched", parts, {t: partition.unmatched for t in tasks}, shapes)
+        where, tree = items("unmatched")
+        parts = _wanted(tree, want, v1)
+        _check_arrays(path, where, parts, {t: partition.unmatched for t in tasks}, shapes)
         unmatched = [{k: parts[t][k] for k in partition.unmatched} for t in tasks]
     else:
         unmatched = [{} for _ in range(n)]

@@ -16,10 +16,15 @@ import json
 import sys
 
 
-def _bytes_read() -> int:
-    """Bytes this process has read with read(2)-like calls (page cache too)."""
+def _io(field: str) -> int:
+    """``rchar`` / ``wchar``: bytes this process has read / written with
+    read(2)- / write(2)-like calls (page cache too), its threads included."""
     with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def _bytes_read() -> int:
+    return _io("rchar")
 
 
 def main() -> None:
@@ -58,6 +63,10 @@ def main() -> None:
         ("ties_merged", fm.methods.ties(keep=0.2), None),
         ("ta_min", fm.methods.task_arithmetic(1.5), "min"),
         ("ties_min", fm.methods.ties(keep=0.2), "min"),
+        # Mask methods: masks and rescalers on the mesh, per-task deploys.
+        ("emr_min", fm.methods.emr(), "min"),
+        ("cties_merged", fm.methods.consensus_ties(), None),
+        ("dare_ta_min", fm.methods.dare(fm.methods.task_arithmetic(), drop=0.5), "min"),
     ]:
         p = fm.plan(base, fts, blocks=blocks, method=method, linkage=linkage, mesh=mesh)
         plans[name] = p
@@ -88,10 +97,26 @@ def main() -> None:
             # A collective: every process gathers every shard, in the same order.
             params[f"{t}/{jax.tree_util.keystr(path)}"] = np.asarray(
                 multihost_utils.process_allgather(v, tiled=True))
+    emr = plans["emr_min"].at_size(2.5)  # masked sets, bases, masks
+    for t in range(emr.n):
+        for path, v in jax.tree_util.tree_leaves_with_path(emr.params_for_task(t)):
+            params[f"emr/{t}/{jax.tree_util.keystr(path)}"] = np.asarray(
+                multihost_utils.process_allgather(v, tiled=True))
     # Saving and loading: every process calls the same functions, one path.
     fm.save_cut(f"{out}/cut", plans["ties_merged"], size=2.0)
     fm.save(f"{out}/plan", plans["ties_merged"])
+    fm.save_cut(f"{out}/emr", plans["emr_min"], size=2.5)
+    # What each process writes, and reads to load onto the mesh: its shards.
+    sharded = sum(int(v.nbytes) for b in model.blocks.values() for st in b.sets
+                  for v in st.values())
+    io = {"sharded_bytes": sharded, "written": -_io("wchar")}
     fm.save(f"{out}/model", model)
+    io["written"] += _io("wchar")
+    io["read"] = -_io("rchar")
+    loaded = fm.load(f"{out}/model", mesh=mesh)
+    io["read"] += _io("rchar")
+    with open(f"{out}/io{pid}.json", "w") as f:
+        json.dump(io, f)
 
     def gathered(m):
         return {f"{t}/{jax.tree_util.keystr(path)}":
@@ -100,15 +125,20 @@ def main() -> None:
                 for path, v in jax.tree_util.tree_leaves_with_path(m.params_for_task(t))}
 
     checks = {}
-    for name, m in [("saved cut", fm.load(f"{out}/cut", mesh=mesh)),
-                    ("saved model", fm.load(f"{out}/model", mesh=mesh)),
-                    ("cut of the saved plan", fm.load(f"{out}/plan", mesh=mesh).at_size(2.0))]:
-        got = gathered(m)
-        checks[name] = sorted(got) == sorted(params) and all(
-            np.array_equal(got[k], params[k]) for k in params)
+    for name, m, prefix in [
+            ("saved cut", fm.load(f"{out}/cut", mesh=mesh), ""),
+            ("saved model", loaded, ""),
+            ("cut of the saved plan", fm.load(f"{out}/plan", mesh=mesh).at_size(2.0), ""),
+            ("saved emr cut", fm.load(f"{out}/emr", mesh=mesh), "emr/")]:
+        got = {prefix + k: v for k, v in gathered(m).items()}
+        want = {k: v for k, v in params.items()
+                if k.startswith(prefix) and (prefix or not k.startswith("emr/"))}
+        checks[name] = len(want) > 0 and sorted(got) == sorted(want) and all(
+            np.array_equal(got[k], want[k]) for k in want)
         leaf = m.blocks[m.partition.names[0]].sets[0]
         checks[name + " is sharded"] = all(
             not v.sharding.is_fully_replicated for v in leaf.values() if v.size >= 64)
+    checks["the emr cut has masks"] = any(b.masks for b in emr.blocks.values())
     result["load_checks"] = checks
     for path, v in jax.tree_util.tree_leaves_with_path(merged):  # the one-shot merge
         params[f"merged/{jax.tree_util.keystr(path)}"] = np.asarray(

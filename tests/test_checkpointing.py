@@ -47,8 +47,9 @@ def test_masks_take_one_bit_per_parameter(tmp_path):
     base, fts = random_case(1, n=4)
     model = fm.merge(base, fts, fm.methods.emr())
     fm.save(tmp_path / "m", model)
+    part = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays" / "p00000").absolute())
     for bi, name in enumerate(model.blocks):
-        entry = ocp.StandardCheckpointer().restore((tmp_path / "m" / "arrays" / f"b{bi:05d}").absolute())
+        entry = part[f"b{bi:05d}"]
         numel = int(np.prod(base[name].shape))
         for t in model.task_names:
             packed = entry["masks"][t][name]
@@ -72,6 +73,33 @@ def test_arrays_are_uncompressed_and_compressed_ones_still_load(tmp_path):
         ckpt.wait_until_finished()
     assert sum(f.stat().st_size for f in arrays.rglob("*") if f.is_file()) < on_disk
     same_params(model, fm.load(tmp_path / "m"), 4)
+
+
+def test_blocks_are_written_in_few_parts_of_bounded_size(tmp_path, monkeypatch):
+    """Consecutive blocks share an Orbax checkpoint up to PART_BYTES (one
+    save per part, not per block); a block larger than that is a part of
+    its own; the parts hold every block once, in order, and load back."""
+    shapes = {f"l{i}.w": (40, 50) for i in range(6)}  # 8,000 bytes per block and set
+    base, fts = random_case(8, n=3, shapes=shapes)
+    model = fm.plan(base, fts, blocks="by-layer", method="ta").at_size(3.0)  # 3 sets per block
+    fm.save(tmp_path / "one", model)
+    meta = json.loads((tmp_path / "one" / "flexmerge.json").read_text())
+    assert meta["version"] == 3 and len(meta["parts"]) == 1
+    assert sorted(p.name for p in (tmp_path / "one" / "arrays").iterdir()) == ["p00000"]
+    monkeypatch.setattr(checkpointing, "PART_BYTES", 50_000)  # two blocks of 24,000 bytes
+    fm.save(tmp_path / "two", model)
+    meta = json.loads((tmp_path / "two" / "flexmerge.json").read_text())
+    blocks = [f"b{i:05d}" for i in range(6)]
+    assert meta["parts"] == [blocks[0:3], blocks[3:6], ["model"]]
+    for i, keys in enumerate(meta["parts"]):
+        tree = ocp.StandardCheckpointer().restore(
+            (tmp_path / "two" / "arrays" / f"p{i:05d}").absolute())
+        assert sorted(tree) == sorted(keys)
+    same_params(model, fm.load(tmp_path / "two"), 3)
+    monkeypatch.setattr(checkpointing, "PART_BYTES", 1)
+    fm.save(tmp_path / "each", model)
+    assert len(json.loads((tmp_path / "each" / "flexmerge.json").read_text())["parts"]) == 7
+    same_params(model, fm.load(tmp_path / "each"), 3)
 
 
 def test_plan_roundtrip_and_later_cuts(tmp_path):
@@ -211,6 +239,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     base, fts = random_case(4, n=3)
     model = fm.merge(base, fts, fm.methods.emr())
 
+    monkeypatch.setattr(checkpointing, "PART_BYTES", 1)  # one Orbax item per block
     write, calls = checkpointing._Writer.write, []
 
     def boom(self, path, arrays):  # the first block is written, the second fails

@@ -155,6 +155,7 @@ def test_kill_9_mid_save_then_a_clean_rerun(small, tmp_path):
         from conftest import random_case
 
         base, fts = random_case(0, n=3)
+        checkpointing.PART_BYTES = 1  # one Orbax item per block
         write = checkpointing._Writer.write
         def die(self, path, arrays):  # killed with the first block written
             write(self, path, arrays)
@@ -193,6 +194,7 @@ def test_ctrl_c_and_sigterm_while_writing(tmp_path, sig, code, word):
         # A shell's background job starts with SIGINT ignored (as under a CI
         # runner); Ctrl-C at a terminal meets Python's own handler.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        checkpointing.PART_BYTES = 1  # one Orbax item per block
         write, calls = checkpointing._Writer.write, []
         def signalled(self, path, arrays):  # the signal arrives with the second block
             calls.append(path)
@@ -463,12 +465,12 @@ def test_arrays_that_do_not_match_flexmerge_json_are_named(saved, tmp_path):
     d = tmp_path / "model"
     shutil.copytree(saved / "model", d)
     edit_meta(d, lambda m: m["blocks"][0]["masked"].append(False))  # a set that is not there
-    with pytest.raises(ValueError, match=r"flexmerge.json: arrays/b00000 lacks 'sets/3'"):
+    with pytest.raises(ValueError, match=r"flexmerge.json: arrays/p00000/b00000 lacks 'sets/3'"):
         fm.load(d)
     shutil.rmtree(d)
     shutil.copytree(saved / "model", d)
-    (d / "arrays" / "b00000" / "_METADATA").write_text("{not json")
-    with pytest.raises(ValueError, match=r"arrays/b00000: cannot read this Orbax checkpoint"):
+    (d / "arrays" / "p00000" / "_METADATA").write_text("{not json")
+    with pytest.raises(ValueError, match=r"arrays/p00000: cannot read this Orbax checkpoint"):
         fm.load(d)
 
 
