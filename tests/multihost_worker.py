@@ -149,6 +149,11 @@ def main() -> None:
         leaf = m.blocks[m.partition.names[0]].sets[0]
         checks[name + " is sharded"] = all(
             not v.sharding.is_fully_replicated for v in leaf.values() if v.size >= 64)
+    try:  # every process fails alike, before writing anything
+        fm.save(f"{out}/plan", plans["ties_merged"])
+        checks["saving over an existing directory fails"] = False
+    except ValueError as e:
+        checks["saving over an existing directory fails"] = "exists" in str(e)
     checks["the emr cut has masks"] = any(b.masks for b in emr.blocks.values())
     result["load_checks"] = checks
     for path, v in jax.tree_util.tree_leaves_with_path(merged):  # the one-shot merge
