@@ -11,13 +11,13 @@ Typical use::
 """
 
 from . import _cache, baselines, blocks, methods, progress, serve, sources, tree
+from ._export import export
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Event, Plan, merge, plan
-from .sources import MemorySource, Source, load_params, save_params
+from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
 from ._tune import Tuning
 from .checkpointing import load, save, save_cut
-from ._export import export
-from ._sweep import SweepPoint, SweepResult, default_sizes, sweep
+from .sources import MemorySource, Source, load_params, save_params
 
 __version__ = "0.1.0"
 

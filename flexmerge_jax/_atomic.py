@@ -122,7 +122,8 @@ def _foreign_entries(d: Path, shown_as: Path) -> list[str]:
         raise ValueError(f"{shown_as}: its {MANIFEST} is not valid; not replaced") from None
     extra = sorted(_entries(d) - written - {MANIFEST})
     # Name a user's directory once, not every file in it.
-    return [e for e in extra if not any(e != x and e.startswith(x) for x in extra if x.endswith("/"))]
+    dirs = [x for x in extra if x.endswith("/")]
+    return [e for e in extra if not any(e != x and e.startswith(x) for x in dirs)]
 
 
 def _check_replaceable(d: Path, check_ours: Callable[[Path], object], shown_as: Path) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+
 ENV = "FLEXMERGE_COMPILATION_CACHE"
 _OFF = ("0", "off", "false", "no")
 
@@ -39,8 +41,6 @@ def cache_dir(environ=None) -> Path | None:
 def configure() -> Path | None:
     """Turns the cache on (see the module docstring); returns its directory,
     or ``None`` if it is off or the program chose its own."""
-    import jax
-
     if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     path = cache_dir()

@@ -17,9 +17,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from .sources import files as io_lib
 from ._flexmodel import FlexModel
+from .adapters.hf import as_name_map, to_hf
+from .checkpointing import atomic_save, load
+from .progress import Progress
+from .sources import files as io_lib
 from .tree import flatten
 
 __all__ = ["export", "FORMATS"]
@@ -72,9 +77,6 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
       ValueError: ``out`` exists, an unknown format or task, or a base that
         cannot be mirrored (named).
     """
-    from .checkpointing import _atomic, load
-    from .progress import Progress
-
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
     if format != "hf" and (base is not None or mapping is not None):
@@ -104,7 +106,7 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
                 _write_task(dest, model.params_for_task(t), format, mirror)
                 bar.update(1, model.task_names[t])
 
-    return _atomic(out, write, overwrite=False, manifest=False, shared=False)
+    return atomic_save(out, write, overwrite=False, manifest=False, shared=False)
 
 
 def _task_dir(name: str) -> str:
@@ -116,7 +118,7 @@ def _host(x) -> np.ndarray:
     return np.ascontiguousarray(jax.device_get(x))
 
 
-def _write_task(dest: Path, params: Any, format: str, mirror: "_Mirror | None") -> None:
+def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None) -> None:
     """One task's checkpoint in ``dest`` (created here; an existing empty
     directory, the top-level temporary one, is reused)."""
     if format == "orbax":
@@ -137,8 +139,6 @@ def _write_task(dest: Path, params: Any, format: str, mirror: "_Mirror | None") 
         with open(dest / "params.npz", "wb") as f:
             io_lib.save_npz(f, arrays, dest / "params.npz")
     else:
-        from safetensors.numpy import save_file
-
         save_file(arrays, str(dest / "model.safetensors"))
 
 
@@ -169,8 +169,6 @@ class _Mirror:
                                  "name mapping, pass the same mapping= and transpose=")
             self.copied = sorted(set(r.names) - layout)
         else:
-            from .adapters.hf import as_name_map
-
             kept = as_name_map(mapping).map_names(r.names)
             self.copied = sorted(set(r.names) - set(kept))
         # Other files of the model directory: config.json, tokenizer files, ...
@@ -186,8 +184,6 @@ class _Mirror:
             names, leaves, _ = flatten(params)
             out = {n: _host(x) for n, x in zip(names, leaves)}
         else:
-            from .adapters.hf import to_hf
-
             out = to_hf(params, self.mapping, transpose=self.transpose, like=self.reader.names)
         out.update(self.reader.read(self.copied) if self.copied else {})
         unknown = sorted(set(out) - set(self.shard_of))
@@ -198,8 +194,6 @@ class _Mirror:
                 for k, a in out.items()}
 
     def write(self, dest: Path, params) -> None:
-        from safetensors.numpy import save_file
-
         tensors = self.tensors(params)
         shards: dict[str, dict] = {}
         for k in sorted(tensors):
@@ -210,8 +204,8 @@ class _Mirror:
             meta = json.loads(self.index.read_text()).get("metadata") or {}
             meta["total_size"] = int(sum(a.nbytes for a in tensors.values()))
             with open(dest / self.index.name, "w") as f:
-                json.dump({"metadata": meta, "weight_map": {k: self.shard_of[k] for k in sorted(tensors)}},
-                          f, indent=2)
+                weight_map = {k: self.shard_of[k] for k in sorted(tensors)}
+                json.dump({"metadata": meta, "weight_map": weight_map}, f, indent=2)
                 f.write("\n")
         for f in self.files:
             shutil.copy2(f, dest / f.name)
@@ -219,8 +213,6 @@ class _Mirror:
     def _metadata(self, shard: str) -> dict[str, str]:
         """The base shard's header metadata (``transformers`` requires
         ``{"format": "pt"}`` or another framework there)."""
-        from safetensors import safe_open
-
         f = self.reader.file.parent / shard if self.index is not None else self.reader.file
         with safe_open(str(f), framework="numpy") as st:
             return st.metadata() or {"format": "pt"}

@@ -15,6 +15,8 @@ from . import methods as methods_lib
 from ._flexmodel import FlexModel, summary_text
 from ._prepared import Prepared, materialize
 from ._traced import any_traced, traced_merge
+from ._tune import Tuning, check_tunable, tune_scales
+from .progress import counting
 from .schedule.greedy import (
     LINKAGE_ALIASES,
     LINKAGES,
@@ -32,8 +34,6 @@ from .sources.sharding import ShardedSource, check_method
 from .sources.threads import read_ahead
 from .stats.gram import block_gram
 from .stats.passes import grams
-from .progress import counting
-from ._tune import Tuning, check_tunable, tune_scales
 from .tree import Layout, layout_mismatch
 
 PyTree = Any
@@ -70,7 +70,7 @@ class Event:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Event":
+    def from_json(cls, d: dict) -> Event:
         sim = d["similarity"]
         return cls(
             int(d["step"]),
@@ -145,8 +145,8 @@ def _check_pairwise(method, n: int) -> None:
     k = method.traits.tasks
     if k is not None and n != k:
         raise ValueError(
-            f"{method.name} merges exactly {_WORDS.get(k, k)} models (got {n}): it is not defined for "
-            "other group sizes, so FlexMerge cannot grow groups with it; use a "
+            f"{method.name} merges exactly {_WORDS.get(k, k)} models (got {n}): it is not "
+            "defined for other group sizes, so FlexMerge cannot grow groups with it; use a "
             "group method (avg, ta, ties, tsv, ...)"
         )
 
@@ -436,7 +436,7 @@ class Plan:
         return self.layout.to_json()
 
     @classmethod
-    def from_json(cls, meta: dict, *, base=None, finetuned=None, method=None) -> "Plan":
+    def from_json(cls, meta: dict, *, base=None, finetuned=None, method=None) -> Plan:
         """Rebuilds a plan saved by :func:`flexmerge_jax.save` (``method``:
         see :func:`flexmerge_jax.load`)."""
 
@@ -611,13 +611,13 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
         gram = None if similarity == "sign" else block_gram(singles, precision)
         return x, singles, prepared.extra(b, x), gram
 
-    # One block at a time. (Two blocks at once in worker threads saved ~10%
-    # more of a ViT-B/32 TIES plan on two cores but raised its peak memory
-    # by 0.5-0.7 GB, past the bounds.)
+    # One block at a time: two blocks at once in worker threads would hold
+    # twice the group vectors, past the streaming memory bound, for a small
+    # gain on few cores.
     scratch: dict = {}  # group-vector buffers reused by blocks of the same shapes
     # Every block's task vectors (and, from files, its reads) are new arrays
     # of the shapes of a block two back: reuse_buffers recycles them instead
-    # of page-faulting fresh memory (~8% of a ViT-B/32 TIES plan's CPU).
+    # of page-faulting fresh memory at every block.
     with reuse_buffers():
         if method.trims:
             prepared.trim_threshold  # noqa: B018 (computes the thresholds)
@@ -625,8 +625,8 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
             materialized_sequence(x, singles, extra, similarity, method,
                                   partition.blocks[b].numel, gram=gram, precision=precision,
                                   scratch=scratch)
-            for b, (x, singles, extra, gram) in enumerate(read_ahead(inputs, partition.numels,
-                                                             threads=not prepared.source.main_thread_only))
+            for b, (x, singles, extra, gram) in enumerate(read_ahead(
+                inputs, partition.numels, threads=not prepared.source.main_thread_only))
         ]
 
 
@@ -674,7 +674,7 @@ def plan(
     order: str = "greedy",
     seed: int = 0,
     task_names: Sequence[str] | None = None,
-    tune: "Tuning | None" = None,
+    tune: Tuning | None = None,
     progress: bool | None = None,
     mesh=None,
     mesh_axis: str = "model",

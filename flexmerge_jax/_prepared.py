@@ -27,8 +27,8 @@ from .methods import Method
 from .methods.dare import dare_drop
 from .sources._source import Source, read_chunks
 from .sources.threads import host_pool
-from .stats.order import kth_smallest, ties_keep_count, trim
-from .stats.passes import trim_pass
+from .stats.order import ties_keep_count, trim
+from .stats.passes import trim_thresholds
 from .tree import canonical, named
 
 
@@ -85,11 +85,14 @@ class Prepared:
     def trim_threshold(self) -> np.ndarray | None:
         """Per-task TIES thresholds ``f32[n]`` (``None`` when not trimming)."""
         if self.method.trims and self._trim_threshold is None:
-            res = trim_pass(self, want_grams=False)
-            if res is None:  # not host-resident: two radix passes (XLA)
-                self._trim_threshold = kth_smallest(
-                    self.all_leaves, self.keep_count, magnitude=True)
+            self._trim_threshold = trim_thresholds(self)
         return self._trim_threshold
+
+    @trim_threshold.setter
+    def trim_threshold(self, thresholds: np.ndarray) -> None:
+        """Thresholds found by a pass that computed them with other
+        statistics (:func:`~flexmerge_jax.stats.passes.grams`)."""
+        self._trim_threshold = thresholds
 
     @property
     def identity(self) -> bool:
@@ -252,7 +255,8 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=Non
         sc[:g] = scales
     names = list(x)
     static, hp = method.split()
-    out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp, static=static)
+    out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp,
+                        static=static)
     if g < bucket:
         out = jax.tree.map(lambda a: a[:g], out)
     return out._replace(

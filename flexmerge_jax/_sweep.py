@@ -116,7 +116,7 @@ class SweepResult:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "SweepResult":
+    def from_json(cls, d: dict) -> SweepResult:
         pts = [
             SweepPoint(p["method"], p["requested_size"], p["n_models"], p["step"],
                        tuple(p["accuracy"]), tuple(p["normalized"]))
@@ -127,7 +127,8 @@ class SweepResult:
     def to_csv(self) -> str:
         buf = _io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["method", "requested_size", "n_models", "step", "avg_accuracy", "avg_normalized"]
+        w.writerow(["method", "requested_size", "n_models", "step", "avg_accuracy",
+                    "avg_normalized"]
                    + [f"acc/{t}" for t in self.task_names] + [f"norm/{t}" for t in self.task_names])
         for p in self.points:
             w.writerow([p.method, p.requested_size, f"{p.n_models:.6f}", p.step,
@@ -234,7 +235,8 @@ class SweepResult:
         ax.axvline(1.0, color="0.6", ls=":", lw=1)
         ax.axvline(float(n), color="0.6", ls=":", lw=1)
         ax.axhline(100.0, color="0.3", ls="--", lw=1)
-        ax.text(1.0, ax.get_ylim()[0], " 1x: one merged model", va="bottom", fontsize=8, color="0.4")
+        ax.text(1.0, ax.get_ylim()[0], " 1x: one merged model", va="bottom", fontsize=8,
+                color="0.4")
         ax.text(float(n), ax.get_ylim()[0], f"{n}x: all fine-tuned ", va="bottom", ha="right",
                 fontsize=8, color="0.4")
         ax.set_xscale("log", base=2)
@@ -380,6 +382,7 @@ def sweep(
     bar.close()
     return SweepResult(
         tuple(names), tuple(ft), points,
-        {label: {**p.method.hyperparameters(), **{k: v for k, v in p.config.items() if v is not None}}
+        {label: {**p.method.hyperparameters(),
+                 **{k: v for k, v in p.config.items() if v is not None}}
          for label, p in plans.items()},
     )

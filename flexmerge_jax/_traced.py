@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from . import blocks as blocks_lib
 from .methods import Method
 from .methods.dare import dare_drop
-from .stats.order import ties_keep_count, trim
+from .stats.order import trim_traceable
 from .tree import canonical, check_finetuned, flatten, named
 
 
@@ -40,14 +40,6 @@ def _check(method: Method) -> None:
             "(prepare) are order statistics computed on the host")
 
 
-def _trim(x: dict, keep: float, total: int) -> dict:
-    """The global per-task TIES trim of :class:`~._prepared.Prepared`, in XLA:
-    the same order statistic (``ties_keep_count``-th smallest ``|x_i|``)."""
-    n = next(iter(x.values())).shape[0]
-    mags = jnp.concatenate([jnp.abs(v).reshape(n, -1) for v in x.values()], axis=1)
-    k = ties_keep_count(total, keep)
-    thr = jnp.sort(mags, axis=1)[:, k - 1]
-    return {name: trim(v, thr) for name, v in x.items()}
 
 
 def traced_merge(base, finetuned, method: Method, blocks):
@@ -69,7 +61,7 @@ def traced_merge(base, finetuned, method: Method, blocks):
     tau = {k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in fts])
            - jnp.asarray(b0[k], jnp.float32)[None] for k in names}
     if method.trims:
-        tau = _trim(tau, method.trim_keep, layout.total)
+        tau = trim_traceable(tau, method.trim_keep, layout.total)
     elif method.sparsify is not None:
         key = jax.random.key(method.sparsify.seed)
         index = layout.index()

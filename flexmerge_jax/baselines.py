@@ -316,7 +316,6 @@ def channel_merge(
     source = as_source(base, finetuned, task_names)
     partition = blocks_lib.resolve(None, source.layout.names, source.layout.sizes)
     prepared = Prepared(source, partition, method)
-    n = source.n
     grams = engine_grams(prepared, raw=True)
     cache: dict[int, list] = {}
 

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -111,7 +114,7 @@ class Partition:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Partition":
+    def from_json(cls, d: dict) -> Partition:
         return cls(
             tuple(Block(n, tuple(lv), int(k)) for n, lv, k in d["blocks"]),
             tuple(d["unmatched"]),
@@ -527,9 +530,6 @@ def from_json(path) -> BlockSpec:
     Raises:
       ValueError: the file is missing, not JSON, or not a list of strings.
     """
-    import json
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: block list file not found")
@@ -546,8 +546,6 @@ def as_spec(blocks) -> BlockSpec:
     """Coerces ``None`` / preset name / path of a JSON block list / list of
     substrings / spec to a spec (a string ending in ``.json``, or naming an
     existing file, is a path)."""
-    import os
-
     if blocks is None:
         return per_leaf()
     if isinstance(blocks, BlockSpec):

@@ -24,7 +24,7 @@ directory that :func:`load` would accept, and the rename never replaces
 what it did not check (:mod:`._atomic`: concurrent saves, ``overwrite``).
 Under ``jax.distributed`` every process writes the shards it holds into one
 temporary directory (Orbax's multi-process save) and process 0 claims the
-target (:func:`_atomic`).
+target (:func:`atomic_save`).
 """
 
 from __future__ import annotations
@@ -33,16 +33,24 @@ import contextlib
 import json
 import os
 import re
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from . import _atomic as _claim
-from .blocks import Partition
-from ._flexmodel import BlockModel, FlexModel
 from . import methods as methods_lib
+from ._flexmodel import BlockModel, FlexModel
+from ._plan import Plan
+from ._prepared import materialize_block
+from .blocks import Partition
+from .progress import Progress
+from .sources.sharding import check_axis as _check_axis
+from .sources.sharding import leaf_spec
 from .tree import Layout, flatten, nest
 
 __all__ = ["save", "save_cut", "load", "FORMAT_MODEL", "FORMAT_PLAN"]
@@ -78,8 +86,6 @@ def _host(x):
     gathered from all of them (a collective: every process calls this, in
     the same order, from its main thread)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -344,8 +350,6 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
         someone else while saving (of two concurrent saves of one path, one
         fails so), or ``obj`` has the wrong type. Nothing is left behind.
     """
-    from ._plan import Plan
-
     if isinstance(obj, FlexModel):
         def write(tmp):
             _write_model(tmp, layout=obj.layout, partition=obj.partition, method=obj.method,
@@ -356,7 +360,7 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:
             _write_json(tmp / _META, _plan_meta(obj))
     else:
         raise ValueError(f"save() takes a FlexModel or a Plan, got {type(obj).__name__}")
-    return _atomic(Path(path), write, overwrite)
+    return atomic_save(Path(path), write, overwrite)
 
 
 def save_cut(path: str | os.PathLike, plan, *, size: float | None = None, step: int | None = None,
@@ -388,9 +392,6 @@ def save_groups(path, prepared, groups, *, task_names, n_models: float, step: in
     block is materialized, written and released in turn (what
     :func:`save_cut` and one-shot merges write; ``source``: the inputs'
     record, see :meth:`~._source.Source.describe`)."""
-    from ._prepared import materialize_block
-    from .progress import Progress
-
     def blocks():
         with prepared.in_order(cut=groups), \
                 Progress(len(groups), "cut", progress, "blocks") as bar:
@@ -407,10 +408,10 @@ def save_groups(path, prepared, groups, *, task_names, n_models: float, step: in
                      task_names=task_names, n_models=n_models, step=step, blocks=blocks(),
                      unmatched=unmatched, source=source)
 
-    return _atomic(Path(path), write, overwrite)
+    return atomic_save(Path(path), write, overwrite)
 
 
-def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True,
+def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
             shared: bool = True) -> Path:
     """Runs ``write(tmp_dir)`` (which writes ``flexmerge.json`` last: it
     marks the directory complete), then claims ``path`` (:mod:`._atomic`).
@@ -431,9 +432,6 @@ def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True,
     if jax.process_count() == 1:
         return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
                                 manifest=manifest)
-    import tempfile
-
-    from jax.experimental import multihost_utils
 
     primary = jax.process_index() == 0
     error, tmp = None, None
@@ -485,8 +483,6 @@ def _atomic(path: Path, write, overwrite: bool, *, manifest: bool = True,
 def _broadcast_text(text: str, size: int = 4096) -> str:
     """Process 0's ``text`` (its first ``size`` bytes) on every process (a
     collective)."""
-    from jax.experimental import multihost_utils
-
     buf = np.zeros(size, np.uint8)
     raw = text.encode()[:size]
     buf[:len(raw)] = np.frombuffer(raw, np.uint8)
@@ -556,8 +552,6 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
 
 @contextlib.contextmanager
 def warnings_quiet():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -581,7 +575,8 @@ def _check_common(path: Path, meta: dict):
            "the layout's names, shapes and dtypes differ in number")
     for b in partition.blocks:
         bad = [k for k in b.leaves if k not in known]
-        _check(not bad, path, f"block {b.name!r} names parameter {bad[:1]!r} missing from the layout")
+        _check(not bad, path,
+               f"block {b.name!r} names parameter {bad[:1]!r} missing from the layout")
     bad = [k for k in partition.unmatched if k not in known]
     _check(not bad, path, f"unmatched parameter {bad[:1]!r} missing from the layout")
     return names, layout, partition
@@ -700,8 +695,6 @@ def _load_model(path: Path, meta: dict, mesh=None, axis: str = "model",
     v1 = meta["version"] == 1
     place = place_all = None
     if mesh is not None:
-        from .sources.sharding import leaf_spec
-
         def place_all(keys, shape):
             return jax.sharding.NamedSharding(mesh, leaf_spec(shape, mesh, axis))
 
@@ -795,12 +788,9 @@ def load(path: str | os.PathLike, *, base=None, finetuned=None, method=None, mes
         if base is not None or finetuned is not None:
             raise ValueError("base/finetuned are only used when loading a plan")
         if mesh is not None:
-            from .sources.sharding import check_axis as _check_axis
-
             _check_axis(mesh, mesh_axis)
         with _malformed(path):
             return _load_model(path, meta, mesh, mesh_axis, method)
-    from ._plan import Plan
 
     with _malformed(path):
         _check_plan(path, meta)

@@ -16,12 +16,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
+
+import jax
+
+from . import baselines, methods, progress
+from . import methods as M
+from . import zoo as zoo_lib
+from ._export import FORMATS, export
+from ._flexmodel import FlexModel
+from ._plan import (
+    Plan,
+    axis_end,
+    check_options,
+    cut_summary,
+    plan,
+    plan_prepared,
+    prepare,
+)
+from ._sweep import default_sizes, sweep
+from .checkpointing import check_target, load, save, save_cut, save_groups
+from .methods import NAMES
 
 __all__ = ["main"]
 
@@ -30,9 +53,6 @@ DEMO_METHODS = "avg,ta,ties,emr"
 
 def demo_presets() -> dict:
     """Demo label -> (Method or baseline factory, reference), usual defaults."""
-    from . import baselines
-    from . import methods as M
-
     def base(fn, m):
         return lambda z: fn(z.base, z.finetuned, m, task_names=z.task_names)
 
@@ -52,7 +72,8 @@ def demo_presets() -> dict:
         "tsv": (M.tsv(1.0), "Gargiulo et al., CVPR 2025 (TSV-M)"),
         "iso_c": (M.iso_c(1.0), "Marczak et al., ICML 2025"),
         "iso_cts": (M.iso_cts(1.0, 0.8), "Marczak et al., ICML 2025"),
-        "breadcrumbs": (M.breadcrumbs(0.3, top=0.01, bottom=0.85), "Davari & Belilovsky, ECCV 2024"),
+        "breadcrumbs": (M.breadcrumbs(0.3, top=0.01, bottom=0.85),
+                        "Davari & Belilovsky, ECCV 2024"),
         "della": (M.della(1.0, density=0.5, epsilon=0.15), "Deep et al., 2024"),
         "magmax": (M.magmax(0.5), "Marczak et al., ECCV 2024"),
         "model_stock": (M.model_stock(), "Jang et al., ECCV 2024"),
@@ -68,8 +89,6 @@ class UserError(Exception):
 
 
 def _method(args):
-    from . import methods
-
     hp = {}
     for k in ("scale", "keep", "consensus"):
         v = getattr(args, k, None)
@@ -109,8 +128,6 @@ def _check_inputs(args) -> None:
 
 
 def _plan(args):
-    from ._plan import plan
-
     _check_inputs(args)
     return plan(
         args.base,
@@ -133,8 +150,6 @@ def _distributed() -> None:
     process count and id from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     JAX_PROCESS_ID when set, else JAX's own cluster detection (Cloud TPU,
     SLURM, Open MPI, Kubernetes). On CPU, collectives go through gloo."""
-    import jax
-
     kw = {}
     for key, env, cast in [("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
                            ("num_processes", "JAX_NUM_PROCESSES", int),
@@ -153,7 +168,6 @@ def _mesh(args):
     spec = getattr(args, "mesh", None)
     if spec is None:
         return None
-    import jax
 
     total = jax.device_count()
     count = total if spec == "all" else int(spec) if spec.isdigit() else None
@@ -166,8 +180,6 @@ def _check_out(args) -> None:
     """Fails before any work (planning can take minutes) when ``--out``
     cannot be written: its parent is missing, not a directory or not
     writable, or it exists and may not be replaced."""
-    from .checkpointing import check_target
-
     out = Path(args.out)
     parent = out.absolute().parent
     if not parent.is_dir():
@@ -187,9 +199,6 @@ def _say(msg: str) -> None:
 
 
 def cmd_merge(args) -> int:
-    from ._plan import axis_end, check_options, cut_summary, plan_prepared, prepare
-    from .checkpointing import save_groups
-
     _check_out(args)
     _check_inputs(args)
     method, linkage = check_options(_method(args), _linkage(args.linkage), args.similarity,
@@ -216,27 +225,21 @@ def cmd_merge(args) -> int:
 
 
 def _save_cut(args, plan, step: int) -> None:
-    from .checkpointing import save_cut
-
     save_cut(args.out, plan, step=step, overwrite=args.overwrite)
     # The summary from the plan: loading the saved model back would read all of it.
     _say(f"{plan.summary_at(step)}\nsaved {plan.sizes[step]:.4f}x model to {args.out}")
 
 
 def cmd_plan(args) -> int:
-    from .checkpointing import save
-
     _check_out(args)
     p = _plan(args)
     save(args.out, p, overwrite=args.overwrite)
-    _say(f"{p}\nsizes {p.sizes[0]:.4g}x .. {p.min_size:.4g}x over {p.num_steps} steps; saved to {args.out}")
+    _say(f"{p}\nsizes {p.sizes[0]:.4g}x .. {p.min_size:.4g}x over {p.num_steps} steps; "
+         f"saved to {args.out}")
     return 0
 
 
 def cmd_cut(args) -> int:
-    from .checkpointing import load
-    from ._plan import Plan
-
     _check_out(args)
     inputs = {} if args.base is None else {"base": args.base, "finetuned": args.finetuned}
     obj = load(args.plan, **inputs)
@@ -244,7 +247,8 @@ def cmd_cut(args) -> int:
         raise UserError(f"{args.plan}: a saved model, not a plan (use `flexmerge inspect`)")
     if not obj.has_inputs:
         raise UserError(
-            f"{args.plan}: the plan's input checkpoints are not available; pass --base and --finetuned"
+            f"{args.plan}: the plan's input checkpoints are not available; "
+            "pass --base and --finetuned"
         )
     mesh = _mesh(args)
     if mesh is not None:
@@ -254,10 +258,6 @@ def cmd_cut(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ._export import export
-    from ._flexmodel import FlexModel
-    from .checkpointing import load
-
     if Path(args.out).exists():
         raise UserError(f"{args.out} exists; export writes a new directory")
     model = load(args.model)
@@ -274,16 +274,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .checkpointing import load
-    from ._plan import Plan
-
     obj = load(args.path)
     if isinstance(obj, Plan):
         _say(repr(obj))
         _say(f"blocks ({len(obj.partition)}): {', '.join(obj.partition.names)}")
         _say(f"tasks: {', '.join(obj.task_names)}")
         _say(f"inputs attached: {obj.has_inputs}")
-        marks = sorted({round(float(s), 2) for s in (1.0, 1.5, 2.0, obj.n / 2, obj.n) if s >= obj.min_size})
+        marks = sorted({round(float(s), 2) for s in (1.0, 1.5, 2.0, obj.n / 2, obj.n)
+                        if s >= obj.min_size})
         for s in marks:
             k = obj.step_for_size(s)
             _say(f"  size <= {s:g}x: step {k} ({obj.sizes[k]:.4f}x)")
@@ -300,10 +298,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ._plan import plan
-    from ._sweep import default_sizes, sweep
-    from . import zoo as zoo_lib
-
     z = zoo_lib.load()
     if args.tasks is not None or args.examples is not None:
         z = z.subset(args.tasks, args.examples)
@@ -324,7 +318,8 @@ def cmd_demo(args) -> int:
         else:
             plans[m] = plan(z.base, z.finetuned, blocks="vit", method=presets[m],
                             linkage="min", task_names=z.task_names)
-    _say(f"planned {len(plans)} method(s) in {time.time() - t0:.1f}s; evaluating {len(sizes)} sizes")
+    _say(f"planned {len(plans)} method(s) in {time.time() - t0:.1f}s; "
+         f"evaluating {len(sizes)} sizes")
     res = sweep(plans, z.evaluate, sizes, progress=False if args.no_progress else None)
     out = Path(args.out)
     paths = res.write(out, plot=not args.no_plot)
@@ -333,26 +328,28 @@ def cmd_demo(args) -> int:
     _say("")
     _say(res.ranking_table())
     _say("")
-    _say("fine-tuned accuracy: " + ", ".join(f"{t} {a:.3f}" for t, a in zip(z.task_names, res.ft_accuracy)))
+    _say("fine-tuned accuracy: "
+         + ", ".join(f"{t} {a:.3f}" for t, a in zip(z.task_names, res.ft_accuracy)))
     for m in names:
         g = res.gap_recovered(m, 2.0) if 2.0 <= n else float("nan")
         if g == g:
             one, two = res.at(m, 1.0), res.at(m, 2.0)
             _say(f"{m}: 1x {100 * one.avg_normalized:.1f}% -> {two.n_models:.2f}x "
-                 f"{100 * two.avg_normalized:.1f}%: {100 * g:.0f}% of the gap to the fine-tuned models recovered")
+                 f"{100 * two.avg_normalized:.1f}%: {100 * g:.0f}% of the gap to the fine-tuned "
+                 "models recovered")
     _say(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - t0:.0f}s)")
     return 0
 
 
 def _add_inputs(p, required=True):
-    p.add_argument("--base", required=required, help="base params (.npz/.safetensors file, Hugging Face dir or index, Orbax dir)")
+    p.add_argument("--base", required=required,
+                   help="base params (.npz/.safetensors file, Hugging Face dir or index, "
+                        "Orbax dir)")
     p.add_argument("--finetuned", nargs="+", required=required, metavar="PATH",
                    help="fine-tuned params files, one per task (same layout as --base)")
 
 
 def _add_plan_flags(p):
-    from .methods import NAMES
-
     p.add_argument("--method", required=True, metavar="NAME",
                    help=" | ".join(NAMES) + " (fm.methods.get names)")
     g = p.add_argument_group("method hyperparameters (as the Python keyword arguments)")
@@ -366,8 +363,9 @@ def _add_plan_flags(p):
                         "(slerp), --hp k=4 (tsv); repeatable; VALUE is read as JSON, else text")
     g = p.add_argument_group("planner")
     g.add_argument("--blocks", default=None,
-                   help="preset name (vit, clip-vit-b32, t5-base, by-layer, per-leaf, ...) or a JSON "
-                        "file with the ordered list of block names (substring rule); default per-leaf")
+                   help="preset name (vit, clip-vit-b32, t5-base, by-layer, per-leaf, ...) or a "
+                        "JSON file with the ordered list of block names (substring rule); "
+                        "default per-leaf")
     g.add_argument("--linkage", default="min",
                    help="min | mean | max (aliases single | average | complete) | none "
                         "(none: compare merged group vectors with --similarity)")
@@ -451,8 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(fn=cmd_cut)
 
-    from ._export import FORMATS
-
     p = add("export", help="write tasks of a saved model as ordinary checkpoints")
     p.add_argument("model", help="a model directory (flexmerge merge / cut)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -521,11 +517,6 @@ def main(argv=None) -> int:
     disk) print one line and return 2 (``--debug``: with the traceback);
     Ctrl-C returns 130 and SIGTERM 143, after removing partial output.
     """
-    import logging
-    import signal
-
-    from . import progress
-
     args = build_parser().parse_args(argv)
     default, progress.DEFAULT = progress.DEFAULT, not args.quiet
     debug = args.debug
@@ -551,8 +542,6 @@ def main(argv=None) -> int:
         return 141
     except (UserError, ValueError, OSError) as e:
         if debug:
-            import traceback
-
             traceback.print_exc()
         print(f"flexmerge: error: {_error_line(e)}", file=sys.stderr)
         return 2

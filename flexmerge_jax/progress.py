@@ -97,7 +97,7 @@ class Progress:
             else:
                 self._line(time.time())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -122,7 +122,7 @@ class Layout:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Layout":
+    def from_json(cls, d: dict) -> Layout:
         return cls(
             tuple(d["names"]),
             tuple(tuple(int(x) for x in s) for s in d["shapes"]),

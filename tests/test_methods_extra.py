@@ -148,7 +148,7 @@ def test_options_roundtrip_and_validation():
     for m in [fm.methods.tsv(k=3), fm.methods.della(seed=5), fm.methods.iso_cts(1.0, 0.6),
               fm.methods.task_arithmetic(0.3, "sum"), fm.methods.ties(1.0, 0.2, "max"),
               fm.methods.breadcrumbs(), fm.methods.slerp(0.2), fm.methods.model_stock()]:
-        assert fm.methods.Method.from_json(m.to_json()) == m
+        assert fm.methods.from_json(m.to_json()) == m
         assert m.hyperparameters()["name"] == m.name
     bad = [
         (lambda: fm.methods.task_arithmetic(1.0, "median"), "convention"),
@@ -175,7 +175,7 @@ def test_explicit_default_conventions_merge_as_the_reference():
     x = {"w": jnp.asarray(np.arange(6, dtype=np.float32).reshape(3, 2) - 2.0)}
     for plain, opt in ((fm.methods.task_arithmetic(1.5), ("convention", "mean")),
                        (fm.methods.ties(1.5, keep=1.0), ("merge_func", "mean"))):
-        spelled = Method.from_json({**plain.to_json(), "options": [list(opt)]})
+        spelled = fm.methods.from_json({**plain.to_json(), "options": [list(opt)]})
         assert not spelled.sums
         np.testing.assert_array_equal(np.asarray(spelled.merge_group(x).vector["w"]),
                                       np.asarray(plain.merge_group(x).vector["w"]))

@@ -46,6 +46,7 @@ def replace_leaves(target: Any, params: Any, what: str) -> Any:
     for n, o in zip(names, old):
         x = given[n]
         if tuple(jnp.shape(x)) != tuple(o.shape):
-            raise ValueError(f"parameter {n!r} has shape {tuple(jnp.shape(x))}, the {what} has {tuple(o.shape)}")
+            raise ValueError(f"parameter {n!r} has shape {tuple(jnp.shape(x))}, "
+                             f"the {what} has {tuple(o.shape)}")
         new.append(jnp.asarray(x, dtype=o.dtype))
     return jax.tree_util.tree_unflatten(treedef, new)

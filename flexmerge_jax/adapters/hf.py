@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import jax
 import numpy as np
 
 from ..sources import files as _io
@@ -83,9 +84,10 @@ __all__ = [
 ]
 
 PyTree = Any
-Rules = Sequence[tuple[str, Union[str, None]]]
-MappingLike = Union[None, "NameMap", Mapping[str, Union[str, None]], Rules, Callable[[str], Union[str, None]]]
-TransposeLike = Union[bool, Callable[[str, int], bool]]
+Rules = Sequence[tuple[str, str | None]]
+MappingLike = Union[  # noqa: UP007 (a runtime alias: "NameMap" is a forward reference)
+    None, "NameMap", Mapping[str, str | None], Rules, Callable[[str], str | None]]
+TransposeLike = bool | Callable[[str, int], bool]
 
 
 def _apply_rules(rules: tuple[tuple[re.Pattern, str | None], ...], name: str) -> str | None:
@@ -128,7 +130,7 @@ class NameMap:
 
     @classmethod
     def rules(cls, forward: Rules, inverse: Rules | Callable[[str], str] | None = None,
-              description: str = "rules") -> "NameMap":
+              description: str = "rules") -> NameMap:
         """Regex rewrites applied in order (``re.sub``); ``None`` drops."""
         fwd = _compile_rules(forward)
         inv = None
@@ -142,7 +144,7 @@ class NameMap:
         return cls(lambda n: _apply_rules(fwd, n), inv, description)
 
     @classmethod
-    def from_dict(cls, table: Mapping[str, str | None]) -> "NameMap":
+    def from_dict(cls, table: Mapping[str, str | None]) -> NameMap:
         """A table; names it lacks are kept. Inverted automatically."""
         table = dict(table)
         inv: dict[str, str] = {}
@@ -245,12 +247,14 @@ def bert_mapping(prefix: str = "") -> NameMap:
 
 def _transpose_rule(transpose: TransposeLike) -> Callable[[str, int], bool]:
     if transpose is True:
-        return lambda name, ndim: ndim >= 2 and name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] == "kernel"
+        return lambda name, ndim: (ndim >= 2
+                                   and name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] == "kernel")
     if transpose is False or transpose is None:
         return lambda name, ndim: False
     if callable(transpose):
         return transpose
-    raise ValueError(f"transpose must be a bool or a callable (name, ndim) -> bool, got {transpose!r}")
+    raise ValueError(
+        f"transpose must be a bool or a callable (name, ndim) -> bool, got {transpose!r}")
 
 
 def _perm_to_flax(ndim: int) -> tuple[int, ...]:
@@ -272,8 +276,6 @@ def kernel_to_torch(k: np.ndarray) -> np.ndarray:
 
 def _host(x) -> np.ndarray:
     if hasattr(x, "__array__") and not isinstance(x, np.ndarray):
-        import jax
-
         x = jax.device_get(x)
     return np.asarray(x)
 
@@ -376,7 +378,8 @@ def load_hf(path, mapping: MappingLike = None, *, transpose: TransposeLike = Tru
 
     Examples:
       >>> params = load_hf("model.safetensors", bert_mapping())  # doctest: +SKIP
-      >>> params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"].shape  # doctest: +SKIP
+      >>> layer = params["encoder"]["layer"]["0"]  # doctest: +SKIP
+      >>> layer["attention"]["self"]["query"]["kernel"].shape  # doctest: +SKIP
       (384, 384)
     """
     names, leaves, _ = flatten(_io.load_params(path))
@@ -394,7 +397,8 @@ def save_hf(path, params: PyTree, mapping: MappingLike = None, *, transpose: Tra
     """
     if Path(path).suffix not in (".safetensors", ".npz"):
         raise ValueError(f"{path}: save_hf writes .safetensors or .npz files")
-    return _io.save_params(path, to_hf(params, mapping, transpose=transpose, like=like, extra=extra))
+    flat = to_hf(params, mapping, transpose=transpose, like=like, extra=extra)
+    return _io.save_params(path, flat)
 
 
 # --------------------------------------------------------------------------- lazy source
@@ -431,8 +435,9 @@ class HFSource(_io.FileInputs, Source):
             if self._rule(p, len(s)):
                 s = tuple(s[i] for i in _perm_to_flax(len(s)))
             if dtypes[h] != "bfloat16" and not np.issubdtype(np.dtype(dtypes[h]), np.floating):
-                raise ValueError(f"{self._base.path}: {h!r} has dtype {dtypes[h]}; FlexMerge merges "
-                                 "floating-point parameters only (drop it in the mapping)")
+                raise ValueError(f"{self._base.path}: {h!r} has dtype {dtypes[h]}; "
+                                 "FlexMerge merges floating-point parameters only "
+                                 "(drop it in the mapping)")
             names.append(p)
             shp.append(tuple(s))
             dts.append(dtypes[h])

@@ -57,7 +57,8 @@ def to_linen(params: PyTree, variables: Mapping, collection: str = "params") -> 
       ValueError: a missing/extra parameter or a shape mismatch (named).
     """
     col = _collection(variables, collection)
-    new_col = replace_leaves(from_linen(variables, collection), params, f"{collection!r} collection")
+    new_col = replace_leaves(from_linen(variables, collection), params,
+                             f"{collection!r} collection")
     out = {k: (new_col if k == collection else v) for k, v in variables.items()}
     if isinstance(variables, FrozenDict):
         return freeze(out)

@@ -120,6 +120,18 @@ def is_traced(v) -> bool:
     return isinstance(v, jax.core.Tracer)
 
 
+# Fields of the saved record of built-in methods (the format of plans saved
+# before methods became modules); other hyperparameters go to "options".
+SAVED_FIELDS = {"scale": 1.0, "keep": 1.0, "consensus": 0.3}
+
+
+def plain_value(v):
+    """A hyperparameter as saved (arrays as floats; tracers cannot be saved)."""
+    if is_traced(v):
+        raise ValueError("a method with traced hyperparameters cannot be saved")
+    return float(v) if hasattr(v, "dtype") else v
+
+
 def _placeholder(k: str) -> str:
     return f"<traced {k}>"
 
@@ -241,17 +253,27 @@ class Method:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in hp.items())})"
 
     def to_json(self) -> dict[str, Any]:
-        """The saved record (see :func:`flexmerge_jax.methods.from_json`)."""
-        from . import _registry
+        """The saved record (read back by :func:`flexmerge_jax.methods.from_json`).
 
-        return _registry.to_json(self)
-
-    @staticmethod
-    def from_json(d: dict[str, Any], method: "Method | None" = None) -> "Method":
-        """See :func:`flexmerge_jax.methods.from_json`."""
-        from . import _registry
-
-        return _registry.from_json(d, method)
+        Built-in methods keep the format of plans saved before methods became
+        modules (name, scale, keep, consensus, drop, seed, options); custom
+        ones are saved by name and hyperparameters, marked ``"custom": true``
+        (they are passed again at load).
+        """
+        hyper = {k: plain_value(v) for k, v in self.hyper().items()}
+        if not self.builtin:
+            d = {"name": self.name, "custom": True, "hyperparameters": hyper}
+            if self.sparsify is not None:
+                d["drop"], d["seed"] = self.sparsify.drop, self.sparsify.seed
+            return d
+        d: dict[str, Any] = {"name": self.name}
+        for k, default in SAVED_FIELDS.items():
+            d[k] = hyper.pop(k, default)
+        d["drop"] = self.drop
+        d["seed"] = self.sparsify.seed if self.sparsify is not None else (
+            43 if self.seed is None else self.seed)
+        d["options"] = [[k, v] for k, v in hyper.items()]
+        return d
 
     # -- kernels ---------------------------------------------------------------
     def merge_group(self, x: dict, members=None, extra=None) -> GroupMerge:
@@ -296,7 +318,7 @@ class Method:
         return self.block_state(x, info, **dict(self.static))
 
     # -- jit plumbing ----------------------------------------------------------
-    def split(self) -> tuple["Method", dict]:
+    def split(self) -> tuple[Method, dict]:
         """``(static part, numeric hyperparameters as float32 arrays)``.
 
         The static part is hashable (a ``static_argnames`` value): one
@@ -304,14 +326,15 @@ class Method:
         :meth:`join` rebuilds the method inside the traced function.
         """
         hp = {k: jnp.asarray(v, jnp.float32) for k, v in self.numeric}
-        static = dataclasses.replace(self, numeric=tuple((k, _placeholder(k)) for k, _ in self.numeric))
+        static = dataclasses.replace(
+            self, numeric=tuple((k, _placeholder(k)) for k, _ in self.numeric))
         return static, hp
 
-    def join(self, hp: dict) -> "Method":
+    def join(self, hp: dict) -> Method:
         """Inverse of :meth:`split` (``self`` is the static part)."""
         return dataclasses.replace(self, numeric=tuple((k, hp[k]) for k, _ in self.numeric))
 
-    def with_numeric(self, **values) -> "Method":
+    def with_numeric(self, **values) -> Method:
         """The method with some numeric hyperparameters replaced (traced ones too)."""
         names = {k for k, _ in self.numeric}
         bad = sorted(set(values) - names)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ._contract import Method, is_traced
+from ._contract import SAVED_FIELDS, Method, plain_value
 from .average import average
 from .breadcrumbs import breadcrumbs
 from .consensus import consensus_ta, consensus_ties
@@ -46,9 +46,6 @@ ALIASES = {
     "task_arithmetic": "ta",
     "consensus": "consensus_ta",
 }
-# Fields of the saved record (the format of plans saved before methods
-# became modules); other hyperparameters go to "options".
-_FIELDS = {"scale": 1.0, "keep": 1.0, "consensus": 0.3}
 
 
 def get(method: Method | str, **hyperparameters) -> Method:
@@ -81,31 +78,6 @@ def get(method: Method | str, **hyperparameters) -> Method:
     return dare(m, drop, 43 if seed is None else seed) if drop is not None else m
 
 
-def _plain(v):
-    if is_traced(v):
-        raise ValueError("a method with traced hyperparameters cannot be saved")
-    return float(v) if hasattr(v, "dtype") else v
-
-
-def to_json(m: Method) -> dict[str, Any]:
-    """The saved record: built-in methods as before (name, scale, keep,
-    consensus, drop, seed, options); custom ones by name and hyperparameters,
-    marked ``"custom": true`` (they are passed again at load)."""
-    hyper = {k: _plain(v) for k, v in m.hyper().items()}
-    if not (m.builtin and m.name in FACTORIES):
-        d = {"name": m.name, "custom": True, "hyperparameters": hyper}
-        if m.sparsify is not None:
-            d["drop"], d["seed"] = m.sparsify.drop, m.sparsify.seed
-        return d
-    d: dict[str, Any] = {"name": m.name}
-    for k, default in _FIELDS.items():
-        d[k] = hyper.pop(k, default)
-    d["drop"] = m.drop
-    d["seed"] = m.sparsify.seed if m.sparsify is not None else (43 if m.seed is None else m.seed)
-    d["options"] = [[k, v] for k, v in hyper.items()]
-    return d
-
-
 def from_json(d: dict[str, Any], method: Method | None = None) -> Method:
     """The method of a saved record.
 
@@ -125,7 +97,7 @@ def from_json(d: dict[str, Any], method: Method | None = None) -> Method:
     else:
         factory = FACTORIES[d["name"]]
         allowed = set(inspect.signature(factory).parameters)
-        hp = {k: d[k] for k in (*_FIELDS, "seed") if k in allowed and k in d}
+        hp = {k: d[k] for k in (*SAVED_FIELDS, "seed") if k in allowed and k in d}
         hp.update({k: v for k, v in d.get("options", ())})
         m = factory(**hp)
         if d.get("drop") is not None:
@@ -133,7 +105,7 @@ def from_json(d: dict[str, Any], method: Method | None = None) -> Method:
         if method is None:
             return m
         want = m.hyperparameters()
-    got = {k: _plain(v) for k, v in method.hyperparameters().items()}
+    got = {k: plain_value(v) for k, v in method.hyperparameters().items()}
     if got != want:
         raise ValueError(f"load(method=...): the plan was made with {want}, not {got}")
     return method

@@ -8,8 +8,15 @@ import jax
 import jax.numpy as jnp
 
 from ._common import (
-    Block, as_members, check_granularity, floor_count, fraction, mask_members, numeric,
-    rank_within, task_sum,
+    Block,
+    as_members,
+    check_granularity,
+    floor_count,
+    fraction,
+    mask_members,
+    numeric,
+    rank_within,
+    task_sum,
 )
 from ._contract import GroupMerge, Method, Traits
 

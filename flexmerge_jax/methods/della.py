@@ -9,8 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from ._common import (
-    Block, as_members, check_granularity, elected_mean, fraction, mask_members, numeric,
-    rank_within, static_number, task_sum,
+    Block,
+    as_members,
+    check_granularity,
+    elected_mean,
+    fraction,
+    mask_members,
+    numeric,
+    rank_within,
+    static_number,
+    task_sum,
 )
 from ._contract import GroupMerge, Method, Traits
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._common import (
-    HIGHEST, Block, as_members, floor_count, fraction, gather_components, group_slots,
-    mask_members, matmul, matrices_else_mean, member_count_i32, numeric, polar_factor, task_sum,
+    HIGHEST,
+    Block,
+    as_members,
+    floor_count,
+    fraction,
+    gather_components,
+    group_slots,
+    mask_members,
+    matmul,
+    matrices_else_mean,
+    member_count_i32,
+    numeric,
+    polar_factor,
+    task_sum,
 )
 from ._contract import GroupMerge, Method, Traits
 

@@ -49,7 +49,8 @@ def model_stock_ratio(x: Block, members=None, *, angle_average="angle") -> dict:
 
 
 def model_stock_merge(x: Block, members=None, *, angle_average="angle") -> Block:
-    r"""Model Stock in task-vector form: :math:`\Delta=t\cdot\mathrm{mean}_{i\in G}\tau_i` per tensor.
+    r"""Model Stock in task-vector form: per tensor,
+    :math:`\Delta=t\cdot\mathrm{mean}_{i\in G}\tau_i`.
 
     The paper's :math:`w_H=t\,\bar w+(1-t)\,w_0` with the pretrained :math:`w_0=\theta_0` as
     anchor is :math:`\theta_0+t\,\bar\tau`: the kernel needs nothing from the base beyond the

@@ -15,7 +15,14 @@ import numpy as np
 
 from ..stats.order import Leaves, kth_smallest, leaf_iter
 from ._common import (
-    Block, as_members, fraction, mask_members, member_count, numeric, per_task, task_sum,
+    Block,
+    as_members,
+    fraction,
+    mask_members,
+    member_count,
+    numeric,
+    per_task,
+    task_sum,
 )
 from ._contract import GroupMerge, Method, Traits
 

@@ -81,12 +81,13 @@ def slerp_merge(
     n = n_tasks(x)
     if members is None:
         if n != 2:
-            raise ValueError(f"slerp_merge merges exactly 2 tasks; got n={n} tasks and members=None")
+            raise ValueError(
+                f"slerp merges exactly 2 tasks; got n={n} tasks and members=None")
         members = jnp.ones((n,), bool)
     else:
         cnt = _concrete_count(members)
         if cnt is not None and cnt != 2:
-            raise ValueError(f"slerp_merge merges exactly 2 tasks; the group has {cnt}")
+            raise ValueError(f"slerp merges exactly 2 tasks; the group has {cnt}")
         members = jnp.asarray(members, bool)
     m = member_count_i32(members)
     i0 = jnp.argmax(members)

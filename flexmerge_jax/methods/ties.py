@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from ._common import (
-    Block, as_members, block_majority, elected_entries, elected_sign, fraction, numeric,
+    Block,
+    as_members,
+    block_majority,
+    elected_entries,
+    elected_sign,
+    fraction,
+    numeric,
 )
 from ._contract import GroupMerge, Method, Traits
 

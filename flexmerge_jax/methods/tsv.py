@@ -6,8 +6,17 @@ import jax
 import jax.numpy as jnp
 
 from ._common import (
-    Block, as_members, check_exclude, gather_components, group_slots, is_matrix,
-    matmul, matrices_else_mean, member_count_i32, numeric, polar_factor,
+    Block,
+    as_members,
+    check_exclude,
+    gather_components,
+    group_slots,
+    is_matrix,
+    matmul,
+    matrices_else_mean,
+    member_count_i32,
+    numeric,
+    polar_factor,
 )
 from ._contract import GroupMerge, Method, Traits
 

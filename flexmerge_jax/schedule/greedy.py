@@ -477,8 +477,7 @@ def materialized_sequence(
       scratch: a dict the caller keeps across blocks: host-resident blocks
         hand the buffers of their ``n // 2`` group-vector slots back in it,
         and blocks of the same shapes reuse them (donated to XLA: no fresh
-        memory, whose first touch costs a page fault per 4 KB on the CPU;
-        they took ~20% of a ViT-B/32 TIES plan's time).
+        memory, whose first touch costs a page fault per 4 KB on the CPU).
     """
 
     x, singles = canonical(x), canonical(singles)

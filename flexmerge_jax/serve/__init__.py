@@ -57,8 +57,8 @@ decides which rows share it. Per kind of layer the user provides
 and calls them in the model's order; parameter-free computation (residuals,
 activations, attention scores) is written as usual on the whole batch.
 :func:`flexmerge_jax.zoo.vit_forward` is this for the zoo ViT;
-``examples/serve_nnx.py`` does it for an nnx module with a list of layers. Parameters kept per task outside the
-FlexModel (classification heads) join with ``stack(model, per_task={"head":
+``examples/serve_nnx.py`` does it for an nnx module with a list of layers. Parameters kept
+per task outside the FlexModel (classification heads) join with ``stack(model, per_task={"head":
 heads})`` and are addressed as ``"head"``.
 
 Memory and compute

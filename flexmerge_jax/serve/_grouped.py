@@ -111,7 +111,8 @@ def grouped_matmul(
         row = r0 + offs[0]
         keep = (row >= pts[i]) & (row < nxt[i])
         cur = jax.lax.dynamic_slice_in_dim(out, r0, c, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], y, cur), r0, axis=0)
+        new = jnp.where(keep[:, None], y, cur)
+        return jax.lax.dynamic_update_slice_in_dim(out, new, r0, axis=0)
 
     out = jnp.zeros((t * c, nout), jnp.result_type(x.dtype, w.dtype))
     out = jax.lax.fori_loop(0, t + nseg, body, out)

@@ -245,7 +245,8 @@ class Router:
             rows = self.variants(blk)
             seg = lambda: self._segments(blk)  # noqa: E731
         else:  # several blocks: one group per task
-            pools = {lf: self.pool(lf)[self.state.blocks[self.block_of(lf)].variant] for lf in leaves}
+            pools = {lf: self.pool(lf)[self.state.blocks[self.block_of(lf)].variant]
+                     for lf in leaves}
             rows = self.task_ids
             n = self.state.n
             seg = lambda: self._segments("\0tasks", rows, jnp.arange(n, dtype=jnp.int32), n)  # noqa: E731

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -202,7 +203,8 @@ def stack(
     blocks: dict[str, BlockStack] = {}
     for name, b in model.blocks.items():
         g = len(b.sets)
-        sets = {k: _as_array(jnp.stack([jnp.asarray(s[k]) for s in b.sets]), dtype) for k in b.leaves}
+        sets = {k: _as_array(jnp.stack([jnp.asarray(s[k]) for s in b.sets]), dtype)
+                for k in b.leaves}
         routing = np.asarray(b.routing, np.int32)
         masked = np.asarray(b.masked, bool)
         slots = [t for t in range(n) if masked[routing[t]]]
@@ -228,7 +230,8 @@ def stack(
                                   leaves=(leaf,), shapes=(tuple(a.shape[1:]),), kind="unmatched")
     for name, trees in (per_task or {}).items():
         if len(trees) != n:
-            raise ValueError(f"per_task[{name!r}] has {len(trees)} entries, expected {n} (one per task)")
+            raise ValueError(
+                f"per_task[{name!r}] has {len(trees)} entries, expected {n} (one per task)")
         flat = [flatten_tree(t) for t in trees]
         names0 = flat[0][0]
         for i, (nm, lv, _) in enumerate(flat):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import sys
 import threading
 from collections.abc import Sequence
@@ -294,9 +295,9 @@ class _BufferPool:
     """Large host buffers, reused once nothing references them.
 
     Every first touch of fresh memory costs a page fault and the kernel's
-    zeroing of the page: for the task vectors of a streaming pass (a new
-    ``[n, ...]`` array per leaf, freed a block later) that was ~8% of a
-    ViT-B/32 TIES plan's CPU time. A buffer is idle when the pool's list
+    zeroing of the page: the task vectors of a streaming pass (a new
+    ``[n, ...]`` array per leaf, freed a block later) would pay it at every
+    block. A buffer is idle when the pool's list
     holds its only reference (NumPy views, and JAX arrays that alias it,
     keep a reference to it), so a buffer in use is never handed out twice.
 
@@ -304,14 +305,14 @@ class _BufferPool:
     recently taken first) are freed until the pool holds no more than
     :attr:`SLACK` times the most memory its buffers were ever in use at
     once (with no slack, blocks that alternate buffer sizes, as file reads
-    do, evicted each other's: half the takes of a ViT-B/32 TIES plan from
-    files allocated, 1 in 15 with 1.5). It may hold that much while less is
+    do, evict each other's buffers). It may hold that much while less is
     in use, so the process's peak can still rise where other allocations
     peak at another moment (cuts, whose outputs pile up, do not pool for
     that reason).
     """
 
-    #: How far above the most it ever had in use at once the pool may hold.
+    #: How far above the most it ever had in use at once the pool may hold:
+    #: more keeps more idle memory, less evicts buffers still needed.
     SLACK = 1.5
 
     def __init__(self):
@@ -384,7 +385,9 @@ def reuse_buffers():
                 _pool = None
 
 
-_TRIM_COLUMNS = 1 << 16  # entries per chunk of the fused subtract-and-trim (256 KB)
+# Entries per chunk of the fused subtract-and-trim (256 KB of float32): the
+# chunk's scratch stays in cache between the subtraction and the trim.
+_TRIM_COLUMNS = 1 << 16
 
 
 def _host_task_vector(base, fts, threshold=None) -> tuple[np.ndarray, np.ndarray]:
@@ -489,6 +492,8 @@ class MemorySource(Source):
         return [{k: f[k] for k in names} for f in self._ft]
 
 
+# Entries of each in-memory leaf hashed by a "fast" fingerprint: more catches
+# more in-place edits of a leaf, for more hashing per saved plan.
 _TREE_SAMPLES = 256
 
 
@@ -504,8 +509,6 @@ def tree_fingerprint(leaves: dict, verify: str = "fast") -> dict:
     Returns:
       ``{"sample": "blake2b:<hex>"}`` or ``{"full": "blake2b:<hex>"}``.
     """
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(leaves):
         x = leaves[name]
@@ -535,7 +538,9 @@ def check_names(task_names, n: int) -> tuple[str, ...]:
 
 
 def read_chunks(names: Sequence[str], sizes: Sequence[int], budget: int = 1 << 24):
-    """Groups consecutive parameters into reads of about ``budget`` entries."""
+    """Groups consecutive parameters into reads of about ``budget`` entries
+    (per task; the default, 64 MB of float32, bounds what a whole-model pass
+    holds while keeping the number of reads small)."""
     cur, total = [], 0
     for name, size in zip(names, sizes):
         cur.append(name)

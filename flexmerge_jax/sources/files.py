@@ -24,18 +24,31 @@ the same ``"/"``-joined names); Orbax trees are named by their key paths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import uuid
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ..tree import Layout, flatten, layout_mismatch, nest
-from ._source import MemorySource, Source, aligned_empty, check_names, flat_runs, region_runs
+from ._source import (
+    MemorySource,
+    Source,
+    aligned_empty,
+    check_names,
+    flat_runs,
+    region_runs,
+)
 
 __all__ = ["detect_format", "load_params", "save_params", "PathSource", "path_source", "is_path",
            "fingerprint", "fingerprint_change", "hf_weights", "task_name", "as_source"]
@@ -79,8 +92,6 @@ def fingerprint(path, verify: str = "fast") -> dict:
     Raises:
       ValueError: the path does not exist, or ``verify`` is unknown.
     """
-    import hashlib
-
     if verify not in VERIFY:
         raise ValueError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
     p = Path(path)
@@ -137,7 +148,8 @@ def fingerprint_change(recorded, path) -> str | None:
 
 def fingerprints(base, finetuned, verify: str = "fast") -> dict:
     """``{"base": fingerprint, "finetuned": [fingerprint, ...]}`` of paths."""
-    return {"base": fingerprint(base, verify), "finetuned": [fingerprint(f, verify) for f in finetuned]}
+    return {"base": fingerprint(base, verify),
+            "finetuned": [fingerprint(f, verify) for f in finetuned]}
 
 
 class FileInputs:
@@ -197,7 +209,8 @@ def hf_weights(directory) -> Path | None:
     d = Path(directory)
     indexes = sorted(d.glob("*" + INDEX_SUFFIX))
     if len(indexes) > 1:
-        raise ValueError(f"{d}: several safetensors indexes ({', '.join(i.name for i in indexes)}); "
+        shown = ", ".join(i.name for i in indexes)
+        raise ValueError(f"{d}: several safetensors indexes ({shown}); "
                          "pass the one to read")
     if indexes:
         return indexes[0]
@@ -356,8 +369,6 @@ class _Reader:
             out.sort()
             return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
         if self.format == "safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(self.file), framework="numpy") as f:
                 keys = sorted(f.keys())
                 shapes = [tuple(f.get_slice(k).get_shape()) for k in keys]
@@ -365,7 +376,6 @@ class _Reader:
             self._offsets = _st_offsets(self.file)
             self._dtype = dict(zip(keys, dtypes))
             return keys, shapes, dtypes
-        import jax
         import orbax.checkpoint as ocp
 
         md = ocp.StandardCheckpointer().metadata(self.path.absolute()).item_metadata
@@ -422,8 +432,6 @@ class _Reader:
                     got += r
                 out[k] = a
         if other:
-            from safetensors import safe_open
-
             with safe_open(str(self.file), framework="numpy") as f:
                 out.update({k: f.get_tensor(k) for k in other})
         return {k: out[k] for k in names}
@@ -504,8 +512,6 @@ class _Reader:
 
 def _st_offsets(path) -> dict[str, int]:
     """Absolute byte offset of each tensor's data in a safetensors file."""
-    import json
-
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
@@ -514,8 +520,6 @@ def _st_offsets(path) -> dict[str, int]:
 
 
 def _run_dtypes() -> dict:
-    import ml_dtypes
-
     return {"float32": "<f4", "float16": "<f2", "float64": "<f8",
             "bfloat16": ml_dtypes.bfloat16}
 
@@ -560,8 +564,6 @@ def save_params(path, params: PyTree) -> Path:
     The format follows the suffix (no suffix: Orbax). Names are the leaves'
     ``"/"``-joined key paths. The write is atomic (temporary + rename).
     """
-    import jax
-
     path = Path(path)
     if path.exists():
         raise ValueError(f"{path} exists")
@@ -574,8 +576,6 @@ def save_params(path, params: PyTree) -> Path:
             with open(tmp, "wb") as f:
                 save_npz(f, arrays, path)
         elif path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
             save_file(arrays, str(tmp))
         else:
             import orbax.checkpoint as ocp
@@ -585,8 +585,6 @@ def save_params(path, params: PyTree) -> Path:
             ck.wait_until_finished()
         os.replace(tmp, path)
     except BaseException:
-        import shutil
-
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ._source import Source, host_task_vectors
 

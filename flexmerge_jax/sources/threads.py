@@ -22,10 +22,9 @@ from collections.abc import Sequence
 
 from ._source import Source, host_inputs
 
-
 # Threads of the host statistics passes (:func:`host_map`): each holds one
 # group of parameters of all tasks, so the streaming memory bound grows with
-# them; two cover this project's 2-core reference machine.
+# them; trades that memory for cores (at most two, fewer where fewer cores).
 HOST_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else os.cpu_count() or 1))
 

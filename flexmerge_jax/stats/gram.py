@@ -78,8 +78,9 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
         (HIGHEST-precision float32 matmul, as the reference computes; much
         faster, relative error ~1e-7).
 
-    Host-resident blocks use the BLAS behind NumPy (several times faster
-    than XLA's CPU dot for this ``[n, d] x [d, n]`` shape); device or sharded
+    Host-resident blocks use the BLAS behind NumPy in cache-sized pieces
+    (:class:`GramSum`; XLA's CPU dot reads this ``[n, d] x [d, n]`` shape
+    from memory as a whole); device or sharded
     arrays use XLA (sharded: per-shard products, all-reduced).
     """
     if precision not in GRAM_PRECISIONS:
@@ -102,8 +103,18 @@ def block_gram(x: dict[str, jax.Array], precision: str = "float64") -> np.ndarra
         return np.asarray(_gram(leaves), np.float64)
 
 
+# Entries (all tasks together) of one host chunk, ~1 MB of float32: small
+# enough to stay in cache between computing a chunk and using it, large
+# enough that the per-chunk Python overhead stays small.
+CHUNK_ENTRIES = 1 << 18
+# Entries of one BLAS piece of :class:`GramSum` (256 KB in float64): the
+# operands of one ``gemm`` stay in L2.
+GEMM_ENTRIES = 1 << 15
+
+
 def columns(n: int) -> int:
-    return max(4096, (1 << 18) // n)  # ~1 MB of float32 per chunk (cache-sized)
+    """Columns per host chunk of ``n`` tasks (see :data:`CHUNK_ENTRIES`)."""
+    return max(4096, CHUNK_ENTRIES // n)
 
 
 def streamed_gram(inputs, names, n: int, precision: str) -> np.ndarray:
@@ -123,8 +134,8 @@ class GramSum:
     Each chunk is cut into pieces of at most :attr:`width` columns, copied
     (and widened to float64 for ``precision="float64"``) into one reused
     contiguous buffer of ~256 KB, and multiplied there with BLAS ``gemm``:
-    OpenBLAS's ``syrk`` and its ``gemm`` on operands larger than the L2
-    cache are 3x slower for this ``[n, big] x [big, n]`` shape. Products
+    OpenBLAS's ``syrk``, and its ``gemm`` on operands larger than the L2
+    cache, stream this ``[n, big] x [big, n]`` shape through memory. Products
     are float64 (``"float64"``) or float32 (``"float32"``), sums across
     pieces float64; the result is mirrored from the upper triangle, so it
     is exactly symmetric.
@@ -133,7 +144,7 @@ class GramSum:
     def __init__(self, n: int, precision: str = "float64"):
         self._sum = np.zeros((n, n), np.float64)
         self._wide = precision == "float64"
-        self.width = max(256, (1 << 15) // n)
+        self.width = max(256, GEMM_ENTRIES // n)
         self._buf = np.empty(n * self.width, np.float64 if self._wide else np.float32)
 
     def add(self, a: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ..tree import host_resident
 
@@ -35,6 +36,7 @@ __all__ = [
     "ties_keep_count",
     "ties_trim_thresholds",
     "trim",
+    "trim_traceable",
 ]
 
 _BINS = 1 << 16
@@ -89,8 +91,6 @@ def _hist_jit(x, prefix, *, signed):
 
 @functools.lru_cache(maxsize=64)
 def _hist_sharded(mesh, spec, signed: bool, with_prefix: bool):
-    from jax.sharding import PartitionSpec as P
-
     axes = tuple(a for entry in spec if entry is not None
                  for a in (entry if isinstance(entry, tuple) else (entry,)))
 
@@ -274,3 +274,24 @@ def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
     """Zeroes entries with ``|x[i]| < threshold[i]`` (``x: f32[n, ...]``)."""
     t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
+
+
+def trim_traceable(x: dict, keep: float, total: int) -> dict:
+    """The global per-task TIES trim of an in-memory model as one traceable
+    ``jax.numpy`` function (``jit``/``vmap``/``grad``): the same order
+    statistic as :func:`ties_trim_thresholds` (the ``ties_keep_count``-th
+    smallest ``|x_i|``), by a sort of every task's magnitudes.
+
+    Args:
+      x: ``{name: f32[n, ...]}`` every task-vector leaf of the model.
+      keep: fraction kept (static: it fixes the rank).
+      total: entries of one model (sum of the leaf sizes).
+
+    Returns:
+      ``{name: f32[n, ...]}``, :func:`trim` of each leaf.
+    """
+    n = next(iter(x.values())).shape[0]
+    mags = jnp.concatenate([jnp.abs(v).reshape(n, -1) for v in x.values()], axis=1)
+    k = ties_keep_count(total, keep)
+    thr = jnp.sort(mags, axis=1)[:, k - 1]
+    return {name: trim(v, thr) for name, v in x.items()}

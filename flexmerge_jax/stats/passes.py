@@ -17,12 +17,29 @@ import numpy as np
 from ..sources._source import ABS_BITS, INF_BITS, host_inputs, read_chunks, tv_chunks
 from ..sources.threads import HOST_QUEUE, HOST_THREADS, host_map
 from .gram import GRAM_PRECISIONS, GramSum, block_gram, columns, streamed_gram
-from .order import RadixSelect
+from .order import RadixSelect, kth_smallest
 
 if TYPE_CHECKING:  # annotations only (Prepared is built on this module)
     from .._prepared import Prepared
 
-__all__ = ["grams", "trim_pass"]
+__all__ = ["grams", "trim_thresholds", "trim_pass"]
+
+
+def trim_thresholds(prepared: Prepared) -> np.ndarray:
+    """Per-task TIES thresholds ``f32[n]`` over the whole model.
+
+    The exact ``k``-th smallest ``|tau_i|`` over every parameter (blocks or
+    not, as the reference trims before assigning blocks), ``k =
+    ties_keep_count(d, keep)``. Two back-ends behind this one function: on
+    host-resident inputs :func:`trim_pass` (a sampled bracket and one read);
+    otherwise the radix select of :func:`~.order.kth_smallest` in XLA (two
+    reads; sharded arrays histogrammed shard by shard). The traceable twin
+    for in-memory pytrees is :func:`~.order.trim_traceable`.
+    """
+    res = trim_pass(prepared, want_grams=False)
+    if res is not None:
+        return res[0]
+    return kth_smallest(prepared.all_leaves, prepared.keep_count, magnitude=True)
 
 
 def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") -> np.ndarray:
@@ -43,7 +60,8 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
     if not raw and prepared.method.trims:
         fused = trim_pass(prepared, want_grams=True, precision=precision)
         if fused is not None:
-            return fused
+            prepared.trim_threshold, g = fused
+            return g
     blocks, n = prepared.partition.blocks, prepared.n
 
     def task(b):
@@ -66,14 +84,25 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
 
 
 # |x| keys: the bits of a float32 with the sign cleared (sources._source.ABS_BITS),
-# monotone in |x|; _INF_BITS and above are Inf/NaN.
+# monotone in |x|; INF_BITS and above are Inf/NaN.
 _NO_KEY = 0x80000000  # above every |x| key, NaN included
-_SAMPLE = 1 << 20  # entries per task in the sample that brackets the thresholds
-_RUN = 256  # entries per contiguous run of the sample
-_SIGMAS = 5.0  # bracket half-width, in standard errors of the sample quantile
-_KEY_BYTES = 1 << 28  # budget for the undecided keys captured by a pass
-_COLUMN_BYTES = 1 << 28  # budget for the undecided columns kept for the Gram correction
-_DENSE_BYTES = 1 << 26  # of which the first are kept unpacked (see _pack_columns)
+# Entries per task sampled to bracket the thresholds: more narrows the bracket
+# (fewer undecided entries captured by the pass) for more sampled reads.
+_SAMPLE = 1 << 20
+# Entries per contiguous run of the sample: longer runs mean fewer byte ranges
+# read from files, but correlated entries (a wider bracket for the same size).
+_RUN = 256
+# Bracket half-width, in standard errors of the sample quantile: wider makes a
+# miss (and the exact radix-select fallback) rarer but captures more entries.
+_SIGMAS = 5.0
+# Memory for the undecided keys captured by a pass; past it the exact radix
+# select (two more reads) takes over.
+_KEY_BYTES = 1 << 28
+# Memory for the undecided columns kept for the Gram correction (at least; see
+# _column_budget); past it the Grams take a second pass with known thresholds.
+_COLUMN_BYTES = 1 << 28
+# Of which the first are kept unpacked: no packing time, 4x the memory at keep 0.2.
+_DENSE_BYTES = 1 << 26
 
 
 def _column_budget(prepared: Prepared) -> int:
@@ -115,8 +144,8 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
     the sample, only the time does.
 
     Returns ``None`` (callers take the XLA path) when the inputs are not
-    host-resident; else the Grams ``f64[B, n, n]`` (``want_grams``) or the
-    thresholds ``f32[n]``, which are also stored on ``prepared``.
+    host-resident; else ``(thresholds f32[n], Grams f64[B, n, n] or None)``
+    (Grams when ``want_grams``).
     """
     part, src, n = prepared.partition, prepared.source, prepared.n
     size = dict(zip(prepared.layout.names, prepared.layout.sizes))
@@ -144,14 +173,13 @@ def trim_pass(prepared: Prepared, *, want_grams: bool, precision: str = "float64
         if top[0] >= INF_BITS:  # histograms cannot tell NaN/Inf: name it
             _raise_nonfinite(prepared)
         thr, g = sel.second_pass(all_chunks()), None
-    prepared._trim_threshold = thr
     if not want_grams:
-        return thr
+        return thr, None
     if g is None:  # one more pass, with the thresholds known: nothing undecided
         key = thr.view(np.uint32)
         _, g = _bracket_scan(prepared, groups[:len(part)], key, key, True, precision,
                              counts=False)
-    return g
+    return thr, g
 
 
 def _raise_nonfinite(prepared: Prepared) -> None:
@@ -254,7 +282,7 @@ def _scan_group(inputs, names, lo_c, hi_c, precision: str, *, counts: bool, gram
         idx = np.flatnonzero(np.logical_or.reduce(ge, axis=0))
         if not idx.size:
             continue
-        sub = ge.take(idx, axis=1)  # take: ~2x faster than fancy indexing here
+        sub = ge.take(idx, axis=1)  # take: a plain gather, no fancy-indexing machinery
         keys.append(u.take(idx, axis=1)[sub])  # grouped by task
         cnts.append(np.count_nonzero(sub, axis=1))
         if gram:
@@ -269,7 +297,7 @@ def _pack_columns(a: np.ndarray, live: np.ndarray, dense: int = 0) -> tuple:
     nonzero after trimming (``live``: kept or undecided; about ``keep`` of
     them): ``a`` zeroed elsewhere while it fits in ``dense`` bytes, else
     packed (a bit mask and the live entries: ~4x smaller for ``keep = 0.2``,
-    at ~5 ns per entry to pack and unpack)."""
+    for the time it takes to pack and unpack them)."""
     if a.nbytes <= dense:
         return (np.multiply(a, live, out=a),)
     return live.shape, np.packbits(live, axis=None), a[live]

@@ -22,14 +22,26 @@ in :mod:`flexmerge_jax.zoo.serving`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from flexmerge_jax.zoo.apply import CONFIG, ViTConfig, flatten, leaf_names, param_shapes, unflatten
+from flexmerge_jax.zoo import apply as F
+from flexmerge_jax.zoo.apply import (
+    CONFIG,
+    ViTConfig,
+    flatten,
+    leaf_names,
+    param_shapes,
+    unflatten,
+)
 from flexmerge_jax.zoo.serving import padded_heads, vit_forward
 
 __all__ = [
@@ -76,7 +88,8 @@ class Zoo:
         self.base: dict = unflatten(_read_npz(path / files["base"]))
         self.finetuned: list[dict] = [unflatten(_read_npz(path / f)) for f in files["finetuned"]]
         h = _read_npz(path / files["heads"])
-        self.heads: list[dict] = [{"kernel": h[f"{n}/kernel"], "bias": h[f"{n}/bias"]} for n in self.task_names]
+        self.heads: list[dict] = [{"kernel": h[f"{n}/kernel"], "bias": h[f"{n}/bias"]}
+                                  for n in self.task_names]
         t = _read_npz(path / files["test_sets"])
         self.test_sets: tuple[TestSet, ...] = tuple(
             TestSet(t[f"{n}/images"], t[f"{n}/labels"]) for n in self.task_names
@@ -86,15 +99,13 @@ class Zoo:
         self.ft_accuracy = _acc_or_none(tasks, "ft_accuracy")
         self._eval = None
 
-    def subset(self, num_tasks: int | None = None, max_examples: int | None = None) -> "Zoo":
+    def subset(self, num_tasks: int | None = None, max_examples: int | None = None) -> Zoo:
         """A smaller zoo: the first ``num_tasks`` tasks, the first
         ``max_examples`` test examples of each (for quick runs and tests).
 
         The recorded accuracies are dropped (``None``) when ``max_examples``
         changes the test sets, since they no longer apply.
         """
-        import copy
-
         k = self.num_tasks if num_tasks is None else int(num_tasks)
         if not 2 <= k <= self.num_tasks:
             raise ValueError(f"num_tasks must be in [2, {self.num_tasks}], got {k}")
@@ -102,7 +113,8 @@ class Zoo:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
         z = copy.copy(self)
         z.task_names, z.num_classes = self.task_names[:k], self.num_classes[:k]
-        z.class_names, z.finetuned, z.heads = self.class_names[:k], self.finetuned[:k], self.heads[:k]
+        z.class_names = self.class_names[:k]
+        z.finetuned, z.heads = self.finetuned[:k], self.heads[:k]
         z.test_sets = tuple(
             TestSet(ts.images[:max_examples], ts.labels[:max_examples]) for ts in self.test_sets[:k]
         )
@@ -139,7 +151,8 @@ class Zoo:
 
     def __repr__(self) -> str:
         return (f"Zoo({self.num_tasks} tasks {self.task_names}, depth={self.config.depth}, "
-                f"width={self.config.width}, params={self.meta.get('num_params')}, path={str(self.path)!r})")
+                f"width={self.config.width}, params={self.meta.get('num_params')}, "
+                f"path={str(self.path)!r})")
 
     # ------------------------------------------------------------------ evaluation
     def _evaluator(self):
@@ -150,11 +163,6 @@ class Zoo:
         with backbone params of the zoo's shapes.
         """
         if self._eval is None:
-            import jax
-            import jax.numpy as jnp
-
-            from flexmerge_jax.zoo import apply as F
-
             n = max(len(ts.labels) for ts in self.test_sets)
             c = max(self.num_classes)
             d = self.heads[0]["kernel"].shape[0]
@@ -175,7 +183,8 @@ class Zoo:
 
             @jax.jit
             def n_correct(params, imgs, labels, kern, bias, cmask):
-                lg = F.head_logits({"kernel": kern, "bias": bias}, F.features(params, imgs, num_heads))
+                feats = F.features(params, imgs, num_heads)
+                lg = F.head_logits({"kernel": kern, "bias": bias}, feats)
                 pred = jnp.argmax(jnp.where(cmask[None, :], lg, -jnp.inf), axis=-1)
                 return jnp.sum(pred == labels)  # padded rows have label -1: never counted
 
@@ -186,7 +195,8 @@ class Zoo:
         return self._eval
 
     def evaluate(self, params: Mapping[str, Any], task: int | str) -> float:
-        """Accuracy in [0, 1] of backbone ``params`` with task ``task``'s head on its shipped test set.
+        """Accuracy in [0, 1] of backbone ``params`` with task ``task``'s head on its shipped
+        test set.
 
         ``params`` must have the zoo's backbone structure (numpy or jax arrays). The apply is
         jitted once per Zoo and reused: calling with different params of the same shapes does
@@ -196,7 +206,9 @@ class Zoo:
         imgs, labels, kern, bias, cmask, m = data[self.task_index(task)]
         return int(fn(to_f32(params), imgs, labels, kern, bias, cmask)) / m
 
-    def evaluate_all(self, params_per_task: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[float]:
+    def evaluate_all(
+        self, params_per_task: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    ) -> list[float]:
         """Accuracy on every task: ``params_per_task[i]`` is used for task i; a single
         backbone dict is used for all tasks."""
         if isinstance(params_per_task, Mapping):

@@ -37,7 +37,8 @@ block by block::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ class ViTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ViTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -193,7 +194,8 @@ def layer_norm(p: Params, x: jax.Array, eps: float = LN_EPS) -> jax.Array:
     """LayerNorm over the last axis with ``p = {"scale", "bias"}``."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * _lift(p["scale"], x.ndim) + _lift(p["bias"], x.ndim)
+    scale, bias = _lift(p["scale"], x.ndim), _lift(p["bias"], x.ndim)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
 def dense(p: Params, x: jax.Array) -> jax.Array:
