@@ -10,7 +10,9 @@ runs the floor (``read + write``), the old checkout's and this checkout's
 ``flexmerge merge --method ta --size 1``, each a whole process with its own
 persistent compilation cache (round 0, a warm-up that fills it, is not
 counted); rounds interleave the three so that load from other work on the
-machine spreads over them; the tables give medians.
+machine spreads over them; the tables give medians. Before the rounds, one
+process per checkout (twice, in turn) times ``fm.save`` alone of the merged
+model held in memory against writing the same arrays with plain Python.
 
 Writes ``benchmarks/results/write_speed.{json,md}``.
 """
@@ -27,6 +29,39 @@ import tempfile
 from pathlib import Path
 
 from run import FLOOR_READ_WRITE, N, RESULTS, ROOT, TA_SUM_SCALE, build_case, machine, run_timed
+
+
+# In one process of a checkout: the merged 1x model (a FlexModel) in memory, then, 3 times
+# in turn, its bytes written with plain Python (to the page cache, and with
+# an fsync per file as TensorStore does by default) and fm.save of it.
+SAVE_ONLY = """
+import json, os, shutil, sys, time
+import numpy as np
+import flexmerge_jax as fm
+base, fts, blocks, out = sys.argv[1], sys.argv[2:-2], json.load(open(sys.argv[-2])), sys.argv[-1]
+m = fm.plan(base, fts, blocks=fm.blocks.from_substrings(blocks), linkage="min",
+            method=fm.methods.task_arithmetic(%r)).at_size(1.0)
+arrays = [np.asarray(v) for b in m.blocks.values() for st in b.sets for v in st.values()]
+def raw(sync):
+    os.makedirs(out)
+    for i, a in enumerate(arrays):
+        with open(f"{out}/{i}", "wb") as f:
+            f.write(a.tobytes())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+times = {"raw": [], "raw_fsync": [], "fm_save": []}
+for _ in range(3):
+    for name, fn in [("raw", lambda: raw(False)), ("raw_fsync", lambda: raw(True)),
+                     ("fm_save", lambda: fm.save(out, m))]:
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t)
+shutil.rmtree(out, ignore_errors=True)
+print(json.dumps({"bytes": sum(a.nbytes for a in arrays), "arrays": len(arrays),
+                  "blocks": len(m.blocks), **times}))
+""" % (TA_SUM_SCALE * N)
 
 
 def main() -> None:
@@ -50,6 +85,19 @@ def main() -> None:
             "before": ([py, *merge], Path(args.before).resolve()),
             "after": ([py, *merge], ROOT),
         }
+        saves: dict = {"before": [], "after": []}
+        for r in range(2):  # fm.save alone, the two checkouts in turn
+            for name in ("before", "after"):
+                checkout = systems[name][1]
+                e = {**env, "PYTHONPATH": str(checkout),
+                     "FLEXMERGE_COMPILATION_CACHE": str(work / f"xla-cache-{name}")}
+                res = run_timed([py, "-c", SAVE_ONLY, case["base"], *case["finetuned"],
+                                 case["blocks"], str(work / "save_only")], e,
+                                work / "stderr.log")
+                if not res["ok"]:
+                    raise SystemExit(f"save-only run failed: {res['error']}")
+                saves[name].append(json.loads(res["stdout_tail"][0]))
+                print(f"  save-only {name}: {saves[name][-1]}", flush=True)
         runs: dict = {k: [] for k in systems}
         for r in range(args.rounds + 1):
             for name, (cmd, checkout) in systems.items():
@@ -70,9 +118,15 @@ def main() -> None:
         if own is not None:
             own.cleanup()
     med = {k: statistics.median(x["seconds"] for x in v if x["ok"]) for k, v in runs.items()}
+    save_med = {name: {k: statistics.median(t for rec in recs for t in rec[k])
+                       for k in ("raw", "raw_fsync", "fm_save")}
+                for name, recs in saves.items()}
     results = {"machine": machine(), "params_per_model": case["params"], "n": N,
                "rounds": args.rounds, "runs": runs, "median_seconds": med,
-               "ratio_to_floor": {k: med[k] / med["floor"] for k in ("before", "after")}}
+               "ratio_to_floor": {k: med[k] / med["floor"] for k in ("before", "after")},
+               "commits": {name: _commit(systems[name][1]) for name in ("before", "after")},
+               "save_only": saves, "save_only_median_seconds": save_med,
+               "saved_bytes": saves["after"][0]["bytes"], "blocks": saves["after"][0]["blocks"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "write_speed.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "write_speed.md").write_text(report(results))
@@ -103,12 +157,34 @@ def report(r: dict) -> str:
         "| run | median | / floor | peak RSS | every round (s) |",
         "|---|---|---|---|---|",
         row("floor", "floor: read the inputs + write one model (plain Python)"),
-        row("before", "before: one Orbax checkpoint per block (format 2)"),
-        row("after", "after: blocks in parts of <= 512 MiB (format 3)"),
+        row("before", f"before ({r['commits']['before']}): one Orbax checkpoint per block "
+                       "(format 2)"),
+        row("after", f"after ({r['commits']['after']}): consecutive blocks in parts of ~128 MiB "
+                     "(format 3)"),
         "",
         "Target (issue 27): one-shot TA within 1.5x of the floor.",
         "",
+        f"`fm.save` alone of the merged model held in memory ({r['saved_bytes'] / 1e6:.0f} MB in "
+        f"{r['blocks']} blocks), against writing the same arrays with plain Python, one file "
+        "each, to the page cache and with an fsync per file (TensorStore's default, which Orbax "
+        "keeps; the floor above does not sync); one process per checkout, twice in turn, 3 "
+        "repetitions each, medians:",
+        "",
+        "| checkout | plain write | plain write + fsync | fm.save | fm.save / plain + fsync |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {v['raw']:.2f} s | {v['raw_fsync']:.2f} s | {v['fm_save']:.2f} s | "
+          f"{v['fm_save'] / v['raw_fsync']:.2f} |"
+          for name, v in r["save_only_median_seconds"].items()],
+        "",
     ])
+
+
+def _commit(checkout: Path) -> str:
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def _case(work: Path) -> dict:
