@@ -11,7 +11,9 @@ that clobbers ours. So of two concurrent saves of one path exactly one
 succeeds; the other finds the target taken and fails, leaving it alone.
 Where ``renameat2`` is missing (non-Linux, or a filesystem without it) the
 claim is ``mkdir(target)`` (exclusive everywhere) followed by a rename onto
-that empty directory of ours.
+that empty directory of ours. :func:`begin` and :func:`finish` are the two
+halves of :func:`write_dir`, for a directory that several processes fill (one
+process begins and finishes: ``checkpointing._atomic``).
 
 ``overwrite`` replaces only a directory that this library wrote and that
 holds nothing else: every save writes a manifest (:data:`MANIFEST`) of the

@@ -7,9 +7,10 @@ users on a TPU pod do), then process 0 writes what it computed to
 ``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` (the cut's parameters,
 gathered from every process), and every process writes the bytes it read
 while planning (and the part of them that fingerprinting the input files
-reads) to ``OUT_DIR/read<ID>.json``. With NUM_PROCESSES = 1 it is the single-process
-reference the test compares with. Devices per process come from XLA_FLAGS,
-set by the test.
+reads) to ``OUT_DIR/read<ID>.json``, and the bytes it wrote to save a model
+and read to load it onto the mesh to ``OUT_DIR/io<ID>.json``. With
+NUM_PROCESSES = 1 it is the single-process reference the test compares
+with. Devices per process come from XLA_FLAGS, set by the test.
 """
 
 import json
@@ -28,10 +29,6 @@ def _io(field: str) -> int:
     read(2)- / write(2)-like calls (page cache too), its threads included."""
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-
-
-def _bytes_read() -> int:
-    return _io("rchar")
 
 
 def main() -> None:
@@ -59,11 +56,11 @@ def main() -> None:
     result, plans = {}, {}
     # What recording the inputs' fingerprints reads (samples of every file,
     # the same on every process), once per plan below.
-    read_before = _bytes_read()
+    read_before = _io("rchar")
     for f in [base, *fts]:
         fm.sources.fingerprint(f)
-    fingerprint_bytes = _bytes_read() - read_before
-    read_before = _bytes_read()
+    fingerprint_bytes = _io("rchar") - read_before
+    read_before = _io("rchar")
     for name, method, linkage in [
         # First, while nothing is compiled: threads that compile and run
         # programs with collectives beside the main thread made processes
@@ -81,7 +78,7 @@ def main() -> None:
         result[name] = [[e.block, list(e.members_a), list(e.members_b), float(e.similarity)]
                         for e in p.events]
     with open(f"{out}/read{pid}.json", "w") as f:  # every process: what it read to plan
-        json.dump({"plans": _bytes_read() - read_before,
+        json.dump({"plans": _io("rchar") - read_before,
                    "fingerprints": len(plans) * fingerprint_bytes}, f)
     # Validation tuning: the user's eval_fn runs on every process, here on
     # the params gathered from every process (a collective), in float64 so

@@ -86,7 +86,8 @@ def test_blocks_are_written_in_few_parts_of_bounded_size(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "one" / "flexmerge.json").read_text())
     assert meta["version"] == 3 and len(meta["parts"]) == 1
     assert sorted(p.name for p in (tmp_path / "one" / "arrays").iterdir()) == ["p00000"]
-    monkeypatch.setattr(checkpointing, "PART_BYTES", 50_000)  # two blocks of 24,000 bytes
+    # A part closes once it holds 50,000 bytes: with its third block (3 x 8,000 bytes each).
+    monkeypatch.setattr(checkpointing, "PART_BYTES", 50_000)
     fm.save(tmp_path / "two", model)
     meta = json.loads((tmp_path / "two" / "flexmerge.json").read_text())
     blocks = [f"b{i:05d}" for i in range(6)]
