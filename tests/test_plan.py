@@ -165,21 +165,32 @@ def test_constituent_schedule_matches_reference_with_ties(n, linkage):
     compare_with_reference(base, fts, fm.methods.task_arithmetic(1.5), linkage=linkage, distance="cosine")
 
 
-@pytest.mark.parametrize(
-    "method,distance",
-    [
-        (fm.methods.average(), "cosine"),
-        (fm.methods.task_arithmetic(1.5), "euclidean"),
-        (fm.methods.consensus_ta(1.2, 0.4), "euclidean"),
-        (fm.methods.average(), "sign"),
-        (fm.methods.ties(1.0, keep=0.3), "cosine"),
-        (fm.methods.emr(), "cosine"),
-        (fm.methods.consensus_ties(1.0, 0.3), "sign"),
-        (fm.methods.pcb(1.0, keep=0.2), "euclidean"),
-    ],
-    ids=lambda v: getattr(v, "name", v),
-)
-@pytest.mark.parametrize("n,precision", [(4, "float64"), (10, "float64"), (10, "float32")])
+MERGED_VECTOR_CASES = [
+    (fm.methods.average(), "cosine"),
+    (fm.methods.task_arithmetic(1.5), "euclidean"),
+    (fm.methods.consensus_ta(1.2, 0.4), "euclidean"),
+    (fm.methods.average(), "sign"),
+    (fm.methods.ties(1.0, keep=0.3), "cosine"),
+    (fm.methods.emr(), "cosine"),
+    (fm.methods.consensus_ties(1.0, 0.3), "sign"),
+    (fm.methods.pcb(1.0, keep=0.2), "euclidean"),
+]
+# The default run: every method and distance at n = 10 in float64, and the
+# float32 similarities for one method of each kind (linear, trimmed, masked);
+# n = 4 and the other float32 runs are in `pytest -m slow`.
+FLOAT32_DEFAULT = {"ta", "ties", "emr"}
+
+
+def _merged_vector_params():
+    for n, precision in [(10, "float64"), (10, "float32"), (4, "float64")]:
+        for method, distance in MERGED_VECTOR_CASES:
+            slow = n == 4 or (precision == "float32" and method.name not in FLOAT32_DEFAULT)
+            yield pytest.param(method, distance, n, precision,
+                               id=f"{n}-{precision}-{method.name}-{distance}",
+                               marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("method,distance,n,precision", list(_merged_vector_params()))
 def test_merged_vector_schedule_matches_reference(method, distance, n, precision):
     base, fts = tie_case(100 + n, n, all_equal=False, zero=method.name != "pcb")
     compare_with_reference(base, fts, method, linkage=None, distance=distance,
@@ -189,7 +200,7 @@ def test_merged_vector_schedule_matches_reference(method, distance, n, precision
 @pytest.mark.parametrize("method,distance", [
     (fm.methods.ties(1.0, keep=0.5), "cosine"),
     (fm.methods.emr(), "euclidean"),  # groups of 2 keep their root's vector
-    (fm.methods.pcb(1.0, keep=0.3), "cosine"),
+    pytest.param(fm.methods.pcb(1.0, keep=0.3), "cosine", marks=pytest.mark.slow),  # as ties
 ], ids=lambda v: getattr(v, "name", v))
 def test_merged_vector_plan_with_every_group_vector_slot_in_use(method, distance):
     # Tasks in near-duplicate pairs, the pairs far apart: each block's first
