@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _flat
 from ._flexmodel import BlockModel, FlexModel
 from .blocks import Partition
 from .methods import Method
 from .methods.dare import dare_drop
-from .sources._source import Source, read_chunks
+from .sources._source import Source, read_chunks, reuse_buffers
 from .sources.threads import host_pool
 from .stats.order import ties_keep_count, trim
 from .stats.passes import trim_thresholds
@@ -129,17 +130,19 @@ class Prepared:
     def cut_inputs(self, b: int, groups) -> tuple:
         """What a cut needs of block ``b`` with these ``groups``, each input
         read once (:meth:`~.sources.Source.inputs`): ``(base, {task:
-        params} of the tasks kept as they are, preprocessed task vectors)``,
-        base and task vectors ``None`` when no group is merged. Read ahead
-        inside :meth:`in_order` given the cut's groups."""
+        params} of the tasks kept as they are, preprocessed task vectors,
+        rows)``, base and task vectors ``None`` when no group is merged;
+        ``rows``: the ``f32[n, P]`` array the task vectors are views of
+        (:mod:`._flat`: elementwise methods, host path), else ``None``.
+        Read ahead inside :meth:`in_order` given the cut's groups."""
         key = (b, *self._cut_needs(groups))
         cut = self._cut_groups
         nxt = (b + 1, *self._cut_needs(cut[b + 1])) if cut is not None and b + 1 < len(cut) \
             else None
-        base, fts, tau = self._in_turn(key, self._cut_read, nxt)
-        if tau is not None and self.trim_threshold is None:
-            tau = self.preprocess(tau)  # (trimmed vectors were trimmed as read)
-        return base, fts, tau
+        base, fts, tau, rows = self._in_turn(key, self._cut_read, nxt)
+        if tau is not None and self.trim_threshold is None and not self.identity:
+            tau, rows = self.preprocess(tau), None  # (trimmed vectors were trimmed as read)
+        return base, fts, tau, rows
 
     def _cut_needs(self, groups) -> tuple[tuple[int, ...], bool]:
         """``(tasks kept as they are, whether some group is merged)``."""
@@ -148,9 +151,11 @@ class Prepared:
                 any(len(g) >= m for g in groups))
 
     def _cut_read(self, b: int, tasks, merged: bool):
-        leaves = self.partition.blocks[b].leaves
+        block = self.partition.blocks[b]
         thr = self.trim_threshold if merged else None  # computed in the caller's thread
-        return self.source.inputs(leaves, tasks, thr, task_vectors=merged)
+        rows = _flat.rows(self.method, self.n, block.numel) if merged else None
+        return (*self.source.inputs(block.leaves, tasks, thr, task_vectors=merged, out=rows),
+                rows)
 
     @contextlib.contextmanager
     def in_order(self, cut=None):
@@ -170,7 +175,10 @@ class Prepared:
             self.trim_threshold  # noqa: B018
         self._in_order, self._cut_groups = self.source.prefetch, cut
         try:
-            yield self
+            # A cut's flat rows (:mod:`._flat`) are dropped block by block:
+            # reusing them spares the page faults of fresh memory.
+            with reuse_buffers() if cut is not None else contextlib.nullcontext():
+                yield self
         finally:
             self._in_order, self._cut_groups = False, None
             if self._ahead is not None:
@@ -255,7 +263,8 @@ def merge_groups(x: dict, members: np.ndarray, extra, method: Method, scales=Non
         sc[:g] = scales
     names = list(x)
     static, hp = method.split()
-    out = _merge_groups(canonical(x), jnp.asarray(padded), jnp.asarray(sc), extra, hp,
+    # device_put, not jnp.asarray: that compiles a program per shape
+    out = _merge_groups(canonical(x), jax.device_put(padded), jax.device_put(sc), extra, hp,
                         static=static)
     if g < bucket:
         out = jax.tree.map(lambda a: a[:g], out)
@@ -290,11 +299,43 @@ def _as_input_dtypes(merged: dict, base: dict, block: str) -> dict:
     return out
 
 
+def _group_merges(prepared: Prepared, b: int, x: dict, rows, base: dict, merged, scales):
+    """Yields, for each merged group of block ``b`` in turn, ``(parameters
+    {name: [...]} with the base added, masks {name: bool[n, ...]} or None,
+    rescalers f32[n] or None)``: for elementwise methods on the host, one
+    flat-row program call per group (:mod:`._flat`); else one vectorised
+    merge over all the groups (:func:`merge_groups`)."""
+    method, n = prepared.method, prepared.n
+    leaves = prepared.partition.blocks[b].leaves
+    members = np.zeros((len(merged), n), bool)
+    for i, g in enumerate(merged):
+        members[i, list(g)] = True
+    if _flat.applies(method, x):
+        layout = _flat.Layout.of(leaves, [np.shape(base[k]) for k in leaves])
+        xf = layout.pack(x, (n,), rows)
+        bf = layout.pack(base, ())
+        dtype = _flat.row_dtype([base[k].dtype for k in leaves])
+        for mb, sc in zip(members, scales):
+            params, masks, resc = _flat.merge(xf, bf, mb, method, sc, dtype)
+            params = {k: v.astype(base[k].dtype) if v.dtype != base[k].dtype
+                      and np.dtype(base[k].dtype) != np.float64 else v
+                      for k, v in layout.views(params).items()}
+            yield params, None if masks is None else layout.views(masks), resc
+        return
+    gm = merge_groups(x, members, prepared.extra(b, x), method, scales)
+    base_dev = canonical(jax.device_put({k: base[k] for k in leaves}))  # on the device once
+    vec = canonical({k: gm.vector[k] for k in leaves})
+    for gi in range(len(merged)):
+        masks = None if gm.masks is None else {k: gm.masks[k][gi] for k in leaves}
+        resc = None if gm.rescalers is None else np.asarray(gm.rescalers[gi])
+        yield named(add_base(base_dev, vec, np.int32(gi)), leaves), masks, resc
+
+
 def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
     """The deployed :class:`~._flexmodel.BlockModel` of block ``b``.
 
-    One vectorised merge over the block's merged groups; tasks in groups
-    below the method's merge size keep their fine-tuned parameters.
+    The block's merged groups are merged (:func:`_group_merges`); tasks in
+    groups below the method's merge size keep their fine-tuned parameters.
 
     Args:
       prepared: the preprocessed source.
@@ -306,34 +347,24 @@ def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = 
     block = prepared.partition.blocks[b]
     groups = sorted(tuple(sorted(g)) for g in groups)
     merged = [g for g in groups if len(g) >= method.min_merged]
-    base, fts, x = prepared.cut_inputs(b, groups)
-    gm = None
-    if merged:
-        members = np.zeros((len(merged), n), bool)
-        for i, g in enumerate(merged):
-            members[i, list(g)] = True
-        tuned = scales or {}
-        sc = np.array([tuned.get(g, method.scale) for g in merged], np.float32)
-        gm = merge_groups(x, members, prepared.extra(b, x), method, sc)
+    base, fts, x, rows = prepared.cut_inputs(b, groups)
+    tuned = scales or {}
+    merges = _group_merges(prepared, b, x, rows, base, merged,
+                           np.array([tuned.get(g, method.scale) for g in merged], np.float32)) \
+        if merged else iter(())
     sets, masked, masks = [], [], {}
     routing = np.full((n,), -1, np.int32)
     rescalers = np.ones((n,), np.float32)
-    gi = 0
-    if merged:  # on the device once, not once per group
-        base_dev = canonical({k: jnp.asarray(base[k]) for k in block.leaves})
-        vec = canonical({k: gm.vector[k] for k in block.leaves})
     for g in groups:
         if len(g) >= method.min_merged:
-            sets.append(_as_input_dtypes(named(add_base(base_dev, vec, np.int32(gi)),
-                                               block.leaves), base, block.name))
+            params, group_masks, resc = next(merges)
+            sets.append(_as_input_dtypes(params, base, block.name))
             masked.append(method.uses_masks)
             routing[list(g)] = len(sets) - 1
             if method.uses_masks:
-                resc = np.asarray(gm.rescalers[gi])
                 for t in g:
-                    masks[t] = {k: gm.masks[k][gi, t] for k in block.leaves}
+                    masks[t] = {k: group_masks[k][t] for k in block.leaves}
                     rescalers[t] = resc[t]
-            gi += 1
         else:
             for t in g:
                 sets.append(fts[t])

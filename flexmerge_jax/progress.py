@@ -141,9 +141,9 @@ class _Counting(Source):
         self._count(names)
         return self._src.task_vectors(names, threshold)
 
-    def inputs(self, names, tasks, threshold=None, task_vectors: bool = True):
+    def inputs(self, names, tasks, threshold=None, task_vectors: bool = True, out=None):
         self._count(names)
-        return self._src.inputs(names, tasks, threshold, task_vectors)
+        return self._src.inputs(names, tasks, threshold, task_vectors, out)
 
 
 

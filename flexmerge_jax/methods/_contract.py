@@ -92,6 +92,13 @@ class Traits(NamedTuple):
       keep_block_state: ``block_state`` is small and computed once per
         block and kept (PCB), rather than recomputed from the block at each
         use (TSV's SVDs).
+      elementwise: each entry of ``merge``'s outputs depends only on that
+        entry of the task vectors (``x`` and the masks alike), and any
+        reduction over the block is unchanged by extra zero entries (TIES'
+        majority sign); the engine may then merge a block's parameters
+        flattened and concatenated into one zero-padded row, with one
+        compiled program for every block of a similar size
+        (:mod:`flexmerge_jax._flat`).
     """
 
     uses_masks: bool = False
@@ -101,6 +108,7 @@ class Traits(NamedTuple):
     tasks: int | None = None
     tunable: bool = False
     keep_block_state: bool = False
+    elementwise: bool = False
 
 
 class Dare(NamedTuple):

@@ -16,4 +16,4 @@ def average() -> Method:
 
     No hyperparameters. Linear: plans need Gram matrices only.
     """
-    return Method("avg", _merge, traits=Traits(linear=True), builtin=True)
+    return Method("avg", _merge, traits=Traits(linear=True, elementwise=True), builtin=True)

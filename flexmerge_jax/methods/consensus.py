@@ -72,7 +72,8 @@ def consensus_ta(scale=1.0, consensus=0.3) -> Method:
     """
     return Method("consensus_ta", _merge_ta,
                   numeric=(("scale", numeric("scale", scale)), ("consensus", _check(consensus))),
-                  traits=Traits(uses_masks=True, linear=True, tunable=True), builtin=True)
+                  traits=Traits(uses_masks=True, linear=True, tunable=True, elementwise=True),
+                  builtin=True)
 
 
 def consensus_ties(scale=1.0, consensus=0.3) -> Method:
@@ -82,4 +83,4 @@ def consensus_ties(scale=1.0, consensus=0.3) -> Method:
     """
     return Method("consensus_ties", _merge_ties,
                   numeric=(("scale", numeric("scale", scale)), ("consensus", _check(consensus))),
-                  traits=Traits(uses_masks=True, tunable=True), builtin=True)
+                  traits=Traits(uses_masks=True, tunable=True, elementwise=True), builtin=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._common import Block, as_members, numeric
-from ._contract import GroupMerge, Method
+from ._contract import GroupMerge, Method, Traits
 
 
 def magmax_merge(x: Block, members=None, *, scale=1.0) -> Block:
@@ -50,4 +50,5 @@ def magmax(scale=1.0) -> Method:
       Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual
       Learning, ECCV 2024 (arXiv:2407.06322).
     """
-    return Method("magmax", _merge, numeric=(("scale", numeric("scale", scale)),), builtin=True)
+    return Method("magmax", _merge, numeric=(("scale", numeric("scale", scale)),),
+                  traits=Traits(elementwise=True), builtin=True)

@@ -65,9 +65,9 @@ def task_arithmetic(scale=1.0, convention: str = "mean") -> Method:
     scale = numeric("scale", scale)
     if convention == "mean":
         return Method("ta", _merge_mean, numeric=(("scale", scale),),
-                      traits=Traits(linear=True, tunable=True), builtin=True)
+                      traits=Traits(linear=True, tunable=True, elementwise=True), builtin=True)
     if convention != "sum":
         raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
     return Method("ta", _merge_sum, numeric=(("scale", scale),),
                   static=(("convention", convention),),
-                  traits=Traits(linear=True, sums=True), builtin=True)
+                  traits=Traits(linear=True, sums=True, elementwise=True), builtin=True)

@@ -156,9 +156,10 @@ def ties(scale=1.0, keep: float = 1.0, merge_func: str = "mean") -> Method:
     trim = keep if keep < 1.0 else None
     if merge_func == "mean":
         return Method("ties", _merge_mean, numeric=(("scale", scale),), static=(("keep", keep),),
-                      traits=Traits(tunable=True), trim_keep=trim, builtin=True)
+                      traits=Traits(tunable=True, elementwise=True), trim_keep=trim, builtin=True)
     if merge_func not in ("sum", "max"):
         raise ValueError(f"merge_func must be 'mean', 'sum' or 'max', got {merge_func!r}")
     return Method("ties", _merge_disjoint, numeric=(("scale", scale),),
-                  static=(("keep", keep), ("merge_func", merge_func)), trim_keep=trim,
+                  static=(("keep", keep), ("merge_func", merge_func)),
+                  traits=Traits(elementwise=True), trim_keep=trim,
                   builtin=True)

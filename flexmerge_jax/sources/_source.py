@@ -121,7 +121,7 @@ class Source(abc.ABC):
         return self.inputs(names, (), threshold)[2]
 
     def inputs(self, names: Sequence[str], tasks: Sequence[int], threshold=None,
-               task_vectors: bool = True):
+               task_vectors: bool = True, out: np.ndarray | None = None):
         """One read of the inputs of ``names`` that a cut needs: ``(base,
         {task: params} of the ``tasks`` kept as they are, task vectors)``.
 
@@ -131,19 +131,27 @@ class Source(abc.ABC):
         its tasks kept as they are their own parameters: nothing is read
         twice for both); without, only the ``tasks``' files are read and the
         base and task vectors are ``None``.
+
+        ``out`` (optional, ``f32[n, P]``, ``P`` at least the entries of
+        ``names``): where the NumPy host path applies, the task vectors
+        are written into its rows, the parameters end to end in ``names``
+        order, and returned as views of it (a flat merge then needs no
+        copy, :mod:`~._flat`); other paths ignore it.
         """
         if not task_vectors:
             return None, self.finetuned_tasks(names, tasks), None
         base = self.base(names)
         fts = self.finetuned(names)
-        tau = _task_vectors_of(names, base, fts, self.task_names, threshold)
+        tau = _task_vectors_of(names, base, fts, self.task_names, threshold, out)
         return base, {int(t): fts[t] for t in tasks}, tau
 
 
-def _task_vectors_of(names, base: dict, fts: Sequence[dict], task_names, threshold=None):
-    """:meth:`Source.task_vectors` of inputs already read."""
+def _task_vectors_of(names, base: dict, fts: Sequence[dict], task_names, threshold=None,
+                     out=None):
+    """:meth:`Source.task_vectors` of inputs already read (``out``: see
+    :meth:`Source.inputs`)."""
     if _all_host(names, base, fts):
-        return host_task_vectors(names, base, fts, task_names, threshold)
+        return host_task_vectors(names, base, fts, task_names, threshold, out)
     out, oks = {}, []
     thr = None if threshold is None else jnp.asarray(threshold, jnp.float32)
     for name in names:
@@ -228,16 +236,23 @@ def tv_chunks(base: dict, fts: Sequence[dict], names: Sequence[str], columns: in
 
 
 def host_task_vectors(names, base: dict, fts: Sequence[dict], task_names,
-                      threshold=None) -> dict[str, np.ndarray]:
+                      threshold=None, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``{name: np.float32[n, ...]}`` computed by NumPy on the host, checked
     finite, trimmed in place if ``threshold`` (``f32[n]``) is given (see
-    :meth:`Source.task_vectors`)."""
-    out, oks = {}, []
+    :meth:`Source.task_vectors`); written into the rows of ``out`` (``f32[n,
+    P]``, the parameters end to end) if given."""
+    tau, oks, col = {}, [], 0
     for name in names:
-        out[name], ok = _host_task_vector(base[name], [f[name] for f in fts], threshold)
+        dst = None
+        if out is not None:
+            shape = np.shape(base[name])
+            size = int(np.prod(shape, dtype=np.int64))
+            dst = out[:, col:col + size].reshape((len(fts),) + shape)
+            col += size
+        tau[name], ok = _host_task_vector(base[name], [f[name] for f in fts], threshold, dst)
         oks.append(ok)
     _check_finite(names, oks, task_names, base)
-    return out
+    return tau
 
 
 def _check_finite(names, oks, task_names, base: dict) -> None:
@@ -390,14 +405,15 @@ def reuse_buffers():
 _TRIM_COLUMNS = 1 << 16
 
 
-def _host_task_vector(base, fts, threshold=None) -> tuple[np.ndarray, np.ndarray]:
+def _host_task_vector(base, fts, threshold=None, out=None) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin of :func:`_task_vector` (same float32 arithmetic), in a
-    64-byte aligned buffer (see :func:`aligned_empty`); with ``threshold``,
-    each task's row is trimmed as it is computed (:func:`_trim_into`)."""
+    64-byte aligned buffer (see :func:`aligned_empty`) or in ``out``
+    (``f32[n, ...]``, each task's row contiguous); with ``threshold``, each
+    task's row is trimmed as it is computed (:func:`_trim_into`)."""
     b = np.asarray(base)
     if b.dtype != np.float32:
         b = b.astype(np.float32)
-    tv = aligned_empty((len(fts),) + b.shape, np.float32)
+    tv = aligned_empty((len(fts),) + b.shape, np.float32) if out is None else out
     ok = np.empty(len(fts), bool)
     for i, f in enumerate(fts):
         f = np.asarray(f)

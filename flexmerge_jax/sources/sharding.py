@@ -133,7 +133,8 @@ class ShardedSource(Source):
     def sample_runs(self, requests):
         return self.inner.sample_runs(requests)
 
-    def inputs(self, names, tasks, threshold=None, task_vectors=True):
+    def inputs(self, names, tasks, threshold=None, task_vectors=True, out=None):
+        del out  # each region is placed on its devices: no flat rows
         if not task_vectors:
             return None, self.finetuned_tasks(names, tasks), None
         reads: dict = {}  # each region of every input read once, for all three
