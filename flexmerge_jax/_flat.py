@@ -33,8 +33,9 @@ MIN_WIDTH = 1 << 14
 
 def bucket(d: int) -> int:
     """The padded width of a block of ``d`` entries: ``MIN_WIDTH``, or
-    ``m * 2^e`` with ``m`` in 5..8, so at most 25% of a row is padding and
-    a factor of two in block sizes adds at most four programs."""
+    ``m * 2^e`` with ``m`` in 4..8 (``4 * 2^e <= d``), so less than a fifth
+    of a row is padding and blocks within a factor of two of each other
+    share at most five widths (programs)."""
     if d <= MIN_WIDTH:
         return MIN_WIDTH
     e = max(0, d.bit_length() - 3)
