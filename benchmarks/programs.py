@@ -5,7 +5,8 @@
 
 Each measurement is a fresh process with the persistent compilation cache
 off, counting XLA compilations (``jax.monitoring``'s backend-compile
-events: their number and seconds) of one call: ``fm.plan`` (ta and ties,
+events: their number and seconds; ``jax_log_compiles`` names them) of
+one call: ``fm.plan`` (ta and ties,
 linkage ``min``), then ``plan.at_size(2)``, then ``fm.save_cut`` at 1x and
 2x (after the plan's own cut compiled what the cuts share), and the
 one-shot ``flexmerge merge --size 1`` path (``save_groups``) alone. The
@@ -36,14 +37,28 @@ def job(spec: dict) -> dict:
 
     import jax
 
+    import collections
+    import logging
+    import re
+
     counts = {"programs": 0, "seconds": 0.0}
+    names = collections.Counter()
 
     def listener(event, duration, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             counts["programs"] += 1
             counts["seconds"] += duration
 
+    class Names(logging.Handler):  # which programs: jax_log_compiles' messages
+        def emit(self, record):
+            m = re.match(r"Finished XLA compilation of (\S+) in", record.getMessage())
+            if m:
+                names[m.group(1)] += 1
+
     jax.monitoring.register_event_duration_secs_listener(listener)
+    logging.getLogger("jax").addHandler(Names())
+    logging.getLogger("jax").propagate = False  # (the messages are warnings)
+    jax.config.update("jax_log_compiles", True)
     import flexmerge_jax as fm
 
     if spec["case"] == "zoo":
@@ -59,11 +74,12 @@ def job(spec: dict) -> dict:
 
     def measure(name, fn):
         before = dict(counts)
+        names.clear()
         t = time.perf_counter()
         fn()
         out[name] = {"programs": counts["programs"] - before["programs"],
                      "compile_seconds": counts["seconds"] - before["seconds"],
-                     "seconds": time.perf_counter() - t}
+                     "seconds": time.perf_counter() - t, "by_name": dict(names)}
 
     if spec["what"] == "plan":
         held = {}
@@ -131,8 +147,7 @@ def main() -> None:
         for case in ({"case": "zoo"}, vit):
             for method in ("ta", "ties"):
                 for label, code in codes:
-                    # the one-shot path (1x) exists only in this checkout
-                    for what in ("plan",) if label == "before" else ("plan", "1x"):
+                    for what in ("plan", "1x"):
                         results["runs"].append({
                             "code": label, "case": case["case"], "method": method,
                             **run({**case, "method": method, "what": what}, code)})
@@ -144,14 +159,16 @@ def main() -> None:
              "seconds spent compiling (this shared 2-core machine: seconds are noisy; the "
              "counts are exact).", "",
              "Code: " + ", ".join(f"{k} = {v}" for k, v in results["codes"].items()) + ".", "",
-             "| code | case | method | call | programs | compile (s) | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| code | case | method | call | programs | compile (s) | wall (s) | programs by name |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         for k, v in r.items():
             if isinstance(v, dict):
+                by = ", ".join(f"{name.removeprefix('jit(').removesuffix(')')} {c}"
+                               for name, c in sorted(v["by_name"].items(), key=lambda x: -x[1]))
                 lines.append(f"| {r['code']} | {r['case']} | {r['method']} | {k} | "
                              f"{v['programs']} | {v['compile_seconds']:.2f} | "
-                             f"{v['seconds']:.2f} |")
+                             f"{v['seconds']:.2f} | {by} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
