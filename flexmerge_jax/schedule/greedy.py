@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -524,29 +526,28 @@ def replay(a, b, root, n: int) -> BlockSequence:
     )
 
 
-@jax.jit
-def _interleave(sims: jax.Array):
-    nb, m = sims.shape
-    tier = jnp.where(jnp.isnan(sims), 1, 2)
-    val = jnp.where(jnp.isnan(sims), 0.0, sims)
-
-    def step(ptr, _):
-        live = ptr < m
-        p = jnp.minimum(ptr, m - 1)
-        ht = jnp.where(live, jnp.take_along_axis(tier, p[:, None], 1)[:, 0], 0)
-        hv = jnp.where(live, jnp.take_along_axis(val, p[:, None], 1)[:, 0], -jnp.inf)
-        cand = ht == jnp.max(ht)
-        best = jnp.max(jnp.where(cand, hv, -jnp.inf))
-        blk = jnp.argmax(cand & (hv == best)).astype(jnp.int32)
-        return ptr.at[blk].add(1), (blk, ptr[blk])
-
-    _, (blk, seq) = jax.lax.scan(step, jnp.zeros((nb,), jnp.int32), None, length=nb * m)
-    return blk, seq
-
-
 def interleave(seqs: list[BlockSequence]) -> tuple[np.ndarray, np.ndarray]:
-    """Global greedy order: ``(block index, within-block index)`` per step."""
-    with jax.enable_x64(True):
-        sims = jnp.asarray(np.stack([s.sim for s in seqs]), jnp.float64)
-        blk, seq = _interleave(sims)
-    return np.asarray(blk), np.asarray(seq)
+    """Global greedy order: ``(block index, within-block index)`` per step.
+
+    Each step takes the next event of the block whose next event is the
+    most similar (NaN similarities after every number; ties to the lowest
+    block index): a merge of the blocks' sequences by their heads, on the
+    host (a few hundred comparisons; as an XLA loop it cost a compilation
+    of its own in every new process).
+    """
+    sims = [np.asarray(s.sim, np.float64) for s in seqs]
+
+    def head(b: int, i: int):  # heapq pops the smallest
+        v = float(sims[b][i])
+        return (1, 0.0, b, i) if math.isnan(v) else (0, -v, b, i)
+
+    heap = [head(b, 0) for b in range(len(sims)) if len(sims[b])]
+    heapq.heapify(heap)
+    blk, seq = [], []
+    while heap:
+        _, _, b, i = heapq.heappop(heap)
+        blk.append(b)
+        seq.append(i)
+        if i + 1 < len(sims[b]):
+            heapq.heappush(heap, head(b, i + 1))
+    return np.asarray(blk, np.int32), np.asarray(seq, np.int32)
