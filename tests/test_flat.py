@@ -109,3 +109,15 @@ def test_bucket_widths():
     assert widths == sorted(widths)
     # a factor of two in sizes spans at most five widths
     assert len({_flat.bucket(d) for d in range(1 << 16, 1 << 17)}) <= 5
+
+
+def test_block_majority_is_exact_past_float32_integers():
+    # 2^24 positive and 2^24 + 1 negative signs in two tensors: the total is
+    # -1, but a float32 sum of the second tensor rounds to -2^24 (total 0,
+    # majority +1), while the same signs as one flat row sum to -1.
+    from flexmerge_jax.methods._common import block_majority
+
+    n = 1 << 24
+    pos, neg = jax.numpy.ones((n,), jax.numpy.float32), -jax.numpy.ones((n + 1,), jax.numpy.float32)
+    assert float(block_majority([pos, neg])) == -1.0
+    assert float(block_majority([jax.numpy.concatenate([pos, neg])])) == -1.0

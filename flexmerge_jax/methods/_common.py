@@ -142,8 +142,13 @@ def group_mean(x: Block, members=None) -> Block:
 
 def block_majority(colsigns) -> jax.Array:
     """The block's fallback sign for zero column sums: the sign of the sum
-    of the column signs over all its tensors, ``+1`` if that is 0."""
-    total = sum(jnp.sum(s, dtype=jnp.float32) for s in colsigns)
+    of the column signs over all its tensors, ``+1`` if that is 0.
+
+    Counted in int32, exactly: a float32 sum of signs is exact only up to
+    2^24 entries, past which the result depended on how the block's
+    tensors were split and summed (a flat-row cut, :mod:`flexmerge_jax._flat`,
+    sums them as one tensor)."""
+    total = sum(jnp.sum(s.astype(jnp.int32), dtype=jnp.int32) for s in colsigns)
     return jnp.where(total < 0, jnp.float32(-1), jnp.float32(1))
 
 
