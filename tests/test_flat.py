@@ -9,11 +9,12 @@ saved outputs of the code before).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_case
 
 import flexmerge_jax as fm
-from conftest import random_case
 from flexmerge_jax import _flat
 
 M = fm.methods
@@ -91,8 +92,8 @@ def test_cut_programs_do_not_grow_with_block_structures(compiles):
 ], ids=["ties_trim", "ties_max", "ta_sum", "consensus_ta", "magmax"])
 def test_flat_cut_equals_per_parameter_cut(make, monkeypatch):
     base, fts = random_case(5, n=6, shapes=SHAPES)
-    base = {**base, "p2.b": base["p2.b"].astype(jax.numpy.bfloat16)}  # a mixed-dtype block
-    fts = [{**f, "p2.b": f["p2.b"].astype(jax.numpy.bfloat16)} for f in fts]
+    base = {**base, "p2.b": base["p2.b"].astype(jnp.bfloat16)}  # a mixed-dtype block
+    fts = [{**f, "p2.b": f["p2.b"].astype(jnp.bfloat16)} for f in fts]
     plan = fm.plan(base, fts, blocks=BLOCKS, method=make())
     for size in (plan.min_size, 3.0):
         flat = plan.at_size(size)
@@ -118,6 +119,6 @@ def test_block_majority_is_exact_past_float32_integers():
     from flexmerge_jax.methods._common import block_majority
 
     n = 1 << 24
-    pos, neg = jax.numpy.ones((n,), jax.numpy.float32), -jax.numpy.ones((n + 1,), jax.numpy.float32)
+    pos, neg = jnp.ones((n,), jnp.float32), -jnp.ones((n + 1,), jnp.float32)
     assert float(block_majority([pos, neg])) == -1.0
-    assert float(block_majority([jax.numpy.concatenate([pos, neg])])) == -1.0
+    assert float(block_majority([jnp.concatenate([pos, neg])])) == -1.0
