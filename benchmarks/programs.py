@@ -135,7 +135,15 @@ def main() -> None:
 
     codes = [("before", Path(args.before))] if args.before else []
     codes.append(("after" if args.before else "this checkout", Path(args.code)))
-    results = {"codes": {k: str(v) for k, v in codes}, "runs": []}
+    def described(path: Path) -> str:  # the commit measured (and whether edited since)
+        git = ["git", "-C", str(path)]
+        rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "flexmerge_jax"],
+                               capture_output=True, text=True).stdout.strip()
+        return f"{rev}{' + edits' if dirty else ''}" if rev else str(path)
+
+    results = {"codes": {k: described(v) for k, v in codes}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="fm-programs-") as d:
         model = {"layers": 2, "width": 384, "mlp": 1536} if args.quick else {}
         base, fts = make_models(vit_shapes(**model), 8)
