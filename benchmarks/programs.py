@@ -33,13 +33,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 
 def job(spec: dict) -> dict:
-    import time
-
-    import jax
-
     import collections
     import logging
     import re
+    import time
+
+    import jax
 
     counts = {"programs": 0, "seconds": 0.0}
     names = collections.Counter()
@@ -167,7 +166,8 @@ def main() -> None:
              "seconds spent compiling (this shared 2-core machine: seconds are noisy; the "
              "counts are exact).", "",
              "Code: " + ", ".join(f"{k} = {v}" for k, v in results["codes"].items()) + ".", "",
-             "| code | case | method | call | programs | compile (s) | wall (s) | programs by name |",
+             "| code | case | method | call | programs | compile (s) | wall (s) "
+             "| programs by name |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         for k, v in r.items():
