@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import FLOOR_READ_WRITE, N, RESULTS, ROOT, TA_SUM_SCALE, build_case, machine, run_timed
-
+from run import FLOOR_READ_WRITE, RESULTS, ROOT, TA_SUM_SCALE, N, build_case, machine, run_timed
 
 # In one process of a checkout: the merged 1x model (a FlexModel) in memory, then, 3 times
 # in turn, its bytes written with plain Python (to the page cache, and with
@@ -86,7 +85,7 @@ def main() -> None:
             "after": ([py, *merge], ROOT),
         }
         saves: dict = {"before": [], "after": []}
-        for r in range(2):  # fm.save alone, the two checkouts in turn
+        for _ in range(2):  # fm.save alone, the two checkouts in turn
             for name in ("before", "after"):
                 checkout = systems[name][1]
                 e = {**env, "PYTHONPATH": str(checkout),
@@ -146,7 +145,7 @@ def report(r: dict) -> str:
 
     m = r["machine"]
     return "\n".join([
-        f"# One-shot TA at 1x, written: before and after (`benchmarks/peers/write_speed.py`)",
+        "# One-shot TA at 1x, written: before and after (`benchmarks/peers/write_speed.py`)",
         "",
         f"ViT-B/32-sized case ({r['params_per_model']:,} float32 parameters per model, base + "
         f"{r['n']} fine-tuned safetensors files), `flexmerge merge --method ta --size 1`, whole "
@@ -192,8 +191,8 @@ def _case(work: Path) -> dict:
     there only rebuilds its small side files)."""
     base = work / "case" / "base.safetensors"
     if base.exists():
-        from run import blocks_for, vit_shapes
         import numpy as np
+        from run import blocks_for, vit_shapes
 
         blocks = work / "blocks.json"
         blocks.write_text(json.dumps(blocks_for(12)))
