@@ -91,11 +91,14 @@ def _host(x):
 
 
 def _stored(x):
-    """``x`` as Orbax is to write it: an array spread over several processes
-    stays a ``jax.Array``, so that each process writes the shards it holds
-    (one chunk per shard); anything else becomes a NumPy array, one chunk,
-    written by process 0."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    """``x`` as Orbax is to write it: an array sharded over several devices
+    (or spread over several processes) stays a ``jax.Array``, stored in
+    chunks, one per shard, each written by the process holding it, so that
+    a later load onto a mesh reads only the chunks of its shards; anything
+    else (host, single-device or replicated arrays) becomes a NumPy array,
+    one chunk, written by process 0."""
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or (
+            len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated)):
         return x
     return np.asarray(jax.device_get(x))
 

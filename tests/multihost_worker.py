@@ -1,6 +1,6 @@
 """One process of the multi-process tests (``tests/test_multihost.py``).
 
-    python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_DIR
+    python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_DIR [ONE_PROCESS_OUT_DIR]
 
 Every process runs the same calls on a mesh over all processes' devices (as
 users on a TPU pod do), then process 0 writes what it computed to
@@ -10,7 +10,8 @@ while planning (and the part of them that fingerprinting the input files
 reads) to ``OUT_DIR/read<ID>.json``, and the bytes it wrote to save a model
 and read to load it onto the mesh to ``OUT_DIR/io<ID>.json``. With
 NUM_PROCESSES = 1 it is the single-process reference the test compares
-with. Devices per process come from XLA_FLAGS, set by the test.
+with; given its OUT_DIR, the processes also load the model it saved. Devices
+per process come from XLA_FLAGS, set by the test.
 """
 
 import json
@@ -122,6 +123,11 @@ def main() -> None:
     io["read"] = -_io("rchar")
     loaded = fm.load(f"{out}/model", mesh=mesh)
     io["read"] += _io("rchar")
+    others = []
+    if len(sys.argv) > 6:  # the same model saved by one process of 4 devices
+        before = _io("rchar")
+        others.append(("one process's saved model", fm.load(f"{sys.argv[6]}/model", mesh=mesh), ""))
+        io["read_one_process_save"] = _io("rchar") - before
     with open(f"{out}/io{pid}.json", "w") as f:
         json.dump(io, f)
     _log("saves, load")
@@ -137,7 +143,7 @@ def main() -> None:
             ("saved cut", fm.load(f"{out}/cut", mesh=mesh), ""),
             ("saved model", loaded, ""),
             ("cut of the saved plan", fm.load(f"{out}/plan", mesh=mesh).at_size(2.0), ""),
-            ("saved emr cut", fm.load(f"{out}/emr", mesh=mesh), "emr/")]:
+            ("saved emr cut", fm.load(f"{out}/emr", mesh=mesh), "emr/"), *others]:
         got = {prefix + k: v for k, v in gathered(m).items()}
         want = {k: v for k, v in params.items()
                 if k.startswith(prefix) and (prefix or not k.startswith("emr/"))}

@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(nproc: int, devices: int, data: Path, out: Path) -> None:
+def _run(nproc: int, devices: int, data: Path, out: Path, *extra: Path) -> None:
     """Runs the worker in ``nproc`` processes and waits for all of them;
     on a failure or timeout kills only the processes started here."""
     out.mkdir()
@@ -37,7 +37,7 @@ def _run(nproc: int, devices: int, data: Path, out: Path) -> None:
     port = _free_port()
     logs = [open(out / f"log{i}.txt", "w+") for i in range(nproc)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
-                               str(data), str(out)], env=env, stdout=logs[i],
+                               str(data), str(out), *map(str, extra)], env=env, stdout=logs[i],
                               stderr=subprocess.STDOUT) for i in range(nproc)]
     try:
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
                    for k, v in base.items()}, str(data / f"t{t}.safetensors"))
     root = tmp_path_factory.mktemp("multihost")
     _run(1, 4, data, root / "single")
-    _run(2, 2, data, root / "multi")
+    _run(2, 2, data, root / "multi", root / "single")
     return root / "single", root / "multi"
 
 
@@ -137,7 +137,8 @@ def test_two_processes_save_and_load_one_directory(runs):
 def test_each_process_writes_and_loads_only_its_own_shards(runs):
     """fm.save of a model sharded over two processes: each process writes
     the shards it holds (Orbax's multi-process save, one directory of data
-    per process), and fm.load(..., mesh=) of it reads only its own."""
+    per process), and fm.load(..., mesh=) of it, or of the same model saved
+    by one process from a mesh of 4 devices, reads only its own."""
     single, multi = runs
     alone = json.loads((single / "io0.json").read_text())
     io = [json.loads((multi / f"io{i}.json").read_text()) for i in range(2)]
@@ -148,6 +149,8 @@ def test_each_process_writes_and_loads_only_its_own_shards(runs):
     for r in io:  # half each (and small files: metadata, routing, process 0's JSON)
         assert 0.45 * sharded < r["written"] < 0.5 * sharded + 200_000, (io, sharded)
         assert r["read"] < 0.5 * sharded + 200_000, (io, sharded)
+        # The one process saved its 4 devices' shards as chunks: read a half each too.
+        assert r["read_one_process_save"] < 0.5 * sharded + 200_000, (io, sharded)
     for i in range(2):
         data = multi / "model" / "arrays" / "p00000" / f"ocdbt.process_{i}"
         assert sum(f.stat().st_size for f in data.rglob("*") if f.is_file()) > 0.45 * sharded
