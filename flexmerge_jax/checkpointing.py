@@ -526,8 +526,8 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
     ``place(keys, shape) -> Sharding | None`` (``keys``: the leaf's path of
     dict keys), the leaves it gives a sharding are restored straight onto
     it: each process holds only its shards, and reads the stored chunks that
-    overlap them (arrays saved by several processes are chunked by shard,
-    see :func:`_stored`; by one process, one chunk each)."""
+    overlap them (arrays saved sharded are chunked by shard, see
+    :func:`_stored`; others are one chunk each)."""
     import orbax.checkpoint as ocp
 
     arr = path / "arrays" / item
