@@ -323,7 +323,10 @@ def _group_merges(prepared: Prepared, b: int, x: dict, rows, base: dict, merged,
             yield params, None if masks is None else layout.views(masks), resc
         return
     gm = merge_groups(x, members, prepared.extra(b, x), method, scales)
-    base_dev = canonical(jax.device_put({k: base[k] for k in leaves}))  # on the device once
+    # Host arrays onto the device once; arrays already placed (sharded over
+    # a mesh, maybe over several processes) stay where they are.
+    base_dev = canonical({k: base[k] if isinstance(base[k], jax.Array) else jax.device_put(base[k])
+                          for k in leaves})
     vec = canonical({k: gm.vector[k] for k in leaves})
     for gi in range(len(merged)):
         masks = None if gm.masks is None else {k: gm.masks[k][gi] for k in leaves}
