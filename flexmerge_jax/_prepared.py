@@ -38,7 +38,7 @@ class Prepared:
 
     Global statistics (TIES thresholds, PCB thresholds) are computed in
     streaming passes over all parameters when first needed (TIES: fused
-    into the Gram pass when possible, see :func:`trim_pass`); every task
+    into the Gram pass when possible, see :func:`~flexmerge_jax.stats.passes.trim_pass`); every task
     vector is checked for NaN/Inf whenever it is read (materialized ones in
     the same pass that computes them; the streamed passes detect NaN/Inf in
     their own statistics, then read again the checked way to name the
@@ -166,7 +166,7 @@ class Prepared:
         :meth:`cut_inputs`) in a background thread while the caller works on
         block ``b`` (one block ahead at most; a block read out of turn drops
         it, and so does leaving the context). Merged-vector plans read ahead
-        with :func:`read_ahead` instead, from memory too.
+        with :func:`~flexmerge_jax.sources.threads.read_ahead` instead, from memory too.
 
         A cut's trim thresholds are computed here, in the caller's thread,
         if any of its groups is merged.

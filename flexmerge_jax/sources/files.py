@@ -665,7 +665,7 @@ def path_source(base, finetuned, task_names=None, verify: str = "fast") -> PathS
 
 def as_source(base, finetuned, task_names=None, verify: str = "fast") -> Source:
     """Coerces (pytree, [pytrees]) or a :class:`Source` to a Source
-    (``verify``: how its inputs are fingerprinted, see :func:`plan`)."""
+    (``verify``: how its inputs are fingerprinted, see :func:`flexmerge_jax.plan`)."""
     if verify not in VERIFY:
         raise ValueError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
     if isinstance(base, Source):
