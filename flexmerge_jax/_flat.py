@@ -2,17 +2,17 @@
 
 A cut merges every block's groups. Compiled per block structure (the
 parameters' shapes) and per number of groups, the merge kernels made a
-plan and its cut compile dozens of XLA programs (48 for a ViT-B/32 cut at
-2x). For methods whose merge is elementwise (:attr:`~.methods.Traits.elementwise`:
-each output entry depends on that entry of the task vectors only, plus
-block-wide reductions that zero entries leave unchanged), the block's
-parameters are laid end to end in one ``f32[n, P]`` row per task, zero
-padded to a width ``P`` from a few sizes (:func:`bucket`), and each group is
-merged by one program per width: every block structure and group
-composition of a plan shares it, and the merged parameters (base added,
-in the inputs' dtype) come back as one array sliced into the block's
-parameters. The arithmetic is the kernels' own, entry by entry, so the
-results are bit for bit those of the per-parameter programs.
+plan and its cut compile dozens of XLA programs. For methods whose merge
+is elementwise (:attr:`~.methods.Traits.elementwise`: each output entry
+depends on that entry of the task vectors only, plus block-wide
+reductions that zero entries leave unchanged), the block's parameters are
+laid end to end in one ``f32[n, P]`` row per task, zero padded to a width
+``P`` from a few sizes (:func:`bucket`), and each group is merged by one
+program per width: every block structure and group composition of a plan
+shares it, and the merged parameters (base added, in the inputs' dtype)
+come back as one array sliced into the block's parameters. The arithmetic
+is the kernels' own, entry by entry, so the results are bit for bit those
+of the per-parameter programs.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Layout(NamedTuple):
 
 def rows(method, n: int, numel: int) -> np.ndarray | None:
     """An ``f32[n, P]`` buffer for a block of ``numel`` entries, for the
-    source to write the task vectors into (:meth:`~._source.Source.inputs`
+    source to write the task vectors into (:meth:`~.sources.Source.inputs`
     ``out``), if ``method`` merges flat on this backend; else ``None``."""
     if not (method.traits.elementwise and method.block_state is None
             and method.sparsify is None and jax.default_backend() == "cpu"):
@@ -143,7 +143,6 @@ def merge(x: np.ndarray, base: np.ndarray, members: np.ndarray, method, scale=No
     out = _merge(x, base, np.asarray(members, bool), hp, static=static,
                  dtype=np.dtype(dtype).name)
     return jax.tree.map(np.asarray, out)
-
 
 
 def row_dtype(dtypes) -> np.dtype:

@@ -136,7 +136,7 @@ class Source(abc.ABC):
         ``names``): where the NumPy host path applies, the task vectors
         are written into its rows, the parameters end to end in ``names``
         order, and returned as views of it (a flat merge then needs no
-        copy, :mod:`~._flat`); other paths ignore it.
+        copy, :mod:`flexmerge_jax._flat`); other paths ignore it.
         """
         if not task_vectors:
             return None, self.finetuned_tasks(names, tasks), None
@@ -152,15 +152,15 @@ def _task_vectors_of(names, base: dict, fts: Sequence[dict], task_names, thresho
     :meth:`Source.inputs`)."""
     if _all_host(names, base, fts):
         return host_task_vectors(names, base, fts, task_names, threshold, out)
-    out, oks = {}, []
+    tau, oks = {}, []
     thr = None if threshold is None else jnp.asarray(threshold, jnp.float32)
     for name in names:
-        out[name], ok = _task_vector(
+        tau[name], ok = _task_vector(
             jnp.asarray(base[name]), tuple(jnp.asarray(f[name]) for f in fts), thr
         )
         oks.append(ok)
     _check_finite(names, np.asarray(jnp.stack(oks)) if oks else [], task_names, base)
-    return out
+    return tau
 
 
 def region_runs(shape: Sequence[int], index: tuple[slice, ...]) -> tuple[np.ndarray, int]:
