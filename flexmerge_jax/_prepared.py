@@ -28,9 +28,9 @@ from .methods import Method
 from .methods.dare import dare_drop
 from .sources._source import Source, read_chunks, reuse_buffers
 from .sources.threads import host_pool
-from .stats.order import ties_keep_count, trim
+from .stats.order import ties_keep_count
 from .stats.passes import trim_thresholds
-from .tree import canonical, named
+from .tree import canonical, named, trim
 
 
 class Prepared:

@@ -36,6 +36,7 @@ __all__ = [
     "canonical",
     "named",
     "host_resident",
+    "trim",
 ]
 
 PyTree = Any
@@ -314,6 +315,13 @@ def canonical(x: dict) -> dict:
 def named(out: dict, names) -> dict:
     """Inverse of :func:`canonical` for a dict produced from canonical keys."""
     return dict(zip(names, (out[f"{i:05d}"] for i in range(len(names)))))
+
+
+def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
+    """The TIES trim of stacked task vectors ``x: f32[n, ...]``: zeroes the
+    entries with ``|x[i]| < threshold[i]`` (``threshold: f32[n]``)."""
+    t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
 
 
 def host_resident(x) -> bool:

@@ -4,7 +4,7 @@ The trim is done once per task over the **whole model** before any merge
 (``Method.trim_keep``): its thresholds are order statistics
 (:func:`flexmerge_jax.stats.order.ties_trim_thresholds`, or the host pass
 :func:`flexmerge_jax.stats.passes.trim_pass` fused with the Gram matrices)
-and :func:`flexmerge_jax.stats.order.trim` applies them. The kernels here
+and :func:`flexmerge_jax.tree.trim` applies them. The kernels here
 elect signs and merge: :func:`ties_merge` (the reference: disjoint mean) and
 :func:`ties_disjoint_merge` (FusionBench's ``merge_func`` sum / max).
 """

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..stats.order import trim
-from ..tree import Layout, check_finetuned, flatten, host_resident
+from ..tree import Layout, check_finetuned, flatten, host_resident, trim
 
 PyTree = Any
 
@@ -112,7 +111,7 @@ class Source(abc.ABC):
         Args:
           names: the parameters.
           threshold: optional ``f32[n]`` TIES trim thresholds: entries with
-            ``|x| < threshold[i]`` are zeroed (:func:`~flexmerge_jax.stats.order.trim`, bit for
+            ``|x| < threshold[i]`` are zeroed (:func:`~flexmerge_jax.tree.trim`, bit for
             bit), on the host in the same pass as the subtraction.
 
         Raises:
@@ -439,7 +438,7 @@ def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool
 
     Works on the bits: ``|x|`` with the sign bit cleared is monotone in
     ``|x|`` as an unsigned integer, and a kept entry is ANDed with all ones,
-    a dropped one with zero (``+0.0``, as :func:`~flexmerge_jax.stats.order.trim` writes).
+    a dropped one with zero (``+0.0``, as :func:`~flexmerge_jax.tree.trim` writes).
     NaN entries compare above every threshold (kept, and reported).
     """
     thr = np.float32(threshold)
@@ -464,7 +463,7 @@ def _trim_into(out: np.ndarray, f: np.ndarray, b: np.ndarray, threshold) -> bool
 def _task_vector(base, fts, threshold=None):
     """Task vectors ``f32[n, ...]`` and, fused in the same pass, ``bool[n]``
     whether each task's entries are all finite; trimmed by ``threshold``
-    (``f32[n]``, :func:`~flexmerge_jax.stats.order.trim`) if given."""
+    (``f32[n]``, :func:`~flexmerge_jax.tree.trim`) if given."""
     b = base.astype(jnp.float32)
     tv = jnp.stack([f.astype(jnp.float32) for f in fts]) - b[None]
     ok = jnp.all(jnp.isfinite(tv), axis=tuple(range(1, tv.ndim)))

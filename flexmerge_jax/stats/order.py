@@ -28,14 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ..tree import host_resident
+from ..tree import host_resident, trim
 
 __all__ = [
     "kth_smallest",
     "RadixSelect",
     "ties_keep_count",
     "ties_trim_thresholds",
-    "trim",
     "trim_traceable",
 ]
 
@@ -270,12 +269,6 @@ def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
 
 
 @jax.jit
-def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
-    """Zeroes entries with ``|x[i]| < threshold[i]`` (``x: f32[n, ...]``)."""
-    t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
-
-
 def trim_traceable(x: dict, keep: float, total: int) -> dict:
     """The global per-task TIES trim of an in-memory model as one traceable
     ``jax.numpy`` function (``jit``/``vmap``/``grad``): the same order

@@ -361,7 +361,7 @@ def test_disk_cut_reads_only_the_kept_tasks_files(tmp_path, monkeypatch):
 def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     """``Source.task_vectors(names, threshold)`` trims in the subtraction's
     pass (host: on the bits, chunk by chunk; device: XLA), bit for bit
-    ``order.trim`` of the untrimmed vectors, signed zeros included: ties at
+    ``tree.trim`` of the untrimmed vectors, signed zeros included: ties at
     the threshold kept, thresholds <= 0 keep everything, a NaN threshold
     keeps nothing; NaN/Inf inputs still raise naming the parameter."""
     import jax.numpy as jnp
@@ -376,7 +376,7 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     cases = [np.array([0.1, 0.5, tie, 0.0], np.float32),
              np.array([-1.0, np.nan, 0.3, 1e30], np.float32)]
     for thr in cases:
-        want = {k: np.asarray(order.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
+        want = {k: np.asarray(fm.tree.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
         host = src.task_vectors(names, thr)
         with monkeypatch.context() as m:  # the device (XLA) path
             m.setattr(_source, "_all_host", lambda *a: False)
@@ -393,7 +393,7 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     # across chunk boundaries of the fused pass
     monkeypatch.setattr(_source, "_TRIM_COLUMNS", 7)
     np.testing.assert_array_equal(src.task_vectors(names, cases[0])["l1.mlp.w"],
-                                  np.asarray(order.trim(jnp.asarray(raw["l1.mlp.w"]),
+                                  np.asarray(fm.tree.trim(jnp.asarray(raw["l1.mlp.w"]),
                                                        jnp.asarray(cases[0]))))
     fts[3]["l1.attn.w"] = fts[3]["l1.attn.w"].copy()
     fts[3]["l1.attn.w"].flat[5] = np.inf
