@@ -72,7 +72,8 @@ class Layout(NamedTuple):
         return self.offsets[-1] + int(np.prod(self.shapes[-1], dtype=np.int64))
 
     def views(self, row: np.ndarray) -> dict[str, np.ndarray]:
-        """``{name: [..., *shape]}`` views of ``row: [..., P]`` (no copies)."""
+        """``{name: [..., *shape]}`` views of ``row: [..., P]`` (no copies;
+        slices if ``row`` is a JAX array)."""
         lead = row.shape[:-1]
         return {k: row[..., o:o + int(np.prod(s, dtype=np.int64))].reshape(lead + s)
                 for k, o, s in zip(self.names, self.offsets, self.shapes)}
@@ -135,13 +136,15 @@ def merge(x: np.ndarray, base: np.ndarray, members: np.ndarray, method, scale=No
 
     Returns:
       ``(params dtype[P], masks bool[n, P] or None, rescalers f32[n] or None)``
-      as NumPy arrays.
+      as NumPy arrays (tracers when called under ``jit``, ``vmap`` or ``grad``).
     """
     static, hp = method.split()
     if scale is not None and "scale" in hp:
         hp = {**hp, "scale": np.float32(scale)}
     out = _merge(x, base, np.asarray(members, bool), hp, static=static,
                  dtype=np.dtype(dtype).name)
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(out)):
+        return out  # under the caller's jit/vmap/grad: stay traced (Layout.views slices it)
     return jax.tree.map(np.asarray, out)
 
 

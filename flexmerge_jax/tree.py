@@ -317,6 +317,7 @@ def named(out: dict, names) -> dict:
     return dict(zip(names, (out[f"{i:05d}"] for i in range(len(names)))))
 
 
+@jax.jit
 def trim(x: jax.Array, threshold: jax.Array) -> jax.Array:
     """The TIES trim of stacked task vectors ``x: f32[n, ...]``: zeroes the
     entries with ``|x[i]| < threshold[i]`` (``threshold: f32[n]``)."""

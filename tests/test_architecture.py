@@ -174,3 +174,41 @@ def test_the_package_passes_ruff():
     out = subprocess.run(["ruff", "check", "--no-cache", "--output-format", "concise"],
                          cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
+
+
+def _documented_order() -> list[str]:
+    """The modules in docs/architecture.md's tree, in reading order; a
+    package (``name/``) counts after everything listed under it (its
+    ``__init__`` imports its modules), the root ``__init__.py`` last."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    tree = text.split("```text\n", 1)[1].split("```", 1)[0].splitlines()[1:]
+    order, open_pkgs = [], []  # open_pkgs: (indent, package module)
+    for line in tree:
+        indent = len(line) - len(line.lstrip())
+        while open_pkgs and open_pkgs[-1][0] >= indent:
+            order.append(open_pkgs.pop()[1])
+        prefix = ".".join([PKG] + [p.rsplit(".", 1)[-1] for _, p in open_pkgs])
+        words = line.split()
+        if words and words[0].endswith("/"):
+            open_pkgs.append((indent, f"{prefix}.{words[0][:-1]}"))
+            continue
+        for w in words:
+            if not w.endswith(".py"):
+                break
+            order.append(PKG if w == "__init__.py" else f"{prefix}.{w[:-3]}")
+    order.extend(p for _, p in reversed(open_pkgs))
+    return order
+
+
+def test_architecture_doc_lists_every_module_in_import_order():
+    """docs/architecture.md is true: every module once, each importing only
+    modules listed above it."""
+    order = _documented_order()
+    assert sorted(order) == sorted(MODULES), (
+        f"missing from docs/architecture.md: {sorted(set(MODULES) - set(order))}; "
+        f"listed but not modules: {sorted(set(order) - set(MODULES))}")
+    pos = {m: i for i, m in enumerate(order)}
+    edges = _graph()[0]
+    upward = sorted(f"{m} imports {t}" for m in MODULES for t in edges[m] if pos[t] > pos[m])
+    assert not upward, "imports of modules listed below (reorder the doc or the code): " + \
+        "; ".join(upward)

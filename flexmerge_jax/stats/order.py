@@ -268,7 +268,6 @@ def ties_trim_thresholds(leaves: Leaves, keep: float, d: int) -> np.ndarray:
     return kth_smallest(leaves_list, np.full((n,), ties_keep_count(d, keep)), magnitude=True)
 
 
-@jax.jit
 def trim_traceable(x: dict, keep: float, total: int) -> dict:
     """The global per-task TIES trim of an in-memory model as one traceable
     ``jax.numpy`` function (``jit``/``vmap``/``grad``): the same order
