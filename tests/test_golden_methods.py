@@ -19,7 +19,7 @@ SAVED = json.loads(golden.PATH.read_text())
 # merged-vector, trimmed, PCB thresholds, masks, DARE, the zoo); the others
 # (each a few more compilations of methods with their own kernels, also
 # tested against their references elsewhere) run with ``-m slow``.
-DEFAULT = {"avg", "ta", "ties", "pcb", "consensus_ta", "emr", "dare_ties", "magmax", "zoo_ties"}
+DEFAULT = {"avg", "ta", "ties", "pcb", "consensus_ta", "emr", "magmax", "zoo_ties"}
 CASES = [pytest.param(*c, id=c[0], marks=() if c[0] in DEFAULT else pytest.mark.slow)
          for c in golden.CASES + golden.ZOO_CASES]
 

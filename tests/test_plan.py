@@ -32,7 +32,15 @@ def assert_events_match(events, rows, *, check_sizes=True):
             assert abs(e.n_models - r["n_models"]) <= 1e-9
 
 
-@pytest.mark.parametrize("case,config", list_runs())
+# caseB replays every configuration caseA does; caseA's merged-vector runs
+# (the slow ones) are in `pytest -m slow`, its linkage runs stay by default.
+SLOW_CASE_A = {"avg_cosine", "avg_sign", "consensus_ties_cosine", "emr_cosine", "pcb_k02_single",
+               "ties_k02_cosine"}
+
+
+@pytest.mark.parametrize("case,config", [
+    pytest.param(c, cfg, marks=pytest.mark.slow if c == "caseA" and cfg in SLOW_CASE_A else ())
+    for c, cfg in list_runs()])
 def test_replays_oracle_trajectory(case, config):
     c, run = load_case(case), load_run(case, config)
     kw = run.reference_kwargs()
@@ -198,7 +206,7 @@ def test_merged_vector_schedule_matches_reference(method, distance, n, precision
 
 
 @pytest.mark.parametrize("method,distance", [
-    (fm.methods.ties(1.0, keep=0.5), "cosine"),
+    pytest.param(fm.methods.ties(1.0, keep=0.5), "cosine", marks=pytest.mark.slow),
     (fm.methods.emr(), "euclidean"),  # groups of 2 keep their root's vector
     pytest.param(fm.methods.pcb(1.0, keep=0.3), "cosine", marks=pytest.mark.slow),  # as ties
 ], ids=lambda v: getattr(v, "name", v))

@@ -76,7 +76,8 @@ def reference(model, imgs, tids, heads):
 
 @pytest.mark.parametrize(
     "method,size",
-    [("ta", 3.0), ("ta", 2.0), ("ta", 1.5), ("ta", 1.0), ("emr", 3.0), ("emr", 2.5), ("emr", 0.0)],
+    [pytest.param("ta", 3.0, marks=pytest.mark.slow), ("ta", 2.0), ("ta", 1.5), ("ta", 1.0),
+     ("emr", 3.0), ("emr", 2.5), ("emr", 0.0)],
 )
 def test_served_equals_per_task(z3, heads3, plans, method, size):
     plan = plans[method]
@@ -94,7 +95,7 @@ def test_served_equals_per_task(z3, heads3, plans, method, size):
 
 
 @pytest.mark.parametrize("impl,presort", [("tiled", True), ("ragged", True), ("scan", False),
-                                          ("tiled", False)])
+                                          pytest.param("tiled", False, marks=pytest.mark.slow)])
 def test_impls_and_sorting(z3, heads3, plans, impl, presort):
     model = plans["emr"].at_size(2.5)
     imgs, tids = mixed_batch(z3, 3)

@@ -77,7 +77,8 @@ def test_della_keys_differ_per_block_and_are_deterministic():
 SHARED = [fm.methods.tsv(0.8),
           pytest.param(fm.methods.tsv(1.0, k=1), marks=pytest.mark.slow),  # tsv's state again
           fm.methods.breadcrumbs(0.5, top=0.05, bottom=0.5),
-          fm.methods.della(1.0, density=0.6, epsilon=0.1, seed=2)]
+          pytest.param(fm.methods.della(1.0, density=0.6, epsilon=0.1, seed=2),
+                       marks=pytest.mark.slow)]  # per-block random state, as breadcrumbs' masks
 
 
 @pytest.mark.parametrize("method", SHARED, ids=lambda m: m.describe())

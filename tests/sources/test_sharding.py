@@ -91,6 +91,7 @@ def test_sharded_float32_merged_vector_plan_equals_single_device():
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # files on a mesh of two processes: tests/test_multihost.py
 def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     # Files behind a mesh: every block read from disk (the next one read and
     # placed in a background thread) gives the single-device in-memory plan.
