@@ -23,6 +23,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from .methods._contract import is_traced
 from .sources._source import aligned_empty
 from .tree import host_resident
 
@@ -98,19 +99,22 @@ def rows(method, n: int, numel: int) -> np.ndarray | None:
     """An ``f32[n, P]`` buffer for a block of ``numel`` entries, for the
     source to write the task vectors into (:meth:`~.sources.Source.inputs`
     ``out``), if ``method`` merges flat on this backend; else ``None``."""
-    if not (method.traits.elementwise and method.block_state is None
-            and method.sparsify is None and jax.default_backend() == "cpu"):
+    if not (_flat_method(method) and method.sparsify is None):  # DARE's drop makes new arrays
         return None
     return aligned_empty((n, bucket(numel)), np.float32)
+
+
+def _flat_method(method) -> bool:
+    """An elementwise method without per-block state, on the CPU backend."""
+    return (method.traits.elementwise and method.block_state is None
+            and jax.default_backend() == "cpu")
 
 
 def applies(method, x: dict) -> bool:
     """Whether ``method`` may merge the block ``x`` flat: an elementwise
     method without per-block state, on host-resident task vectors (a
     sharded or device-resident block keeps its per-parameter programs)."""
-    return (method.traits.elementwise and method.block_state is None
-            and jax.default_backend() == "cpu"
-            and all(host_resident(v) for v in x.values()))
+    return _flat_method(method) and all(host_resident(v) for v in x.values())
 
 
 @functools.partial(jax.jit, static_argnames=("static", "dtype"))
@@ -143,7 +147,7 @@ def merge(x: np.ndarray, base: np.ndarray, members: np.ndarray, method, scale=No
         hp = {**hp, "scale": np.float32(scale)}
     out = _merge(x, base, np.asarray(members, bool), hp, static=static,
                  dtype=np.dtype(dtype).name)
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(out)):
+    if any(is_traced(a) for a in jax.tree.leaves(out)):
         return out  # under the caller's jit/vmap/grad: stay traced (Layout.views slices it)
     return jax.tree.map(np.asarray, out)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from . import blocks as blocks_lib
 from .methods import Method
+from .methods._contract import is_traced
 from .methods.dare import dare_drop
 from .stats.order import trim_traceable
 from .tree import canonical, check_finetuned, flatten, named
@@ -26,7 +27,7 @@ def any_traced(method: Method, base, finetuned) -> bool:
     if method.traced:
         return True
     leaves = jax.tree.leaves([base, *finetuned]) if isinstance(finetuned, (list, tuple)) else []
-    return any(isinstance(v, jax.core.Tracer) for v in leaves)
+    return any(is_traced(v) for v in leaves)
 
 
 def _check(method: Method) -> None:
