@@ -238,6 +238,23 @@ def _nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
 
+def _handlers():
+    """Orbax's type handlers, but NumPy arrays written without the copy
+    Orbax makes by default (``deepcopy_host_arrays``) to guard against the
+    caller changing them during the background write. The arrays a
+    :class:`_Writer` is given are never written to afterwards (merge
+    outputs and inputs as read; pooled buffers are not reused while the
+    write references them, see :func:`~.sources.reuse_buffers`), and the
+    copy was a full pass over the model on the main thread: as long as the
+    write it overlapped."""
+    import orbax.checkpoint as ocp
+
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        *[(t, th.get_type_handler(t)) for t in (int, float, bytes, np.number, jax.Array, str)])
+
+
 class _Writer:
     """Collects named trees (:meth:`add`) into parts of about
     :data:`PART_BYTES` and writes each part as one Orbax checkpoint
@@ -269,7 +286,8 @@ class _Writer:
         every = ocp.options.MultiprocessingOptions() if jax.process_count() > 1 \
             else _this_process_only()
         self._ckpt = ocp.AsyncCheckpointer(
-            ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=every),
+            ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=every,
+                                        type_handler_registry=_handlers()),
             multiprocessing_options=every)
         return self
 
