@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flexmerge_jax as fm  # noqa: E402
+
 from bench_plan import RESULTS, _timed, machine, make_models, vit_shapes  # noqa: E402
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -148,7 +147,8 @@ def job(spec: dict) -> dict:
             out["groups_per_block"] = {k: int(v.max()) + 1 for k, v in model.routing.items()}
             out["check"] = spot_check(model, base, fts, blocks)
             out["load_check_seconds"] = time.perf_counter() - t
-            out["cut_bytes_on_disk"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+            out["cut_bytes_on_disk"] = sum(f.stat().st_size for f in target.rglob("*")
+                                           if f.is_file())
             jax.clear_caches()
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
@@ -255,7 +255,8 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")
     g.add_argument("--dir", required=True, type=Path)

@@ -50,6 +50,7 @@ def worker(pid: int, nproc: int, port: int, data: str, case: int, out: str) -> N
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     import flexmerge_jax as fm
+
     from bench_plan import blocks_for
 
     files = sorted(Path(data).glob("task*.safetensors"))

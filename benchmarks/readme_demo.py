@@ -32,8 +32,9 @@ def section(res) -> str:
         if g == g:
             one, two = res.at(m, 1.0), res.at(m, 2.0)
             lines.append(
-                f"- **{m}**: {100 * one.avg_normalized:.1f}% at 1x, {100 * two.avg_normalized:.1f}% "
-                f"at {two.n_models:.2f}x: **{100 * g:.0f}%** of the gap to the fine-tuned models recovered."
+                f"- **{m}**: {100 * one.avg_normalized:.1f}% at 1x, "
+                f"{100 * two.avg_normalized:.1f}% at {two.n_models:.2f}x: "
+                f"**{100 * g:.0f}%** of the gap to the fine-tuned models recovered."
             )
         else:
             lo = res.curve(m)[0]
@@ -52,7 +53,8 @@ def main() -> None:
 
     res = fm.SweepResult.from_json(json.loads((OUT / "sweep.json").read_text()))
     readme = (ROOT / "README.md").read_text()
-    start, end = readme.index("<!-- demo:start"), readme.index("<!-- demo:end -->") + len("<!-- demo:end -->")
+    end_mark = "<!-- demo:end -->"
+    start, end = readme.index("<!-- demo:start"), readme.index(end_mark) + len(end_mark)
     (ROOT / "README.md").write_text(readme[:start] + section(res) + readme[end:])
     print("README.md updated")
 

@@ -67,12 +67,12 @@ def synthetic_finetunes(base: dict, n: int, seed: int = 0, scale: float = 0.05) 
     """n task fine-tunes: base + a shared direction + a task-specific one."""
     rng = np.random.default_rng(seed)
     shared = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), base)
-    out = []
-    for _ in range(n):
-        out.append(jax.tree.map(
-            lambda a, c: (np.asarray(a) + scale * (0.5 * c + rng.standard_normal(a.shape))).astype(np.float32),
-            base, shared))
-    return out
+
+    def finetuned(a, c):
+        delta = scale * (0.5 * c + rng.standard_normal(a.shape))
+        return (np.asarray(a) + delta).astype(np.float32)
+
+    return [jax.tree.map(finetuned, base, shared) for _ in range(n)]
 
 
 def make_forward(model: ResMLP):

@@ -64,7 +64,7 @@ def random_case(seed: int, n: int = 5, shapes=None, scale: float = 1e-2):
     base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     common = {k: rng.standard_normal(s) for k, s in shapes.items()}
     fts = []
-    for i in range(n):
+    for _ in range(n):
         fts.append(
             {
                 k: (base[k] + scale * (0.5 * common[k] + rng.standard_normal(s))).astype(

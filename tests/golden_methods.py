@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 import flexmerge_jax as fm
+
 from conftest import random_case
 
 PATH = Path(__file__).resolve().parent / "fixtures" / "golden" / "methods.json"

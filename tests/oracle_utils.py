@@ -2,8 +2,8 @@
 
 Layout (see ``shared/oracle/README.md``):
 
-* ``<case>.npz`` + ``<case>.json``: the synthetic case (``base/<param>``, ``ft/<i>/<param>``; JSON with
-  ``n``, ``params`` in canonical order and the ordered ``blocks`` list).
+* ``<case>.npz`` + ``<case>.json``: the synthetic case (``base/<param>``, ``ft/<i>/<param>``; JSON
+  with ``n``, ``params`` in canonical order and the ordered ``blocks`` list).
 * ``<case>__<config>.json``: a reference run (``trajectory``, ``checkpoints``, ``official_args``,
   optional ``error`` when the reference crashed).
 * ``<case>__<config>.npz``: deployed parameters ``k<k>/task<i>/<param>`` at the checkpoints.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "oracle"
 """Copied fixtures inside the repository."""
 
 SHARED_ORACLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "oracle"
-"""Full oracle directory beside the checkout (present on CI and dev machines, maybe not elsewhere)."""
+"""Full oracle directory beside the checkout (present on CI and dev machines, maybe not
+elsewhere)."""
 
 CASES = ("caseA", "caseB")
 
@@ -69,7 +70,8 @@ def find_oracle_file(filename: str) -> Path | None:
 def _require(filename: str) -> Path:
     p = find_oracle_file(filename)
     if p is None:
-        raise FileNotFoundError(f"oracle file {filename} not found in {FIXTURE_DIR} or {SHARED_ORACLE_DIR}")
+        raise FileNotFoundError(
+            f"oracle file {filename} not found in {FIXTURE_DIR} or {SHARED_ORACLE_DIR}")
     return p
 
 
@@ -107,7 +109,7 @@ class OracleCase:
         return int(sum(int(np.prod(s, dtype=np.int64)) for _, s in self.params))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_case(name: str) -> OracleCase:
     """Load ``<name>.json`` + ``<name>.npz`` (cached; treat the arrays as read-only)."""
     meta = json.loads(_require(f"{name}.json").read_text())
@@ -205,7 +207,7 @@ class OracleRun:
         return _load_checkpoints(self.name).get(int(k)) if self.npz_path is not None else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_checkpoints(run_name: str) -> dict[int, list[Params]]:
     path = find_oracle_file(f"{run_name}.npz")
     if path is None:
@@ -222,7 +224,7 @@ def _load_checkpoints(run_name: str) -> dict[int, list[Params]]:
     return {k: [tasks[i] for i in sorted(tasks)] for k, tasks in out.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_run(case: str, config: str) -> OracleRun:
     """Load the JSON of run ``<case>__<config>`` (cached)."""
     meta = json.loads(_require(f"{case}__{config}.json").read_text())

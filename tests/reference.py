@@ -11,24 +11,26 @@ NumPy and the standard library and is never imported by ``flexmerge_jax``.
 Conventions
 -----------
 * A model is a one-level ``dict[str, np.ndarray]`` keyed by parameter name; dict insertion order is
-  the "state-dict order".  Whenever the reference flattens a dict (``state_dict_to_vector``) it sorts
-  the keys; :func:`flatten` / :func:`unflatten` do the same.
+  the "state-dict order".  Whenever the reference flattens a dict (``state_dict_to_vector``) it
+  sorts the keys; :func:`flatten` / :func:`unflatten` do the same.
 * ``blocks`` is the ordered list of block names.  A parameter belongs to the FIRST name that is a
-  substring of it (spec §2.1); unmatched parameters are never merged but count in the size (spec §1).
-  Empty blocks are dropped (spec §2.1).
+  substring of it (spec §2.1); unmatched parameters are never merged but count in the size
+  (spec §1).  Empty blocks are dropped (spec §2.1).
 * Task vectors are formed in float32 (as torch does on fp32 checkpoints) and upcast to float64;
   everything after that is float64 (the oracle, computed in float32, agrees to ~1e-6).
-* NaN policy (the reference has no guard and crashes, spec §4.2): a NaN similarity ranks below every
-  real one.  Inside a block, if no pair beats the reference's initial value, the best *real* pair is
-  taken (strict ``>`` from -inf, first wins) and, if every pair is NaN, the first pair in enumeration
-  order.  Across blocks, a real best beats a NaN best; ties go to the first block in list order.
+* NaN policy (the reference has no guard and crashes, spec §4.2): a NaN similarity ranks below
+  every real one.  Inside a block, if no pair beats the reference's initial value, the best *real*
+  pair is taken (strict ``>`` from -inf, first wins) and, if every pair is NaN, the first pair in
+  enumeration order.  Across blocks, a real best beats a NaN best; ties go to the first block in
+  list order.
   The reported similarity is then NaN.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,8 +98,9 @@ def unflatten(vec: np.ndarray, like: Params) -> Params:
 def assign_blocks(param_names: Sequence[str], blocks: Sequence[str]) -> dict[str, list[str]]:
     """Block assignment of spec §2.1: first block name (in list order) that is a substring.
 
-    Returns ``{block: [param, ...]}`` with params in ``param_names`` order, for NON-EMPTY blocks only,
-    in block-list order (empty blocks are dropped, spec §2.1).  Unmatched params appear nowhere.
+    Returns ``{block: [param, ...]}`` with params in ``param_names`` order, for NON-EMPTY blocks
+    only, in block-list order (empty blocks are dropped, spec §2.1).  Unmatched params appear
+    nowhere.
     """
     out: dict[str, list[str]] = {b: [] for b in blocks}
     for p in param_names:
@@ -192,8 +195,9 @@ def _pcb_scores(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def pcb_thresholds(tvs: Sequence[Params], keep: float) -> list[tuple[float, float]] | None:
     """Global PCB thresholds (ref ``sparsify_pcb``, spec §3): per task ``(lo_i, hi_i)``.
 
-    Over the stacked whole-model vectors T (n×d, all tasks): P as in :func:`_pcb_scores` with n rows;
-    ``lo_i = sort(P_i)[int(d·K)]`` (quirk: K used as a DROP fraction), ``hi_i = sort(P_i)[int(d − 1)]``.
+    Over the stacked whole-model vectors T (n×d, all tasks): P as in :func:`_pcb_scores` with n
+    rows; ``lo_i = sort(P_i)[int(d·K)]`` (quirk: K used as a DROP fraction),
+    ``hi_i = sort(P_i)[int(d − 1)]``.
     Returns None when ``keep ≥ 1`` (the reference computes nothing; PCB merging then asserts).
     """
     if keep >= 1.0:
@@ -261,7 +265,8 @@ def ties_ref(xs: Sequence[Params], scale: float) -> Params:
     return unflatten(scale * _ties_flat(X), xs[0])
 
 
-def pcb_ref(xs: Sequence[Params], lohi_of_members: Sequence[tuple[float, float]], scale: float) -> Params:
+def pcb_ref(xs: Sequence[Params], lohi_of_members: Sequence[tuple[float, float]],
+            scale: float) -> Params:
     """PCB, ``trim=False`` path (ref ``pcb_merging``, spec §5).
 
     On the group rows X (m×d_b): scores P recomputed with GROUP statistics (``exp(m·self)``), then
@@ -294,8 +299,8 @@ def consensus_masks_ref(xs: Sequence[Params], merged: Params, c: float) -> list[
 def emr_ref(xs: Sequence[Params]) -> tuple[Params, list[Params], np.ndarray]:
     """EMR-Merging (ref ``emr_merge``, spec §5), no λ.
 
-    Per tensor ℓ (dict order of ``xs[0]``): μ = mean_k x_k; flag = +1 where μ > 0 else −1 (μ = 0 → −1);
-    M_k = 1[x_k·flag > 0]; v = flag ⊙ max_k |M_k ⊙ x_k|.
+    Per tensor ℓ (dict order of ``xs[0]``): μ = mean_k x_k; flag = +1 where μ > 0 else −1
+    (μ = 0 → −1); M_k = 1[x_k·flag > 0]; v = flag ⊙ max_k |M_k ⊙ x_k|.
     Rescaler γ_k = Σ_ℓ mean|x_k[ℓ]| / Σ_ℓ mean|v[ℓ] ⊙ M_k[ℓ]| (sum of per-tensor MEANS).
 
     Returns ``(v, masks, rescalers)`` with ``masks[k][ℓ]`` the BINARY float mask M_k (the greedy
@@ -356,7 +361,8 @@ def size_change(sA: int, sB: int, has_pre: bool) -> tuple[int, int, int]:
 
 
 def init_similarity(distance: str) -> float:
-    """Initial 'best' value of the reference (``init_sim``): cosine −1.1, euclidean −inf, sign −0.1."""
+    """Initial 'best' value of the reference (``init_sim``): cosine −1.1, euclidean −inf,
+    sign −0.1."""
     if distance == "cosine":
         return -1.1
     if distance == "euclidean":
@@ -386,7 +392,8 @@ def group_similarity(a: np.ndarray, b: np.ndarray, distance: str) -> float:
     raise ValueError(f"invalid distance {distance!r}")
 
 
-def constituent_similarity(As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], linkage: str) -> float:
+def constituent_similarity(As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
+                           linkage: str) -> float:
     """Constituent (member) similarity (ref ``find_constituent_sim``, spec §4.2(a)), cosine only.
 
     c(i,j) = <x_i,x_j>/(‖x_i‖‖x_j‖ + 1e-8) over all i∈A, j∈B (A-major order);
@@ -433,9 +440,11 @@ class ReferenceRun(NamedTuple):
     """Result of a reference run.
 
     events: one dict per merge ``{"t", "block", "members_i", "members_j", "similarity",
-        "store_params", "n_models"}`` (members sorted task indices; ``members_i`` = group listed first).
-    checkpoints: ``{k: [params of task 0, ..., task n−1]}`` after k merges, as the reference evaluates
-        them (``θ0 + (W − θ0) ⊙ mask`` for masked tensors, float64), for every requested k.
+        "store_params", "n_models"}`` (members sorted task indices; ``members_i`` = group listed
+        first).
+    checkpoints: ``{k: [params of task 0, ..., task n−1]}`` after k merges, as the reference
+        evaluates them (``θ0 + (W − θ0) ⊙ mask`` for masked tensors, float64), for every
+        requested k.
     partitions: ``{k: {block: [[members], ...]}}`` at the same k (groups sorted by smallest member).
     """
 
@@ -481,7 +490,8 @@ class _Engine:
         self.W = [{k: np.asarray(ft[k], dtype=np.float64) for k in param_names} for ft in finetuned]
         self.masks: list[Params] = [{} for _ in range(n)]
         self.x_sim = {b: [{p: x[p] for p in ps} for x in x_sim] for b, ps in block_params.items()}
-        self.x_merge = {b: [{p: x[p] for p in ps} for x in x_merge] for b, ps in block_params.items()}
+        self.x_merge = {b: [{p: x[p] for p in ps} for x in x_merge]
+                        for b, ps in block_params.items()}
         self.x_sim_flat = {b: [flatten(v) for v in self.x_sim[b]] for b in self.blocks}
         self.parent = {b: list(range(n)) for b in self.blocks}
         self.rank = {b: [1] * n for b in self.blocks}
@@ -512,7 +522,8 @@ class _Engine:
     def group_flat(self, b: str, root: int) -> np.ndarray:
         return flatten(self.group_vec[b][self.find(b, root)])
 
-    def pair_similarity(self, b: str, ra: int, rb: int, linkage: str | None, distance: str) -> float:
+    def pair_similarity(self, b: str, ra: int, rb: int, linkage: str | None,
+                        distance: str) -> float:
         if linkage is not None:
             As = [self.x_sim_flat[b][i] for i in self.members(b, ra)]
             Bs = [self.x_sim_flat[b][i] for i in self.members(b, rb)]
@@ -523,7 +534,8 @@ class _Engine:
         self, b: str, linkage: str | None, distance: str, init: float
     ) -> tuple[int, int, float] | None:
         """Best pair of the block (spec §4.2): pairs (i<j) of ``unique_groups`` order, strict ``>``
-        against the reference init value; NaN policy fallback (module docstring).  None if < 2 groups.
+        against the reference init value; NaN policy fallback (module docstring).  None if
+        < 2 groups.
         """
         groups = self.unique_groups(b)
         if len(groups) < 2:
@@ -645,7 +657,8 @@ class _Engine:
 
     # --- outputs ---------------------------------------------------------------------------
     def deployed(self) -> list[Params]:
-        """Task models as the reference evaluates them: θ0 + (W_i − θ0) ⊙ Mask_i on masked tensors."""
+        """Task models as the reference evaluates them: θ0 + (W_i − θ0) ⊙ Mask_i on masked
+        tensors."""
         out = []
         for i in range(self.n):
             d: Params = {}
@@ -739,8 +752,9 @@ def greedy_reference(
       scale: λ (``--LAMBDA``), multiplies the merged vector of ta/ties/pcb/consensus_*.
       keep: ``--K`` (TIES keep fraction for the global trim; PCB threshold index).
       consensus: λc of the consensus masks.
-      linkage: ``"single"|"average"|"complete"`` → constituent cosine (reference names: single = MIN,
-        average = mean, complete = MAX); ``None`` → merged-group-vector ``distance``.
+      linkage: ``"single"|"average"|"complete"`` → constituent cosine (reference names:
+        single = MIN, average = mean, complete = MAX); ``None`` → merged-group-vector
+        ``distance``.
       distance: ``"cosine"|"euclidean"|"sign"`` (only used when ``linkage is None``).
       checkpoints: numbers of merges k (0..T) after which deployed params are recorded.
       dare: DARE drop probability p or None; ``dare_seed`` seeds ``np.random.default_rng``.
@@ -752,7 +766,8 @@ def greedy_reference(
     module docstring.
     """
     _check_common(method, linkage, distance)
-    _, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep, dare, dare_seed)
+    _, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep,
+                                                dare, dare_seed)
     eng = _Engine(base, finetuned, block_params, x, x, method, scale, consensus, lohi, names)
     n = eng.n
     # NB the reference takes the init from --DISTANCE even in constituent mode (-1.1 for the default
@@ -809,16 +824,18 @@ def structured_reference(
 ) -> ReferenceRun:
     """Transcription of ``structured_block_merge`` (spec §7).
 
-    ``right-left`` = block-list order (output side first, ref direction 'backward'); ``left-right`` =
-    reversed list.  One block at a time: merge the most similar pair of GROUP VECTORS (``distance``;
-    init −1.1 for every metric, strict ``>``) until one group remains, then the next block.
+    ``right-left`` = block-list order (output side first, ref direction 'backward');
+    ``left-right`` = reversed list.  One block at a time: merge the most similar pair of GROUP
+    VECTORS (``distance``; init −1.1 for every metric, strict ``>``) until one group remains, then
+    the next block.
     Singleton group vectors are the RAW τ (merges use the preprocessed vectors).  If no pair beats
     −1.1 (the reference would crash), the NaN policy of the module docstring applies.
     """
     _check_common(method, None, distance)
     if direction not in ("right-left", "left-right"):
         raise ValueError(f"invalid direction {direction!r}")
-    tau, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep, dare, dare_seed)
+    tau, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep,
+                                                  dare, dare_seed)
     if direction == "left-right":
         block_params = dict(reversed(list(block_params.items())))
     eng = _Engine(base, finetuned, block_params, tau, x, method, scale, consensus, lohi, names)
@@ -858,13 +875,15 @@ def random_reference(
 ) -> ReferenceRun:
     """Transcription of ``random_block_merge`` (spec §7) with ``np.random.default_rng(seed)``.
 
-    Per step, exactly the reference's calls: ``rng.choice(blocks_remaining)`` (a list of block names,
-    in block-list order, a block removed once it has one group), then
-    ``rng.choice(unique_groups, size=2, replace=False)`` on the ``list(set(roots))`` order; the first
-    drawn root is the first-listed group.  Reported similarity is 0.0 (the reference logs 0.0).
+    Per step, exactly the reference's calls: ``rng.choice(blocks_remaining)`` (a list of block
+    names, in block-list order, a block removed once it has one group), then
+    ``rng.choice(unique_groups, size=2, replace=False)`` on the ``list(set(roots))`` order; the
+    first drawn root is the first-listed group.  Reported similarity is 0.0 (the reference logs
+    0.0).
     """
     _check_common(method, None, "cosine")
-    tau, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep, dare, dare_seed)
+    tau, x, lohi, block_params, names = _prepare(base, finetuned, blocks, method, keep,
+                                                  dare, dare_seed)
     eng = _Engine(base, finetuned, block_params, tau, x, method, scale, consensus, lohi, names)
     rng = np.random.default_rng(seed)
     n = eng.n

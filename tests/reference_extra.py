@@ -1,10 +1,12 @@
-"""Slow float64 NumPy transcriptions of the "beyond the reference" merge methods (test ground truth).
+"""Slow float64 NumPy transcriptions of the "beyond the reference" merge methods (test ground
+truth).
 
 NOT part of the package and never imported by it. Each function is written from the method's
 paper (equations / pseudo-code; where the paper is silent, from the authors' released code, as
-noted) and deliberately differs in structure from the kernels in :mod:`flexmerge_jax.methods`: it works on
-the *gathered* group (a list of member dicts in task order, float64), concatenates compactly
-(no fixed-width buffers), ranks with Python sorts and loops per element where that is clearer.
+noted) and deliberately differs in structure from the kernels in :mod:`flexmerge_jax.methods`: it
+works on the *gathered* group (a list of member dicts in task order, float64), concatenates
+compactly (no fixed-width buffers), ranks with Python sorts and loops per element where that is
+clearer.
 
 Conventions: a task vector is a one-level ``dict[str, np.ndarray]``; ``xs`` is the list of the
 group's members in ascending task order. "Matrix" = a 2-D parameter not in ``exclude``.
@@ -13,7 +15,7 @@ group's members in ascending task order. "Matrix" = a 2-D parameter not in ``exc
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -203,7 +205,8 @@ def breadcrumbs_ref(
     xs: Sequence[Params], top: float, bottom: float, alpha: float, granularity: str = "tensor"
 ) -> Params:
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per task and layer, sort by
-    |tau|, mask the int(top N) largest and int(bottom N) smallest; merged = alpha * sum_t m_t tau_t."""
+    |tau|, mask the int(top N) largest and int(bottom N) smallest;
+    merged = alpha * sum_t m_t tau_t."""
     xs = _f64(xs)
     out = {}
     for name, v0 in xs[0].items():
@@ -256,7 +259,8 @@ def della_ref(
     xs = _f64(xs)
     out = {}
     for name in xs[0]:
-        P = [magprune_ref(x[name], u[name], density, eps, rescale, granularity) for x, u in zip(xs, us)]
+        P = [magprune_ref(x[name], u[name], density, eps, rescale, granularity)
+             for x, u in zip(xs, us)]
         tot = sum(P)
         res = np.zeros_like(tot)
         for i in np.ndindex(*tot.shape) if tot.shape else [()]:
@@ -309,7 +313,8 @@ def model_stock_ref(xs: Sequence[Params], angle_average: str = "angle") -> tuple
                     c = float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
                     c = min(1.0, max(-1.0, c))
                     vals.append(math.acos(c) if angle_average == "angle" else c)
-            c = math.cos(sum(vals) / len(vals)) if angle_average == "angle" else sum(vals) / len(vals)
+            mean = sum(vals) / len(vals)
+            c = math.cos(mean) if angle_average == "angle" else mean
             t = N * c / (1 + (N - 1) * c)
         ts[name] = t
         out[name] = t * _mean(xs, name)

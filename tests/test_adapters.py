@@ -115,7 +115,8 @@ def test_nnx_plan_end_to_end():
            for _ in range(3)]
     plan = fm.plan(base, fts, blocks=fm.blocks.by_layer(), method=fm.methods.ties(keep=0.5))
     abstract = nnx.eval_shape(lambda: _nnx_model(3))
-    merged = adapters.to_nnx(plan.at_size(1.0).params_for_task(2), _nnx_model(3))  # keeps its BatchStats
+    # keeps its BatchStats
+    merged = adapters.to_nnx(plan.at_size(1.0).params_for_task(2), _nnx_model(3))
     assert merged.head.kernel[...].dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(merged(jnp.ones((2, 4))), np.float32)).all()
     # at full size every task gets its own weights back, bitwise, through the module
@@ -143,7 +144,8 @@ def test_linen_exact_round_trip():
     v0 = net.init(jax.random.PRNGKey(0), x)
     v1 = net.init(jax.random.PRNGKey(1), x)
     p = adapters.from_linen(v0)
-    assert sorted(flatten(p)[0]) == ["bn/bias", "bn/scale", "fc1/bias", "fc1/kernel", "fc2/bias", "fc2/kernel"]
+    assert sorted(flatten(p)[0]) == ["bn/bias", "bn/scale", "fc1/bias", "fc1/kernel", "fc2/bias",
+                                     "fc2/kernel"]
     new = adapters.to_linen(p, v1)
     assert _trees_bit_equal(adapters.from_linen(new), p)
     assert _trees_bit_equal(new["batch_stats"], v1["batch_stats"])  # other collections kept
@@ -206,13 +208,15 @@ def test_bert_mapping_names_and_transpose():
                        sd["embeddings.word_embeddings.weight"])  # embeddings never transposed
     assert set(p["embeddings"]["LayerNorm"]) == {"scale", "bias"}
     # back to HF: exact, position_ids re-added as an extra
-    back = to_hf(p, bert_mapping(), extra={"embeddings.position_ids": sd["embeddings.position_ids"]})
+    back = to_hf(p, bert_mapping(),
+                 extra={"embeddings.position_ids": sd["embeddings.position_ids"]})
     assert set(back) == set(sd) and all(_bits_equal(back[k], sd[k]) for k in sd)
     # the mapping's inverse is exact on every name
     m = bert_mapping()
     assert all(m.inverse(m.forward(k)) == k for k in sd if "position_ids" not in k)
     # legacy TF names
-    assert m.forward("encoder.layer.0.output.LayerNorm.gamma") == "encoder/layer/0/output/LayerNorm/scale"
+    assert (m.forward("encoder.layer.0.output.LayerNorm.gamma")
+            == "encoder/layer/0/output/LayerNorm/scale")
     assert m.forward("embeddings.LayerNorm.beta") == "embeddings/LayerNorm/bias"
 
 
@@ -263,7 +267,8 @@ def test_npz_round_trip(tmp_path):
 
 
 def test_mapping_kinds():
-    sd = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b.bias": np.ones(2, np.float16),
+    sd = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+          "b.bias": np.ones(2, np.float16),
           "buf": np.zeros(2, np.int64)}
     # identity: names kept flat, nothing transposed
     p = from_hf(sd)
@@ -287,9 +292,11 @@ def test_mapping_kinds():
     nm = NameMap.rules(rules, inverse=[("/", "."), (r"\.kernel$", ".weight")])
     assert set(to_hf(p, nm)) == {"a.weight", "b.bias"}
     # callable; transpose off / per tensor
-    p = from_hf(sd, lambda n: None if n == "buf" else n.replace(".weight", ".kernel"), transpose=False)
+    p = from_hf(sd, lambda n: None if n == "buf" else n.replace(".weight", ".kernel"),
+                transpose=False)
     assert p["a.kernel"].shape == (2, 3)
-    p = from_hf(sd, lambda n: None if n == "buf" else n, transpose=lambda name, nd: name == "a.weight")
+    p = from_hf(sd, lambda n: None if n == "buf" else n,
+                transpose=lambda name, nd: name == "a.weight")
     assert p["a.weight"].shape == (3, 2)
     # collisions and bad mappings
     with pytest.raises(ValueError, match="both 'a.weight' and 'b.bias' map to 'x'"):
@@ -303,18 +310,21 @@ def test_mapping_kinds():
 
 
 def test_conv_kernels_transpose_exactly():
-    w = np.random.default_rng(0).standard_normal((5, 3, 2, 4)).astype(np.float32)  # (out, in, kh, kw)
+    # (out, in, kh, kw)
+    w = np.random.default_rng(0).standard_normal((5, 3, 2, 4)).astype(np.float32)
     k = adapters.kernel_to_flax(w)
     assert k.shape == (2, 4, 3, 5) and _bits_equal(adapters.kernel_to_torch(k), w)
     p = from_hf({"conv.weight": w}, [(r"\.weight$", ".kernel"), (r"\.", "/")])
     assert p["conv"]["kernel"].shape == (2, 4, 3, 5)
     # the Flax conv with this kernel computes torch's conv2d (cross-correlation, NCHW vs NHWC)
     x = np.random.default_rng(1).standard_normal((1, 3, 6, 6)).astype(np.float32)
-    y_torch_style = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-    y_flax_style = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), p["conv"]["kernel"], (1, 1), "VALID",
+    y_torch_style = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y_flax_style = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), p["conv"]["kernel"],
+                                                (1, 1), "VALID",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(np.asarray(y_flax_style).transpose(0, 3, 1, 2), np.asarray(y_torch_style),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_flax_style).transpose(0, 3, 1, 2),
+                               np.asarray(y_torch_style), rtol=1e-5, atol=1e-5)
 
 
 def test_hf_source_plans_like_memory(tmp_path):
@@ -325,7 +335,8 @@ def test_hf_source_plans_like_memory(tmp_path):
     paths = []
     fts = []
     for i in range(3):
-        ft = {k: (v + 0.02 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32 else v)
+        ft = {k: (v + 0.02 * rng.standard_normal(v.shape).astype(np.float32)
+                  if v.dtype == np.float32 else v)
               for k, v in base.items()}
         fts.append(ft)
         paths.append(tmp_path / f"task{i}.safetensors")
@@ -334,7 +345,8 @@ def test_hf_source_plans_like_memory(tmp_path):
     src = adapters.hf_source(tmp_path / "base.safetensors", paths, bert_mapping())
     assert src.task_names == ("task0", "task1", "task2")
     assert "embeddings/position_ids" not in src.layout.names
-    assert src.layout.shapes[src.layout.names.index("encoder/layer/0/intermediate/dense/kernel")] == (8, 16)
+    kernel = src.layout.names.index("encoder/layer/0/intermediate/dense/kernel")
+    assert src.layout.shapes[kernel] == (8, 16)
     method = fm.methods.ties(keep=0.5)
     p_disk = fm.plan(src, blocks="bert", method=method)
     p_mem = fm.plan(from_hf(base, bert_mapping()), [from_hf(f, bert_mapping()) for f in fts],
@@ -345,10 +357,11 @@ def test_hf_source_plans_like_memory(tmp_path):
     assert _trees_bit_equal(jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
     with pytest.raises(ValueError, match="int64"):
         adapters.hf_source(tmp_path / "base.safetensors", paths)  # identity keeps position_ids
-    save_file({k: v for k, v in base.items() if "pooler" not in k}, str(tmp_path / "short.safetensors"))
+    save_file({k: v for k, v in base.items() if "pooler" not in k},
+              str(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match="task 1 .*lacks 'pooler.dense"):
-        adapters.hf_source(tmp_path / "base.safetensors", [paths[0], tmp_path / "short.safetensors"],
-                           bert_mapping())
+        adapters.hf_source(tmp_path / "base.safetensors",
+                           [paths[0], tmp_path / "short.safetensors"], bert_mapping())
 
 
 def test_import_adapters_does_not_import_flax():

@@ -169,8 +169,9 @@ def test_imports_inside_functions_are_optional_dependencies_only():
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install ruff)")
-def test_the_package_passes_ruff():
-    """``ruff check`` with the configuration in ``pyproject.toml``."""
+def test_the_repository_passes_ruff():
+    """``ruff check`` of the whole repository (package, tests, benchmarks, examples, docs) with
+    the configuration in ``pyproject.toml``."""
     out = subprocess.run(["ruff", "check", "--no-cache", "--output-format", "concise"],
                          cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]

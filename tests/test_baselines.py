@@ -9,6 +9,7 @@ import pytest
 import flexmerge_jax as fm
 from flexmerge_jax import baselines
 from flexmerge_jax.methods.ties import ties_merge
+
 from conftest import random_case
 
 
@@ -65,13 +66,14 @@ def test_cluster_merge_models():
                         exp = base[k] + 1.5 * np.mean([fts[j][k] - base[k] for j in g], axis=0)
                     np.testing.assert_allclose(np.asarray(got[k]), exp, rtol=1e-5, atol=1e-6)
     # Whole-model TIES: the zero-sign fallback spans the whole model (one block).
-    tp = fm.baselines.cluster_merge(base, fts, fm.methods.ties(1.0), linkage="single", layerwise=True)
+    tp = fm.baselines.cluster_merge(base, fts, fm.methods.ties(1.0), linkage="single",
+                                    layerwise=True)
     m1 = tp.at_size(1)
     x = {k: jnp.asarray(np.stack([f[k] for f in fts]) - base[k][None]) for k in base}
     exp = ties_merge(x)
     for k in base:
-        np.testing.assert_allclose(np.asarray(m1.params_for_task(0)[k]), base[k] + np.asarray(exp[k]),
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(m1.params_for_task(0)[k]),
+                                   base[k] + np.asarray(exp[k]), rtol=1e-6, atol=1e-7)
 
 
 def test_kmeans_recovers_separated_clusters_and_is_seeded():
@@ -96,8 +98,10 @@ def test_channel_merge_ends_and_sweep():
     one = bp.at_size(1)
     merged = fm.merge(base, fts, "avg")
     for k in base:
-        np.testing.assert_allclose(np.asarray(one.params_for_task(2)[k]), np.asarray(merged[k]), rtol=1e-6)
-    score = lambda params, i: -float(sum(np.sum((np.asarray(params[k]) - fts[i][k]) ** 2) for k in base))
+        np.testing.assert_allclose(np.asarray(one.params_for_task(2)[k]), np.asarray(merged[k]),
+                                   rtol=1e-6)
+    score = lambda params, i: -float(sum(np.sum((np.asarray(params[k]) - fts[i][k]) ** 2)
+                                         for k in base))
     res = fm.sweep([bp, fm.plan(base, fts, method="avg")], score, sizes=[1, 2, 4], progress=False)
     assert set(res.methods) == {"channel-merge:avg", "avg"}
     with pytest.raises(ValueError, match="mask methods"):

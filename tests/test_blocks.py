@@ -2,13 +2,13 @@
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flexmerge_jax import blocks
+
 from oracle_utils import load_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -11,6 +11,7 @@ import pytest
 
 import flexmerge_jax as fm
 from flexmerge_jax import checkpointing
+
 from conftest import random_case
 
 
@@ -119,7 +120,8 @@ def test_plan_roundtrip_and_later_cuts(tmp_path):
     same_params(p.at_size(2.0), loaded.at_size(2.0), 4)
     other = {**base, "emb": np.zeros(5, np.float32)}
     with pytest.raises(ValueError, match="do not match"):
-        fm.load(tmp_path / "plan", base=other, finetuned=[{**f, "emb": np.zeros(5, np.float32)} for f in fts])
+        fm.load(tmp_path / "plan", base=other,
+                finetuned=[{**f, "emb": np.zeros(5, np.float32)} for f in fts])
 
 
 def saved_plan_of_files(tmp_path, seed, suffix):

@@ -11,8 +11,8 @@ import pytest
 
 import flexmerge_jax as fm
 from flexmerge_jax import zoo
-from flexmerge_jax.sources import files
 from flexmerge_jax.cli import main
+from flexmerge_jax.sources import files
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
                   task_names=z.task_names).at_size(2)
     assert model.n_models == ref.n_models and model.task_names == z.task_names
     for i in range(3):
-        a, b = fm.tree.flatten(model.params_for_task(i))[1], fm.tree.flatten(ref.params_for_task(i))[1]
+        a = fm.tree.flatten(model.params_for_task(i))[1]
+        b = fm.tree.flatten(ref.params_for_task(i))[1]
         assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
     blocks_json = tmp_path / "blocks.json"
@@ -53,7 +54,8 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2.5", "--out", tmp_path / "c")
     assert code == 0, err
     cut = fm.load(tmp_path / "c")
-    direct = fm.plan(base, fts, blocks="vit", method="emr", linkage=None, similarity="sign").at_size(2.5)
+    direct = fm.plan(base, fts, blocks="vit", method="emr", linkage=None,
+                     similarity="sign").at_size(2.5)
     assert cut.n_models == direct.n_models
     code, out, err = run(capsys, "inspect", tmp_path / "c")
     assert code == 0 and "routing" in out and "blocks/3/mlp" in out
@@ -64,10 +66,10 @@ def test_merge_plan_cut_inspect(tiny, capsys, tmp_path):
     shutil.copytree(d, moved)
     shutil.move(d / "base.npz", tmp_path / "base_gone.npz")
     try:
-        code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "3", "--out", tmp_path / "c2")
+        cut_args = ("cut", tmp_path / "plan", "--size", "3", "--out", tmp_path / "c2")
+        code, out, err = run(capsys, *cut_args)
         assert code == 2 and "pass --base and --finetuned" in err
-        code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "3", "--out", tmp_path / "c2",
-                             "--base", moved / "base.npz", "--finetuned",
+        code, out, err = run(capsys, *cut_args, "--base", moved / "base.npz", "--finetuned",
                              *[moved / (t + ".safetensors") for t in z.task_names])
         assert code == 0, err
     finally:
@@ -85,7 +87,7 @@ def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
     files.save_params(fts[1], jax.tree.map(lambda v: v * 2, z.finetuned[1]))  # re-trained
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c")
     assert code == 2 and "pass --base and --finetuned" in err
-    assert err.startswith(f"flexmerge: warning: loaded the plan without its inputs")
+    assert err.startswith("flexmerge: warning: loaded the plan without its inputs")
     assert f"changed since planning: task 'fmnist_tops' {fts[1]} (content differs)" in err
     assert ".py:" not in err
     code, out, err = run(capsys, "cut", tmp_path / "plan", "--size", "2", "--out", tmp_path / "c",
@@ -100,12 +102,15 @@ def test_replaced_input_is_reported_in_one_line(tmp_path, capsys):
         (["merge", "--base", "nope.npz", "--finetuned", "a.npz", "b.npz", "--method", "ta",
           "--size", "1", "--out", "x"], "nope.npz: no such file"),
         (["merge", "--method", "magic", "--size", "1", "--out", "x"], "unknown method 'magic'"),
-        (["merge", "--method", "ties", "--keep", "1.5", "--size", "1", "--out", "x"], "keep must be in"),
+        (["merge", "--method", "ties", "--keep", "1.5", "--size", "1", "--out", "x"],
+         "keep must be in"),
         (["merge", "--method", "ta", "--size", "9", "--out", "x"], "size 9.0 outside"),
         (["merge", "--method", "ta", "--blocks", "nosuchpreset", "--size", "1", "--out", "x"],
          "unknown block preset"),
-        (["merge", "--method", "ta", "--linkage", "ward", "--size", "1", "--out", "x"], "linkage must be"),
-        (["merge", "--method", "slerp", "--hp", "t", "--size", "1", "--out", "x"], "expected NAME=VALUE"),
+        (["merge", "--method", "ta", "--linkage", "ward", "--size", "1", "--out", "x"],
+         "linkage must be"),
+        (["merge", "--method", "slerp", "--hp", "t", "--size", "1", "--out", "x"],
+         "expected NAME=VALUE"),
         (["merge", "--method", "breadcrumbs", "--hp", "tpo=0.1", "--size", "1", "--out", "x"],
          "--method breadcrumbs:"),
         (["merge", "--method", "ties", "--keep", "0.2", "--hp", "keep=0.3", "--size", "1", "--out",
@@ -128,8 +133,8 @@ def test_mismatched_file_is_named(tiny, capsys, tmp_path):
     bad = dict(z.finetuned[1])
     bad["proj"] = {"kernel": np.zeros((64, 32), np.float32)}
     path = files.save_params(tmp_path / "bad.npz", bad)
-    code, out, err = run(capsys, "plan", "--base", base, "--finetuned", fts[0], path, "--method", "ta",
-                         "--out", tmp_path / "p")
+    code, out, err = run(capsys, "plan", "--base", base, "--finetuned", fts[0], path,
+                         "--method", "ta", "--out", tmp_path / "p")
     assert code == 2 and "bad.npz" in err and "proj/kernel" in err
 
 
@@ -155,7 +160,8 @@ def test_console_script_entry_point(tmp_path):
     exe = shutil.which("flexmerge")
     cmd = [exe] if exe else [sys.executable, "-m", "flexmerge_jax.cli"]
     r = subprocess.run(cmd + ["inspect", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("flexmerge: error:") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("flexmerge: error:")
+    assert "Traceback" not in r.stderr
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
 

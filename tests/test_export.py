@@ -12,8 +12,9 @@ import pytest
 from safetensors import safe_open
 
 import flexmerge_jax as fm
-from flexmerge_jax.sources import files as fio
 from flexmerge_jax.cli import main
+from flexmerge_jax.sources import files as fio
+
 from conftest import random_case, write_hf_dir
 
 
@@ -101,7 +102,8 @@ def test_hf_export_through_a_name_mapping_copies_dropped_tensors(tmp_path):
     rng = np.random.default_rng(0)
 
     def hf(seed_shift):
-        return {"enc.fc.weight": (rng.standard_normal((3, 4)) * 0.1 + seed_shift).astype(np.float32),
+        weight = rng.standard_normal((3, 4)) * 0.1 + seed_shift
+        return {"enc.fc.weight": weight.astype(np.float32),
                 "enc.fc.bias": rng.standard_normal(3).astype(np.float32),
                 "embeddings.position_ids": np.arange(6, dtype=np.int64)[None]}
 

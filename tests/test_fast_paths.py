@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import random_case
 
 import flexmerge_jax as fm
 from flexmerge_jax import _plan
-from flexmerge_jax.sources import MemorySource, files
 from flexmerge_jax.cli import main
+from flexmerge_jax.sources import MemorySource, files
+
+from conftest import random_case
 
 BLOCKS = ["l1.attn", "l1.mlp", "l0.", "emb"]
 
@@ -37,7 +38,8 @@ def _same_directories(a, b):
         json.loads((b / "flexmerge.json").read_text())
     ma, mb = fm.load(a), fm.load(b)
     for t in range(ma.n):
-        la, lb = fm.tree.flatten(ma.params_for_task(t))[1], fm.tree.flatten(mb.params_for_task(t))[1]
+        la = fm.tree.flatten(ma.params_for_task(t))[1]
+        lb = fm.tree.flatten(mb.params_for_task(t))[1]
         assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 from conftest import random_case
 from oracle_utils import load_case, load_run
 
@@ -108,7 +109,8 @@ def test_bad_inputs_name_task_and_parameter():
     with pytest.raises(ValueError, match=r"task 2: parameter 'l0.mlp.b' has shape"):
         fm.merge(base, bad, "avg")
     bad = [fts[0], {**fts[1], "emb": np.array([0, np.inf, 0, 0], np.float32)}, fts[2]]
-    with pytest.raises(ValueError, match=r"task 1 \(task1\): the task vector of parameter 'emb' has NaN or Inf"):
+    with pytest.raises(ValueError, match=r"task 1 \(task1\): the task vector of parameter 'emb' "
+                                         r"has NaN or Inf"):
         fm.merge(base, bad, "avg")
     with pytest.raises(ValueError, match="at least 2"):
         fm.merge(base, fts[:1], "avg")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 import reference as ref
 from conftest import assert_blocks_read_ahead_trimmed, random_case, record_task_vector_reads
 from oracle_utils import list_runs, load_case, load_run, trajectory_key
@@ -24,10 +25,11 @@ def assert_events_match(events, rows, *, check_sizes=True):
         trajectory_key(r) for r in rows
     ]
     for e, r in zip(events, rows):
-        if r["similarity"] is None or (isinstance(r["similarity"], float) and math.isnan(r["similarity"])):
+        sim = r["similarity"]
+        if sim is None or (isinstance(sim, float) and math.isnan(sim)):
             assert math.isnan(e.similarity)
         else:
-            np.testing.assert_allclose(e.similarity, r["similarity"], **SIM_TOL)
+            np.testing.assert_allclose(e.similarity, sim, **SIM_TOL)
         if check_sizes and "n_models" in r:
             assert abs(e.n_models - r["n_models"]) <= 1e-9
 
@@ -170,7 +172,8 @@ def ref_linkage(linkage):
 @pytest.mark.parametrize("linkage", ["min", "mean", "max"])
 def test_constituent_schedule_matches_reference_with_ties(n, linkage):
     base, fts = tie_case(n, n)
-    compare_with_reference(base, fts, fm.methods.task_arithmetic(1.5), linkage=linkage, distance="cosine")
+    compare_with_reference(base, fts, fm.methods.task_arithmetic(1.5), linkage=linkage,
+                           distance="cosine")
 
 
 MERGED_VECTOR_CASES = [
@@ -237,8 +240,8 @@ def test_merged_vector_slots_are_donated_and_reused_across_blocks():
     import jax
     import jax.numpy as jnp
 
-    from flexmerge_jax.stats.gram import block_gram
     from flexmerge_jax.schedule.greedy import materialized_sequence
+    from flexmerge_jax.stats.gram import block_gram
 
     rng = np.random.default_rng(5)
     m = fm.methods.ties(1.0, keep=1.0)
@@ -266,8 +269,8 @@ def test_merged_vector_slots_are_donated_and_reused_across_blocks():
 def test_float32_precision_reaches_group_vector_comparisons():
     # Same singleton Gram for both precisions: only the comparisons of the
     # materialized group vectors differ, by float32 rounding.
-    from flexmerge_jax.stats.gram import block_gram
     from flexmerge_jax.schedule.greedy import materialized_sequence
+    from flexmerge_jax.stats.gram import block_gram
 
     rng = np.random.default_rng(3)
     x = {"w": rng.standard_normal((6, 64, 96)).astype(np.float32),
@@ -400,7 +403,7 @@ def test_at_size_is_first_step_at_or_below(small_plan):
 def test_shared_groups_share_arrays(small_plan):
     base, fts, p = small_plan
     m = p.at_size(2.5)
-    for name, b in m.blocks.items():
+    for b in m.blocks.values():
         for g in b.groups:
             if len(g) > 1:
                 leaves = b.leaves

@@ -9,6 +9,7 @@ import pytest
 import flexmerge_jax as fm
 from flexmerge_jax import progress
 from flexmerge_jax.cli import main
+
 from conftest import random_case
 
 
@@ -19,10 +20,10 @@ def test_lines_when_not_a_terminal(capsys, monkeypatch):
             progress=True)
     lines = capsys.readouterr().err.splitlines()
     total = sum(int(np.prod(v.shape)) for v in base.values())
-    assert lines and all(l.startswith("flexmerge: plan: ") for l in lines)
+    assert lines and all(line.startswith("flexmerge: plan: ") for line in lines)
     assert lines[-1].startswith(f"flexmerge: plan: {total}/{total} parameters, 100%")
     # TIES with merged-vector comparisons reads the model twice: thresholds, then the schedule.
-    assert "(pass 2)" in lines[-1] and any("(pass 1)" in l for l in lines)
+    assert "(pass 2)" in lines[-1] and any("(pass 1)" in line for line in lines)
     fm.merge(base, fts, "ties", progress=True)  # one read of every parameter
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"flexmerge: merge: {total}/{total} parameters, 100%")

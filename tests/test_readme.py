@@ -1,9 +1,9 @@
 """The README's Python examples run as written (paths redirected to a tmp dir)."""
 
 import re
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

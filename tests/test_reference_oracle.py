@@ -13,15 +13,16 @@ float32) on two synthetic cases (see ``shared/oracle/README.md``).  Our referenc
   rounding of values of magnitude ~1).
 * consensus_ties: masks ``|x| > c·|v − x|`` may flip where both sides are equal up to float32
   rounding.  A flip is accepted only at an entry whose float64 relative margin
-  ``| |x| − c|v−x| | ≤ 1e-5 · (|x| + c(|v| + |x|))`` (float32 summation of ≤ 8 terms is accurate to
-  ~5e-7 relative, so genuine rounding flips live well inside this band) and the total number of flips
-  must be ≤ 0.1 % of the masked entries; every other entry must match to 1e-5.  (Observed: 0 flips.)
+  ``| |x| − c|v−x| | ≤ 1e-5 · (|x| + c(|v| + |x|))`` (float32 summation of ≤ 8 terms is accurate
+  to ~5e-7 relative, so genuine rounding flips live well inside this band) and the total number of
+  flips must be ≤ 0.1 % of the masked entries; every other entry must match to 1e-5.  (Observed:
+  0 flips.)
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ CHECKPOINTS = [(c, cfg, k) for c, cfg in RUNS for k in ou.load_run(c, cfg).check
 CHECKPOINT_IDS = [f"{c}__{cfg}@k{k}" for c, cfg, k in CHECKPOINTS]
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference_run(case: str, config: str) -> ref.ReferenceRun:
     """Our reference on an oracle configuration (cached across tests)."""
     c = ou.load_case(case)
@@ -89,7 +90,8 @@ def test_trajectory_matches_oracle(case, config):
     for row, ev in zip(run.trajectory, ours):
         assert ev["t"] == row["t"]
         assert ou.trajectory_key(ev) == ou.trajectory_key(row), f"t={row['t']}"
-        assert _sim_close(ev["similarity"], row["similarity"]), (row["t"], ev["similarity"], row["similarity"])
+        assert _sim_close(ev["similarity"], row["similarity"]), (
+            row["t"], ev["similarity"], row["similarity"])
         if "n_models" in row:
             assert abs(ev["n_models"] - row["n_models"]) <= N_MODELS_ATOL, row["t"]
             assert abs(ev["store_params"] - row["store_params"]) <= 1e-6, row["t"]
@@ -136,12 +138,13 @@ def test_checkpoint_partition_matches_oracle(case, config, k):
 def _consensus_flip_mask(case: ou.OracleCase, run: ou.OracleRun, ours: ref.ReferenceRun, k: int):
     """Entries allowed to differ (near-boundary mask entries of groups with > 2 members).
 
-    Returns ``(allowed, n_masked)`` with ``allowed[i][param]`` boolean arrays.  The group vector of a
-    consensus group is a function of its member set only, so it is recomputed from the partition.
+    Returns ``(allowed, n_masked)`` with ``allowed[i][param]`` boolean arrays.  The group vector of
+    a consensus group is a function of its member set only, so it is recomputed from the partition.
     """
     kw = run.reference_kwargs()
     tau = ref.task_vectors(case.base, case.finetuned)  # consensus_ties: no global trim (spec §5)
-    allowed = [{p: np.zeros(np.shape(case.base[p]), dtype=bool) for p in case.param_names} for _ in range(case.n)]
+    allowed = [{p: np.zeros(np.shape(case.base[p]), dtype=bool) for p in case.param_names}
+               for _ in range(case.n)]
     n_masked = 0
     for b, groups in ours.partitions[k].items():
         params = case.block_params[b]
@@ -200,10 +203,12 @@ def test_t0_deployed_equals_finetuned_and_end_size(method):
     c = ou.load_case("caseA")
     kw = {"keep": 0.2} if method in ("ties", "pcb") else {}
     T = (c.n - 1) * len(c.blocks)
-    out = ref.greedy_reference(c.base, c.finetuned, c.blocks, method, linkage="single", checkpoints=(0, T), **kw)
+    out = ref.greedy_reference(c.base, c.finetuned, c.blocks, method, linkage="single",
+                               checkpoints=(0, T), **kw)
     for i in range(c.n):
         for p in c.param_names:
-            np.testing.assert_array_equal(out.checkpoints[0][i][p], c.finetuned[i][p].astype(np.float64))
+            np.testing.assert_array_equal(out.checkpoints[0][i][p],
+                                          c.finetuned[i][p].astype(np.float64))
     end = 2 + c.n / 32 if method in ref.MASK_METHODS else 1.0
     assert out.events[-1]["n_models"] == pytest.approx(end, abs=1e-12)
     assert all(len(groups) == 1 for groups in out.partitions[T].values())
@@ -214,11 +219,13 @@ def test_t0_deployed_equals_finetuned_and_end_size(method):
 
 
 def test_constituent_schedule_is_method_independent():
-    """Spec §10.2: with constituent linkage the schedule depends only on the preprocessed vectors."""
+    """Spec §10.2: with constituent linkage the schedule depends only on the preprocessed
+    vectors."""
     for case in ou.CASES:
         keys = {
             cfg: [ou.trajectory_key(r) for r in ou.load_run(case, cfg).trajectory]
-            for cfg in ("ta_single", "ties_k1_single", "pcb_k02_single", "emr_single", "consensus_ta_single")
+            for cfg in ("ta_single", "ties_k1_single", "pcb_k02_single", "emr_single",
+                        "consensus_ta_single")
         }
         assert len({tuple(v) for v in keys.values()}) == 1
 
@@ -269,7 +276,8 @@ def test_unmatched_params_and_empty_blocks():
     P = sum(v.size for v in base.values())
     assert out.events[-1]["n_models"] == pytest.approx((P - 5 + n * 5) / P)
     for i in range(n):  # unmatched params keep their fine-tuned value
-        np.testing.assert_array_equal(out.checkpoints[3 * (n - 1)][i]["free"], fts[i]["free"].astype(np.float64))
+        np.testing.assert_array_equal(out.checkpoints[3 * (n - 1)][i]["free"],
+                                      fts[i]["free"].astype(np.float64))
 
 
 def test_nan_pairs_merge_last_in_enumeration_order():
@@ -289,7 +297,8 @@ def test_structured_and_random_orderings():
     base, fts, blocks = _toy_problem(n=4, seed=3)
     n = len(fts)
     nb = 3
-    rl = ref.structured_reference(base, fts, blocks, "ta", direction="right-left", distance="euclidean")
+    rl = ref.structured_reference(base, fts, blocks, "ta", direction="right-left",
+                                  distance="euclidean")
     lr = ref.structured_reference(base, fts, blocks, "ties", direction="left-right", keep=0.5)
     assert [e["block"] for e in rl.events] == [b for b in ("a.", "b.", "c.") for _ in range(n - 1)]
     assert [e["block"] for e in lr.events] == [b for b in ("c.", "b.", "a.") for _ in range(n - 1)]
@@ -310,7 +319,8 @@ def test_operator_quirks():
     xs = [{"w": np.array([1.0, -1.0, 2.0, -3.0])}, {"w": np.array([-1.0, 1.0, 1.0, -1.0])}]
     np.testing.assert_allclose(ref.ties_ref(xs, 1.0)["w"], [1.0, 1.0, 1.5, -2.0])
     # EMR: μ = 0 → flag −1
-    u, masks, resc = ref.emr_ref([{"w": np.array([1.0, 2.0])}, {"w": np.array([-1.0, 1.0])}, {"w": np.array([0.0, 3.0])}])
+    u, masks, resc = ref.emr_ref([{"w": np.array([1.0, 2.0])}, {"w": np.array([-1.0, 1.0])},
+                                  {"w": np.array([0.0, 3.0])}])
     np.testing.assert_allclose(u["w"], [-1.0, 3.0])
     np.testing.assert_allclose([m["w"] for m in masks], [[0, 1], [1, 1], [0, 1]])
     np.testing.assert_allclose(resc, [1.5 / 1.5, 1.0 / 2.0, 1.5 / 1.5])

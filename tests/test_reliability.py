@@ -18,6 +18,7 @@ import pytest
 import flexmerge_jax as fm
 from flexmerge_jax import checkpointing
 from flexmerge_jax.cli import main
+
 from conftest import random_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -535,5 +536,6 @@ def test_float64_and_float16_inputs(small):
     # float16: a merge whose sum passes 65504 is reported, naming block and parameter.
     b16 = {k: np.zeros_like(v, np.float16) for k, v in base.items()}
     f16 = [{k: np.full_like(v, 30000 + i, np.float16) for k, v in base.items()} for i in range(3)]
-    with pytest.warns(UserWarning, match=r"block '.*': the merged parameter '.*' overflows float16"):
+    with pytest.warns(UserWarning,
+                      match=r"block '.*': the merged parameter '.*' overflows float16"):
         fm.plan(b16, f16, blocks="by-layer", method=ta).at_size(1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -110,7 +111,8 @@ def test_masked_and_unmasked_sets_in_one_block():
     plan = fm.plan(z4.base, z4.finetuned, blocks="vit", method="emr", task_names=z4.task_names)
     step = next(
         s for s in range(plan.num_steps + 1)
-        if any(max(map(len, g)) >= 3 and min(map(len, g)) == 1 for g in plan.partition_at(s).values())
+        if any(max(map(len, g)) >= 3 and min(map(len, g)) == 1
+               for g in plan.partition_at(s).values())
     )
     model = plan.at_step(step)
     mixed = [b for b in model.blocks.values() if b.masked.any() and (~b.masked).any()]
@@ -147,18 +149,19 @@ def test_generic_apply_modes(z3, plans):
         x = r.apply("ln_pre", F.layer_norm, x, mode=mode)
         for i in range(4):
             p = f"blocks/{i}"
-            x = x + r.apply(f"{p}/attn", F.attn_apply, r.apply(f"{p}/ln_1", F.layer_norm, x, mode=mode),
-                            mode=mode)
-            x = x + r.apply(f"{p}/mlp", F.mlp_apply, r.apply(f"{p}/ln_2", F.layer_norm, x, mode=mode),
-                            mode=mode)
+            h = r.apply(f"{p}/ln_1", F.layer_norm, x, mode=mode)
+            x = x + r.apply(f"{p}/attn", F.attn_apply, h, mode=mode)
+            h = r.apply(f"{p}/ln_2", F.layer_norm, x, mode=mode)
+            x = x + r.apply(f"{p}/mlp", F.mlp_apply, h, mode=mode)
         return r.dense("proj", r.apply("ln_post", F.layer_norm, x[:, 0], mode=mode), bias=None)
 
     imgs, tids = mixed_batch(z3, 7)
     ref = serve.apply_per_task(model, F.features, tids, imgs)
     state = serve.stack(model)
-    for fwd, mode in [(forward, "segment"), (forward_blocks, "segment"), (forward_blocks, "gather")]:
-        out = jax.jit(lambda s, t, x: serve.run(lambda r, im: fwd(r, im, mode), s, t, x,
-                                                presort=mode == "gather"))(state, tids, imgs)
+    for fwd, mode in [(forward, "segment"), (forward_blocks, "segment"),
+                      (forward_blocks, "gather")]:
+        run = partial(serve.run, partial(fwd, mode=mode), presort=mode == "gather")
+        out = jax.jit(run)(state, tids, imgs)
         np.testing.assert_allclose(np.asarray(out), ref, **TOL)
 
 
@@ -239,7 +242,8 @@ def test_memory_is_n_models(z3, heads3, plans, method, size):
     packed = sum(len(b.masks) * math.ceil(math.prod(np.shape(b.base[k])) / 8)
                  for b in model.blocks.values() if b.masks for k in b.leaves)
     assert nb["masks"] == packed
-    assert abs(state.stored_parameters() - model.stored_parameters()) <= 8 * len(model.blocks) * model.n / 32
+    assert (abs(state.stored_parameters() - model.stored_parameters())
+            <= 8 * len(model.blocks) * model.n / 32)
     assert state.stored_parameters() == pytest.approx(model.n_models * P, rel=1e-12, abs=1)
     # held bytes: n_models * P * 4 + per-task heads + small routing tables
     heads = sum(np.asarray(h[k]).nbytes for h in heads3 for k in h)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 from conftest import random_case
 
 
@@ -67,7 +68,8 @@ def test_sweep_inputs_and_outputs(case, tmp_path):
 
 
 def test_default_sizes():
-    assert fm.default_sizes(8) == [1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert fm.default_sizes(8) == [1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0,
+                                   8.0]
     assert fm.default_sizes(2) == [1.0, 1.1, 1.25, 1.5, 1.75, 2.0]
 
 

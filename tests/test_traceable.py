@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 from conftest import random_case
 
 BLOCKS = ["l1.mlp", "l1.attn", "l0.mlp", "l0.attn", "emb"]

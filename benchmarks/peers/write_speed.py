@@ -192,6 +192,7 @@ def _case(work: Path) -> dict:
     base = work / "case" / "base.safetensors"
     if base.exists():
         import numpy as np
+
         from run import blocks_for, vit_shapes
 
         blocks = work / "blocks.json"

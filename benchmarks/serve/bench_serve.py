@@ -107,11 +107,13 @@ def main(argv=None) -> dict:
                 compiled = srv.lower(tids, imgs).compile()
                 compile_s = time.perf_counter() - t
                 out = np.asarray(compiled(srv.state, tids, imgs))
-                ref = serve.apply_per_task(m, _per_task_logits, tids, imgs, per_task={"head": z.heads})
+                ref = serve.apply_per_task(m, _per_task_logits, tids, imgs,
+                                           per_task={"head": z.heads})
                 fin = np.isfinite(ref)
                 diff = float(np.abs(out[fin] - ref[fin]).max())
                 runs.append(({"mode": "served", "size": s, "n_models": m.n_models,
-                              "impl": impl if impl != "auto" else f"auto:{serve._default_dense_impl()}",
+                              "impl": (impl if impl != "auto"
+                                       else f"auto:{serve._default_dense_impl()}"),
                               "per_task": per, "batch": n * per, "compile_s": compile_s,
                               "bytes": srv.state.nbytes()["total"], "max_abs_diff": diff},
                              lambda c=compiled, st=srv.state, t_=tids, x=imgs: c(st, t_, x)))

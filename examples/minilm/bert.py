@@ -53,12 +53,13 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
 
     @classmethod
-    def from_hf(cls, config: dict | str | Path) -> "BertConfig":
+    def from_hf(cls, config: dict | str | Path) -> BertConfig:
         """From an HF ``config.json`` (path or dict)."""
         if not isinstance(config, dict):
             config = json.loads(Path(config).read_text())
         if config.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"only hidden_act='gelu' (erf) is implemented, got {config['hidden_act']!r}")
+            raise ValueError("only hidden_act='gelu' (erf) is implemented, "
+                             f"got {config['hidden_act']!r}")
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are implemented")
         return cls(
@@ -157,7 +158,8 @@ def _last(v, ndim):
 def layer_norm(x, p, eps):
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * _last(p["scale"], x.ndim) + _last(p["bias"], x.ndim)
+    return ((x - mean) * jax.lax.rsqrt(var + eps) * _last(p["scale"], x.ndim)
+            + _last(p["bias"], x.ndim))
 
 
 def dense(x, p):
@@ -207,7 +209,8 @@ def encode(params: Params, input_ids, attention_mask, token_type_ids=None, *, cf
         token_type_ids = jnp.zeros_like(input_ids)
     x = embed(params, input_ids, token_type_ids, cfg)
     neg = jnp.finfo(x.dtype).min
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, jnp.zeros((), x.dtype), neg).astype(x.dtype)
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, jnp.zeros((), x.dtype), neg)
+    bias = bias.astype(x.dtype)
     layers = params["encoder"]["layer"]
     for i in range(cfg.num_layers):
         x = layer(x, bias, layers[str(i)], cfg)
@@ -227,7 +230,8 @@ def mean_pool(hidden, attention_mask):
 def sentence_embedding(params: Params, input_ids, attention_mask, token_type_ids=None, *,
                        cfg: BertConfig, normalize: bool = True):
     """all-MiniLM-L6-v2's embedding: masked mean of token states, L2-normalised."""
-    e = mean_pool(encode(params, input_ids, attention_mask, token_type_ids, cfg=cfg), attention_mask)
+    hidden = encode(params, input_ids, attention_mask, token_type_ids, cfg=cfg)
+    e = mean_pool(hidden, attention_mask)
     if normalize:
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e

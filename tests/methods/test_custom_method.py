@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
+
 from conftest import random_case
 
 BLOCKS = ["l1.mlp", "l1.attn", "l0.mlp", "l0.attn", "emb"]
@@ -100,7 +101,8 @@ def test_custom_method_is_traceable():
     for i, s in enumerate([0.5, 1.0, 2.0]):
         one = fm.merge(base, fts, clipped_mean(s), blocks=BLOCKS)
         for k in base:
-            np.testing.assert_allclose(np.asarray(got[k][i]), np.asarray(one[k]), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(got[k][i]), np.asarray(one[k]),
+                                       rtol=1e-6, atol=1e-7)
 
 
 def test_builtin_record_round_trips_and_checks_a_given_method():

@@ -1,5 +1,6 @@
-"""Kernels of the kernels of :mod:`flexmerge_jax.methods` beyond the reference against float64 NumPy transcriptions of the papers
-(tests/reference_extra.py), their properties, and FusionBench's / mergekit's implementations.
+"""The kernels of :mod:`flexmerge_jax.methods` beyond the reference against float64 NumPy
+transcriptions of the papers (tests/reference_extra.py), their properties, and FusionBench's /
+mergekit's implementations.
 
 Tolerances (``max|got - exp| <= tol * max|exp|`` per parameter, data of scale 1e-2):
 
@@ -37,8 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fusionbench_utils as fbu
-import reference_extra as ref
 from flexmerge_jax.methods._common import floor_count
 from flexmerge_jax.methods.breadcrumbs import breadcrumbs_masks, breadcrumbs_merge
 from flexmerge_jax.methods.della import della_merge, della_noise, magprune
@@ -49,6 +48,9 @@ from flexmerge_jax.methods.slerp import slerp_merge
 from flexmerge_jax.methods.task_arithmetic import task_arithmetic_merge, task_arithmetic_sum
 from flexmerge_jax.methods.ties import ties_disjoint_merge, ties_merge
 from flexmerge_jax.methods.tsv import task_svd, tsv_merge
+
+import fusionbench_utils as fbu
+import reference_extra as ref
 
 SHAPES = {"w": (12, 10), "v": (8, 14), "b": (10,), "s": (), "k": (2, 3, 4)}
 SMALL = {"w": (6, 5), "b": (5,), "s": ()}
@@ -111,7 +113,7 @@ def assert_close(got, exp, tol):
 TRACES: Counter = Counter()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(fn, static: tuple):
     kw = dict(static)
 
@@ -197,7 +199,8 @@ def test_iso_cts_sizes_follow_the_authors_rounding():
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_breadcrumbs_matches_reference(mi, granularity):
     x, members = block(mi + 10), MEMBER_SETS[mi]
-    got = run(breadcrumbs_merge, x, members, {"granularity": granularity}, top=0.1, bottom=0.55, scale=0.7)
+    got = run(breadcrumbs_merge, x, members, {"granularity": granularity},
+              top=0.1, bottom=0.55, scale=0.7)
     assert_close(got, ref.breadcrumbs_ref(rows(x, members), 0.1, 0.55, 0.7, granularity), ELEM)
 
 
@@ -218,7 +221,8 @@ def test_breadcrumbs_masks_counts():
 def test_della_matches_reference(mi, granularity):
     x, members = block(mi + 20), MEMBER_SETS[mi]
     noise = _noise(jx(x), jax.random.key(mi))
-    got = run(della_merge, x, members, {"granularity": granularity}, noise=noise, density=0.6, epsilon=0.2, scale=1.1)
+    got = run(della_merge, x, members, {"granularity": granularity},
+              noise=noise, density=0.6, epsilon=0.2, scale=1.1)
     us = rows({k: np.asarray(v) for k, v in noise.items()}, members)
     assert_close(got, ref.della_ref(rows(x, members), us, 0.6, 0.2, 1.1, True, granularity), ELEM)
 
@@ -235,9 +239,11 @@ def test_della_key_path_and_magprune_statistics():
     x = jx(block(30, n=4, shapes={"w": (64, 48)}))
     key = jax.random.key(3)
     a = jax.jit(lambda x, k: della_merge(x, None, key=k, density=0.4, epsilon=0.1))(x, key)
-    b = jax.jit(lambda x, u: della_merge(x, None, noise=u, density=0.4, epsilon=0.1))(x, _noise(x, key))
+    b = jax.jit(lambda x, u: della_merge(x, None, noise=u, density=0.4, epsilon=0.1))(
+        x, _noise(x, key))
     assert_close(a, as64(b), 0.0)
-    pruned = np.asarray(jax.jit(lambda x, k: magprune(x, key=k, density=0.4, epsilon=0.1))(x, key)["w"])
+    pruned = jax.jit(lambda x, k: magprune(x, key=k, density=0.4, epsilon=0.1))(x, key)
+    pruned = np.asarray(pruned["w"])
     kept = pruned != 0
     assert abs(kept.mean() - 0.4) < 0.02  # mean keep probability = density
     # larger magnitudes are kept more often (rank-linear probabilities 0.3 .. 0.5 per node)
@@ -254,13 +260,15 @@ def test_della_key_path_and_magprune_statistics():
 @pytest.mark.parametrize("mi", range(len(MEMBER_SETS)))
 def test_magmax_matches_reference(mi):
     x, members = block(mi + 40), MEMBER_SETS[mi]
-    assert_close(run(magmax_merge, x, members, scale=0.5), ref.magmax_ref(rows(x, members), 0.5), ELEM)
+    assert_close(run(magmax_merge, x, members, scale=0.5),
+                 ref.magmax_ref(rows(x, members), 0.5), ELEM)
 
 
 def test_magmax_ties_go_to_the_later_task():
     x = {"a": jnp.asarray([[1.0, -2.0, 0.0], [-1.0, 2.0, 0.0], [0.5, -2.0, -0.0]], jnp.float32)}
     np.testing.assert_array_equal(np.asarray(magmax_merge(x)["a"]), [-1.0, -2.0, 0.0])
-    np.testing.assert_array_equal(np.asarray(magmax_merge(x, np.array([1, 1, 0], bool))["a"]), [-1.0, 2.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(magmax_merge(x, np.array([1, 1, 0], bool))["a"]),
+                                  [-1.0, 2.0, 0.0])
 
 
 @pytest.mark.parametrize("angle_average", ["angle", "cosine"])
@@ -282,7 +290,8 @@ def test_model_stock_zero_task_vector():
     assert abs(t) < 1e-6  # cos = 0 with a zero vector (FusionBench: 0 / (0 + eps)) -> theta_0
 
 
-SLERP_BASE = {k: np.array(np.random.default_rng(1).standard_normal(s), np.float32) for k, s in SHAPES.items()}
+SLERP_BASE = {k: np.array(np.random.default_rng(1).standard_normal(s), np.float32)
+              for k, s in SHAPES.items()}
 
 
 @pytest.mark.parametrize("use_base", [False, True])
@@ -293,7 +302,8 @@ def test_slerp_matches_reference(t, use_base):
     hp = {"base": jx(SLERP_BASE)} if use_base else {}
     got = run(slerp_merge, x, members, t=t, **hp)
     a, b = rows(x, members)
-    assert_close(got, ref.slerp_ref(a, b, t, SLERP_BASE if use_base else None), SLERP_BASE_TOL if use_base else SLERP)
+    assert_close(got, ref.slerp_ref(a, b, t, SLERP_BASE if use_base else None),
+                 SLERP_BASE_TOL if use_base else SLERP)
 
 
 def test_slerp_colinear_uses_lerp_and_orientation():
@@ -449,11 +459,13 @@ EAGER = {  # kernel, static, Python-number hyperparameters (the exact count path
     "tsv": (tsv_merge, {}, {"scale": 1.1}, lambda xs: ref.tsv_m_ref(xs, 1.1)),
     "iso_c": (iso_c_merge, {}, {"scale": 1.1}, lambda xs: ref.iso_c_ref(xs, 1.1)),
     "iso_cts": (iso_cts_merge, {}, {"common_fraction": 0.7}, lambda xs: ref.iso_cts_ref(xs, 0.7)),
-    "breadcrumbs": (breadcrumbs_merge, {}, {"top": 0.1, "bottom": 0.7}, lambda xs: ref.breadcrumbs_ref(xs, 0.1, 0.7, 1.0)),
+    "breadcrumbs": (breadcrumbs_merge, {}, {"top": 0.1, "bottom": 0.7},
+                    lambda xs: ref.breadcrumbs_ref(xs, 0.1, 0.7, 1.0)),
     "magmax": (magmax_merge, {}, {}, lambda xs: ref.magmax_ref(xs, 1.0)),
     "model_stock": (model_stock_merge, {"angle_average": "cosine"}, {}, None),
     "ta_sum": (task_arithmetic_sum, {}, {"scale": 0.3}, lambda xs: ref.ta_sum_ref(xs, 0.3)),
-    "ties_max": (ties_disjoint_merge, {"merge_func": "max"}, {}, lambda xs: ref.ties_merge_func_ref(xs, 1.0, "max")),
+    "ties_max": (ties_disjoint_merge, {"merge_func": "max"}, {},
+                 lambda xs: ref.ties_merge_func_ref(xs, 1.0, "max")),
     "della": (della_merge, {}, {"density": 0.5, "epsilon": 0.1}, None),  # + noise
     "slerp": (slerp_merge, {}, {"t": 0.4}, None),
 }
@@ -472,16 +484,19 @@ def test_jit_equals_eager(name):
     jitted = jax.jit(lambda a, m: fn(a, m, **static, **hp))(jx(x), jnp.asarray(members))
     assert_close(jitted, as64(eager), 1e-6)
     if reference is not None:
-        assert_close(eager, reference(rows(x, members)), SVD if name in ("tsv", "iso_c", "iso_cts") else ELEM)
+        assert_close(eager, reference(rows(x, members)),
+                     SVD if name in ("tsv", "iso_c", "iso_cts") else ELEM)
 
 
 @pytest.mark.parametrize("name", ["tsv", "iso_cts", "breadcrumbs", "della", "model_stock"])
 def test_vmap_over_groups(name):
     fn, static, x, hp, tol = _prop_case(name, block(130))
     groups = jnp.asarray(np.stack(MEMBER_SETS))
-    batched = jax.jit(jax.vmap(lambda a, m: fn(a, m, **static, **hp), in_axes=(None, 0)))(jx(x), groups)
+    batched = jax.jit(jax.vmap(lambda a, m: fn(a, m, **static, **hp), in_axes=(None, 0)))(
+        jx(x), groups)
     for g, members in enumerate(MEMBER_SETS):
-        assert_close({k: v[g] for k, v in batched.items()}, as64(run(fn, x, members, static, **hp)), tol)
+        assert_close({k: v[g] for k, v in batched.items()},
+                     as64(run(fn, x, members, static, **hp)), tol)
 
 
 def test_compile_once_across_groups_and_hyperparameters():
@@ -490,18 +505,23 @@ def test_compile_once_across_groups_and_hyperparameters():
     cases = {
         tsv_merge: [{"scale": 0.5, "k": 1}, {"scale": 1.5, "k": 3}],
         iso_c_merge: [{"scale": 0.5}, {"scale": 1.5}],
-        iso_cts_merge: [{"scale": 0.5, "common_fraction": 0.4}, {"scale": 1.5, "common_fraction": 0.9}],
-        breadcrumbs_merge: [{"top": 0.01, "bottom": 0.5, "scale": 0.3}, {"top": 0.1, "bottom": 0.7, "scale": 1.0}],
+        iso_cts_merge: [{"scale": 0.5, "common_fraction": 0.4},
+                        {"scale": 1.5, "common_fraction": 0.9}],
+        breadcrumbs_merge: [{"top": 0.01, "bottom": 0.5, "scale": 0.3},
+                            {"top": 0.1, "bottom": 0.7, "scale": 1.0}],
         della_merge: [
-            {"noise": _noise(jx(x), jax.random.key(0)), "density": 0.4, "epsilon": 0.1, "scale": 0.5},
-            {"noise": _noise(jx(x), jax.random.key(1)), "density": 0.7, "epsilon": 0.2, "scale": 1.0},
+            {"noise": _noise(jx(x), jax.random.key(0)),
+             "density": 0.4, "epsilon": 0.1, "scale": 0.5},
+            {"noise": _noise(jx(x), jax.random.key(1)),
+             "density": 0.7, "epsilon": 0.2, "scale": 1.0},
         ],
         magmax_merge: [{"scale": 0.5}, {"scale": 1.0}],
         task_arithmetic_sum: [{"scale": 0.3}, {"scale": 1.0}],
         slerp_merge: [{"t": 0.2}, {"t": 0.9}],
     }
     for fn, hps in cases.items():
-        groups = MEMBER_SETS if fn is not slerp_merge else [np.array([1, 1, 0, 0, 0, 0], bool), np.array([0, 0, 1, 0, 0, 1], bool)]
+        groups = MEMBER_SETS if fn is not slerp_merge else [
+            np.array([1, 1, 0, 0, 0, 0], bool), np.array([0, 0, 1, 0, 0, 1], bool)]
         before = TRACES[(fn, ())]
         for members in groups:
             for hp in hps:
@@ -525,7 +545,8 @@ FB_GROUPS = [MEMBER_SETS[0], MEMBER_SETS[1], MEMBER_SETS[4], np.array([0, 1, 0, 
 def _torch_tvs(x, members):
     import torch
 
-    return [{k: torch.from_numpy(np.array(v[i])) for k, v in x.items()} for i in np.flatnonzero(members)]
+    return [{k: torch.from_numpy(np.array(v[i])) for k, v in x.items()}
+            for i in np.flatnonzero(members)]
 
 
 def _np(d):
@@ -552,7 +573,8 @@ def fb():
 @pytest.mark.parametrize("gi", range(len(FB_GROUPS)))
 def test_fusionbench_tsv(fb, gi):
     x, members = block(200 + gi), FB_GROUPS[gi]
-    exp = fb["tsv"].compute_and_sum_svd_mem_reduction(_torch_tvs(x, members), exclude_keys=["v"], accelerator="cpu")
+    exp = fb["tsv"].compute_and_sum_svd_mem_reduction(_torch_tvs(x, members), exclude_keys=["v"],
+                                                      accelerator="cpu")
     got = run(tsv_merge, x, members, {"exclude": ("v",)})
     assert_close(got, _np(exp), SVD)
 
@@ -564,7 +586,8 @@ def test_fusionbench_iso(fb, gi):
     exp = fb["iso"].iso_c(_torch_tvs(x, members), accelerator="cpu")
     assert_close(run(iso_c_merge, x, members), _np(exp), SVD)
     for frac in (0.8, 0.5):
-        exp = fb["iso"].iso_cts(_torch_tvs(x, members), common_space_fraction=frac, accelerator="cpu")
+        exp = fb["iso"].iso_cts(_torch_tvs(x, members), common_space_fraction=frac,
+                                accelerator="cpu")
         assert_close(run(iso_cts_merge, x, members, common_fraction=frac), _np(exp), SVD)
 
 
@@ -618,11 +641,13 @@ def test_fusionbench_slerp(fb, t):
 
     x = block(240)
     members = np.array([0, 0, 1, 0, 0, 1], bool)
-    base = {k: np.random.default_rng(3).standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    base = {k: np.random.default_rng(3).standard_normal(s).astype(np.float32)
+            for k, s in SHAPES.items()}
     a, b = _torch_tvs(x, members)
     tv = {k: fb["slerp"].slerp(t, a[k], b[k]) for k in a}
     assert_close(run(slerp_merge, x, members, t=t), _np(tv), SLERP)
-    full = {k: fb["slerp"].slerp(t, torch.from_numpy(base[k]) + a[k], torch.from_numpy(base[k]) + b[k]) for k in a}
+    full = {k: fb["slerp"].slerp(t, torch.from_numpy(base[k]) + a[k],
+                                 torch.from_numpy(base[k]) + b[k]) for k in a}
     exp = {k: full[k].numpy().astype(np.float64) - base[k] for k in a}
     assert_close(run(slerp_merge, x, members, t=t, base=jx(base)), exp, SLERP_BASE_TOL)
 
@@ -688,7 +713,8 @@ def test_mergekit_della_magprune(granularity, monkeypatch):
     sp = fbu.load_mergekit("sparsify.py")
     x = block(270, shapes={"w": (9, 7), "b": (7,)})
     u = della_noise(jx(x), jax.random.key(5))
-    got_masked = magprune(jx(x), noise=u, density=0.5, epsilon=0.2, rescale=False, granularity=granularity)
+    got_masked = magprune(jx(x), noise=u, density=0.5, epsilon=0.2, rescale=False,
+                          granularity=granularity)
     got = magprune(jx(x), noise=u, density=0.5, epsilon=0.2, granularity=granularity)
     node = granularity == "node"
 
@@ -712,7 +738,8 @@ def test_mergekit_della_magprune(granularity, monkeypatch):
             kept = from_mk(res.numpy(), tau.shape)
             p = from_mk(seen[0].numpy(), tau.shape)
             np.testing.assert_array_equal(np.asarray(got_masked[k][i]), kept)
-            np.testing.assert_allclose(np.asarray(got[k][i]), np.where(kept != 0, kept / p, 0.0), rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(got[k][i]), np.where(kept != 0, kept / p, 0.0),
+                                       rtol=1e-6)
 
 
 @needs_mk

@@ -16,6 +16,7 @@ from flexmerge_jax.methods.ties import ties_disjoint_merge
 from flexmerge_jax.methods.tsv import tsv_merge
 from flexmerge_jax.schedule.greedy import linear_sequences, materialized_sequence
 from flexmerge_jax.stats.gram import block_gram
+
 from conftest import random_case
 
 SHAPES = {"a.w": (6, 5), "a.b": (5,), "b.w": (5, 7), "c": (4,)}
@@ -39,13 +40,17 @@ DIRECT = [
      lambda x: breadcrumbs_merge(x, top=0.05, bottom=0.5, scale=0.5)),
     (fm.methods.magmax(0.5), lambda x: magmax_merge(x, scale=0.5)),
     (fm.methods.model_stock(), lambda x: model_stock_merge(x)),
-    (fm.methods.task_arithmetic(0.3, convention="sum"), lambda x: task_arithmetic_sum(x, scale=0.3)),
-    (fm.methods.ties(0.4, merge_func="sum"), lambda x: ties_disjoint_merge(x, scale=0.4, merge_func="sum")),
-    (fm.methods.ties(1.0, merge_func="max"), lambda x: ties_disjoint_merge(x, scale=1.0, merge_func="max")),
+    (fm.methods.task_arithmetic(0.3, convention="sum"),
+     lambda x: task_arithmetic_sum(x, scale=0.3)),
+    (fm.methods.ties(0.4, merge_func="sum"),
+     lambda x: ties_disjoint_merge(x, scale=0.4, merge_func="sum")),
+    (fm.methods.ties(1.0, merge_func="max"),
+     lambda x: ties_disjoint_merge(x, scale=1.0, merge_func="max")),
 ]
 
 
-@pytest.mark.parametrize("method,kernel", DIRECT, ids=lambda v: getattr(v, "describe", lambda: "")())
+@pytest.mark.parametrize("method,kernel", DIRECT,
+                         ids=lambda v: getattr(v, "describe", lambda: "")())
 def test_merge_equals_direct_kernel(method, kernel):
     base, fts = case()
     got = fm.merge(base, fts, method, blocks=BLOCKS)
@@ -53,7 +58,8 @@ def test_merge_equals_direct_kernel(method, kernel):
     for blk in part.blocks:
         exp = kernel(taus(base, fts, blk.leaves))
         for k in blk.leaves:
-            np.testing.assert_allclose(np.asarray(got[k]), base[k] + np.asarray(exp[k]), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(got[k]), base[k] + np.asarray(exp[k]),
+                                       rtol=1e-6, atol=1e-7)
 
 
 def test_della_keys_differ_per_block_and_are_deterministic():
@@ -103,7 +109,8 @@ def test_shared_state_gives_the_groups_merges_and_the_plans(method, monkeypatch)
     runs = []
     for disable in (False, True):
         if disable:
-            monkeypatch.setattr(fm.methods.Method, "shared_state", lambda self, x, key=None, **kw: {})
+            monkeypatch.setattr(fm.methods.Method, "shared_state",
+                                lambda self, x, key=None, **kw: {})
         p = fm.plan(base, fts, blocks=BLOCKS, method=method, linkage=None, similarity="cosine")
         cut = p.at_size(2.0)
         runs.append((p, [cut.params_for_task(t) for t in range(5)]))
@@ -123,7 +130,8 @@ def test_sum_convention_gram_path_equals_materialized_path():
     x = taus(base, fts, ["a.w", "a.b"])
     numel = 35
     gram = block_gram(x)[None]
-    fast = linear_sequences(gram, np.array([numel]), "euclidean", m.group_scale, m.min_merged, m.sums)[0]
+    fast = linear_sequences(gram, np.array([numel]), "euclidean", m.group_scale, m.min_merged,
+                            m.sums)[0]
     slow = materialized_sequence(x, x, None, "euclidean", m, numel)
     np.testing.assert_array_equal(fast.a, slow.a)
     np.testing.assert_array_equal(fast.b, slow.b)
@@ -140,7 +148,8 @@ def test_slerp_is_two_tasks_only():
     base, fts = case()
     out = fm.merge(base, fts[:2], fm.methods.slerp(0.25), blocks=BLOCKS)
     x = taus(base, fts[:2], ["b.w"])
-    np.testing.assert_allclose(np.asarray(out["b.w"]), base["b.w"] + np.asarray(slerp_merge(x, t=0.25)["b.w"]),
+    np.testing.assert_allclose(np.asarray(out["b.w"]),
+                               base["b.w"] + np.asarray(slerp_merge(x, t=0.25)["b.w"]),
                                rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="exactly two"):
         fm.plan(base, fts, method=fm.methods.slerp())
@@ -172,7 +181,6 @@ def test_explicit_default_conventions_merge_as_the_reference():
     the ones the planner's Gram path assumes."""
     import jax.numpy as jnp
 
-    from flexmerge_jax.methods import Method
 
     x = {"w": jnp.asarray(np.arange(6, dtype=np.float32).reshape(3, 2) - 2.0)}
     for plain, opt in ((fm.methods.task_arithmetic(1.5), ("convention", "mean")),

@@ -16,13 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
 from flexmerge_jax import methods
 from flexmerge_jax.methods._common import group_mean, task_sum
 from flexmerge_jax.methods.emr import emr_merge
 from flexmerge_jax.methods.pcb import pcb_clip_bounds, pcb_merge, pcb_thresholds
 from flexmerge_jax.methods.task_arithmetic import task_arithmetic_merge
 from flexmerge_jax.methods.ties import ties_merge
+
+import reference as ref
 
 TOL = dict(rtol=1e-5, atol=1e-8)
 SHAPES = {"w": (5, 3), "b": (3,), "s": (4,)}
@@ -206,7 +207,8 @@ def test_permutation_invariance(method):
     a = method.merge_group({k: jnp.asarray(v) for k, v in x.items()}, members)
     b = method.merge_group({k: jnp.asarray(v[perm]) for k, v in x.items()}, members[perm])
     for k in x:
-        np.testing.assert_allclose(np.asarray(a.vector[k]), np.asarray(b.vector[k]), rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(a.vector[k]), np.asarray(b.vector[k]),
+                                   rtol=1e-5, atol=1e-9)
         if a.masks is not None:
             np.testing.assert_array_equal(np.asarray(a.masks[k])[perm], np.asarray(b.masks[k]))
             np.testing.assert_allclose(
@@ -248,7 +250,8 @@ def test_masked_group_equals_gathered_group(seed, members):
         a = method.merge_group({k: jnp.asarray(v) for k, v in x.items()}, members)
         b = method.merge_group({k: jnp.asarray(v[idx]) for k, v in x.items()}, None)
         for k in x:
-            np.testing.assert_allclose(np.asarray(a.vector[k]), np.asarray(b.vector[k]), rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(a.vector[k]), np.asarray(b.vector[k]),
+                                       rtol=1e-6, atol=1e-12)
             if a.masks is not None:
                 np.testing.assert_array_equal(np.asarray(a.masks[k])[idx], np.asarray(b.masks[k]))
 

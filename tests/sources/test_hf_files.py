@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import flexmerge_jax as fm
-from flexmerge_jax.sources import files as fio
 from flexmerge_jax.cli import main
+from flexmerge_jax.sources import files as fio
+
 from conftest import random_case, write_hf_dir
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -86,7 +87,8 @@ def test_sharded_reads_open_only_the_shards_holding_the_tensors(tmp_path, monkey
 def test_a_lone_shard_is_refused_naming_its_index(tmp_path, capsys):
     _, _, b, paths = hf_case(tmp_path, 2)
     shard = b / "model-00001-of-00002.safetensors"
-    with pytest.raises(ValueError, match="one shard of the sharded checkpoint .*model.safetensors.index.json"):
+    with pytest.raises(ValueError, match="one shard of the sharded checkpoint "
+                                         ".*model.safetensors.index.json"):
         fio.load_params(shard)
     with pytest.raises(ValueError, match="one shard"):
         fm.plan(shard, [p / "model-00001-of-00002.safetensors" for p in paths])

@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flexmerge_jax as fm
 from flexmerge_jax.stats import order
 from flexmerge_jax.stats.gram import _gram
+
 from conftest import assert_blocks_read_ahead_trimmed, record_task_vector_reads
 from oracle_utils import load_case
 
@@ -23,7 +25,8 @@ def assert_models_equal(a, b, n, rtol=0.0, atol=0.0):
     for i in range(n):
         pa, pb = a.params_for_task(i), b.params_for_task(i)
         for k in pa:
-            np.testing.assert_allclose(np.asarray(pa[k]), np.asarray(pb[k]), rtol=rtol, atol=atol, err_msg=k)
+            np.testing.assert_allclose(np.asarray(pa[k]), np.asarray(pb[k]), rtol=rtol, atol=atol,
+                                       err_msg=k)
 
 
 EX, AU = AxisType.Explicit, AxisType.Auto
@@ -63,8 +66,8 @@ def test_sharded_plan_equals_single_device(kind, method, linkage, similarity):
     assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
         (e.block, e.members_a, e.members_b) for e in ref.events
     ]
-    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([e.similarity for e in sh.events],
+                               [e.similarity for e in ref.events], rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(sh.sizes, ref.sizes)
     a, b = sh.at_size(3.0), ref.at_size(3.0)
     sharded = [x for blk in a.blocks.values() for s in blk.sets for x in s.values()
@@ -87,8 +90,8 @@ def test_sharded_float32_merged_vector_plan_equals_single_device():
     assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
         (e.block, e.members_a, e.members_b) for e in ref.events
     ]
-    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([e.similarity for e in sh.events],
+                               [e.similarity for e in ref.events], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow  # files on a mesh of two processes: tests/test_multihost.py
@@ -115,8 +118,8 @@ def test_sharded_plan_from_files_equals_in_memory(tmp_path, monkeypatch):
     assert [(e.block, e.members_a, e.members_b) for e in sh.events] == [
         (e.block, e.members_a, e.members_b) for e in ref.events
     ]
-    np.testing.assert_allclose([e.similarity for e in sh.events], [e.similarity for e in ref.events],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([e.similarity for e in sh.events],
+                               [e.similarity for e in ref.events], rtol=1e-9, atol=1e-12)
     # The merged-vector pass read every block once, trimmed as read, each
     # after the first ahead of its turn in a background thread (the reads of
     # whole-model chunks for the TIES thresholds come before, untrimmed).
@@ -208,9 +211,10 @@ def test_unknown_mesh_axis_is_named():
 
 
 def test_cli_mesh_flag_gives_the_unsharded_model(tmp_path, capsys):
-    from conftest import random_case
-    from flexmerge_jax.sources import files
     from flexmerge_jax.cli import main
+    from flexmerge_jax.sources import files
+
+    from conftest import random_case
 
     base, fts = random_case(3, n=3, shapes={"l0.w": (16, 8), "l1.w": (8, 24), "l1.b": (8,),
                                             "emb": (3,)})

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference as ref
-from flexmerge_jax.stats import order
 from flexmerge_jax.methods.dare import dare_drop
 from flexmerge_jax.methods.pcb import pcb_clip_bounds
+from flexmerge_jax.stats import order
+
+import reference as ref
 
 
 def leaves(seed, n=3):
@@ -114,12 +115,13 @@ def test_dare_is_unbiased():
 def test_fused_trimmed_grams_equal_the_three_pass_path():
     """TIES Gram matrices with the radix select's second pass fused into the
     Gram pass = thresholds from two full passes, then Grams of trimmed x."""
-    from conftest import random_case
     import flexmerge_jax as fm
     from flexmerge_jax._prepared import Prepared
     from flexmerge_jax.sources import MemorySource
     from flexmerge_jax.stats.gram import block_gram
     from flexmerge_jax.stats.passes import grams
+
+    from conftest import random_case
 
     base, fts = random_case(7, n=5)
     fts[2]["emb"] = base["emb"] + np.float32(0.5)  # exact ties at the threshold
