@@ -4,7 +4,7 @@
 method's global preprocessing (DARE, the whole-model TIES trim thresholds,
 PCB thresholds): it hands out the preprocessed task vectors of one block at
 a time. :func:`merge_groups` merges several groups of one block in one
-program; :func:`materialize_block` / :func:`materialize` build the deployed
+program; :func:`materialize_blocks` / :func:`materialize` build the deployed
 :class:`~flexmerge_jax.FlexModel`. Everything reads one block at a time, so
 peak memory is one block of all tasks (two when a file source reads the next
 block in a host thread meanwhile, see :mod:`flexmerge_jax.sources.threads`).
@@ -12,10 +12,9 @@ block in a host thread meanwhile, see :mod:`flexmerge_jax.sources.threads`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from .blocks import Partition
 from .methods import Method
 from .methods.dare import dare_drop
 from .sources._source import Source, read_chunks, reuse_buffers
-from .sources.threads import host_pool
+from .sources.threads import read_ahead
 from .stats.order import ties_keep_count
 from .stats.passes import trim_thresholds
 from .tree import canonical, named, trim
@@ -54,7 +53,6 @@ class Prepared:
         self._index = self.layout.index()
         self._extra: dict[int, dict] = {}
         self._trim_threshold = None
-        self._ahead, self._in_order, self._cut_groups = None, False, None  # in_order()
         self.prepared = None  # the method's whole-model statistics (method.prepare)
         d = self.layout.total
         if method.trims:
@@ -101,48 +99,40 @@ class Prepared:
         return not self.method.trims and self.method.sparsify is None
 
     def tau(self, b: int) -> dict[str, jax.Array]:
-        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b`` (read
-        ahead inside :meth:`in_order`)."""
-        return self._read(b, trimmed=False)
+        """Raw task vectors ``{name: f32[n, ...]}`` of block ``b``."""
+        return self._task_vectors(b, trimmed=False)
 
-    def _read(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
-        return self._in_turn((b, trimmed), self._task_vectors, (b + 1, trimmed))
-
-    def _in_turn(self, key: tuple, compute, nxt: tuple | None):
-        """``compute(*key)`` (``key[0]``: a block), taken from the read-ahead
-        if that was ``key``; inside :meth:`in_order`, then submits
-        ``compute(*nxt)`` ahead (none past the last block)."""
-        pending, self._ahead = self._ahead, None
-        if pending is not None and pending[0] == key:
-            out = pending[1].result()
-        else:
-            if pending is not None:
-                pending[1].cancel()
-            out = compute(*key)
-        if self._in_order and nxt is not None and nxt[0] < len(self.partition):
-            self._ahead = (nxt, host_pool().submit(compute, *nxt))
-        return out
+    def taus(self) -> Iterator[dict[str, jax.Array]]:
+        """:meth:`tau` of every block in order, later blocks read ahead in a
+        host thread from files (:func:`~.sources.threads.read_ahead`)."""
+        return read_ahead(self.tau, self.partition.numels, threads=self.source.prefetch)
 
     def _task_vectors(self, b: int, trimmed: bool) -> dict[str, jax.Array]:
         leaves = self.partition.blocks[b].leaves
         return self.source.task_vectors(leaves, self.trim_threshold if trimmed else None)
 
-    def cut_inputs(self, b: int, groups) -> tuple:
-        """What a cut needs of block ``b`` with these ``groups``, each input
-        read once (:meth:`~.sources.Source.inputs`): ``(base, {task:
-        params} of the tasks kept as they are, preprocessed task vectors,
-        rows)``, base and task vectors ``None`` when no group is merged;
-        ``rows``: the ``f32[n, P]`` array the task vectors are views of
-        (:mod:`._flat`: elementwise methods, host path), else ``None``.
-        Read ahead inside :meth:`in_order` given the cut's groups."""
-        key = (b, *self._cut_needs(groups))
-        cut = self._cut_groups
-        nxt = (b + 1, *self._cut_needs(cut[b + 1])) if cut is not None and b + 1 < len(cut) \
-            else None
-        base, fts, tau, rows = self._in_turn(key, self._cut_read, nxt)
-        if tau is not None and self.trim_threshold is None and not self.identity:
-            tau, rows = self.preprocess(tau), None  # (trimmed vectors were trimmed as read)
-        return base, fts, tau, rows
+    def cut_inputs(self, groups_per_block) -> Iterator[tuple]:
+        """What a cut with these groups (a list per block) needs of each
+        block in turn, each input read once (:meth:`~.sources.Source.inputs`):
+        ``(base, {task: params} of the tasks kept as they are, preprocessed
+        task vectors, rows)``, base and task vectors ``None`` when no group
+        is merged; ``rows``: the ``f32[n, P]`` array the task vectors are
+        views of (:mod:`._flat`: elementwise methods, host path), else
+        ``None``. Later blocks are read ahead in host threads from files
+        (:func:`~.sources.threads.read_ahead`); trim thresholds, if some
+        group is merged, are computed first, in the caller's thread."""
+        needs = [self._cut_needs(g) for g in groups_per_block]
+        if any(merged for _, merged in needs):
+            self.trim_threshold  # noqa: B018
+        # The flat rows (:mod:`._flat`) are dropped block by block: reusing
+        # them spares the page faults of fresh memory.
+        with reuse_buffers():
+            for base, fts, tau, rows in read_ahead(lambda b: self._cut_read(b, *needs[b]),
+                                                   self.partition.numels,
+                                                   threads=self.source.prefetch):
+                if tau is not None and self.trim_threshold is None and not self.identity:
+                    tau, rows = self.preprocess(tau), None  # (trimmed ones were trimmed as read)
+                yield base, fts, tau, rows
 
     def _cut_needs(self, groups) -> tuple[tuple[int, ...], bool]:
         """``(tasks kept as they are, whether some group is merged)``."""
@@ -157,41 +147,13 @@ class Prepared:
         return (*self.source.inputs(block.leaves, tasks, thr, task_vectors=merged, out=rows),
                 rows)
 
-    @contextlib.contextmanager
-    def in_order(self, cut=None):
-        """Declares that the blocks are about to be read in increasing order:
-        sources that read files (``source.prefetch``) then compute block
-        ``b + 1``'s task vectors (raw or trimmed, as block ``b``'s were
-        asked for; for a cut (``cut``: every block's groups), its
-        :meth:`cut_inputs`) in a background thread while the caller works on
-        block ``b`` (one block ahead at most; a block read out of turn drops
-        it, and so does leaving the context). Merged-vector plans read ahead
-        with :func:`~flexmerge_jax.sources.threads.read_ahead` instead, from memory too.
-
-        A cut's trim thresholds are computed here, in the caller's thread,
-        if any of its groups is merged.
-        """
-        if cut is not None and any(self._cut_needs(g)[1] for g in cut):
-            self.trim_threshold  # noqa: B018
-        self._in_order, self._cut_groups = self.source.prefetch, cut
-        try:
-            # A cut's flat rows (:mod:`._flat`) are dropped block by block:
-            # reusing them spares the page faults of fresh memory.
-            with reuse_buffers() if cut is not None else contextlib.nullcontext():
-                yield self
-        finally:
-            self._in_order, self._cut_groups = False, None
-            if self._ahead is not None:
-                self._ahead[1].cancel()
-                self._ahead = None
-
     def x(self, b: int, tau: dict | None = None) -> dict[str, jax.Array]:
         """Preprocessed task vectors of block ``b`` (what merges and similarity
         use), from its raw task vectors ``tau`` if given. Without ``tau``,
         TIES-trimmed vectors are trimmed as they are computed (on the host:
-        in the same pass, no second array), and read ahead like :meth:`tau`."""
+        in the same pass, no second array)."""
         if tau is None and self.trim_threshold is not None:
-            return self._read(b, trimmed=True)
+            return self._task_vectors(b, trimmed=True)
         return self.preprocess(self.tau(b) if tau is None else tau)
 
     def preprocess(self, tau: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -334,23 +296,31 @@ def _group_merges(prepared: Prepared, b: int, x: dict, rows, base: dict, merged,
         yield named(add_base(base_dev, vec, np.int32(gi)), leaves), masks, resc
 
 
-def materialize_block(prepared: Prepared, b: int, groups, scales: dict | None = None):
-    """The deployed :class:`~._flexmodel.BlockModel` of block ``b``.
+def materialize_blocks(prepared: Prepared, groups_per_block, scales=None) -> Iterator[BlockModel]:
+    """The deployed :class:`~._flexmodel.BlockModel` of every block in turn
+    (each built, then handed over: a caller that writes and drops them holds
+    one block at a time).
 
-    The block's merged groups are merged (:func:`_group_merges`); tasks in
+    A block's merged groups are merged (:func:`_group_merges`); tasks in
     groups below the method's merge size keep their fine-tuned parameters.
 
     Args:
       prepared: the preprocessed source.
-      b: block index.
-      groups: the block's groups (task tuples).
-      scales: ``{group: lambda}`` for groups with a tuned lambda.
+      groups_per_block: for each block, its groups (task tuples).
+      scales: ``None``, or for each block ``{group: lambda}`` for groups
+        with a tuned lambda.
     """
+    groups_per_block = [sorted(tuple(sorted(g)) for g in gs) for gs in groups_per_block]
+    for b, inputs in enumerate(prepared.cut_inputs(groups_per_block)):
+        yield _block_model(prepared, b, groups_per_block[b], inputs,
+                           None if scales is None else scales[b])
+
+
+def _block_model(prepared: Prepared, b: int, groups, inputs: tuple, scales: dict | None):
     method, n = prepared.method, prepared.n
     block = prepared.partition.blocks[b]
-    groups = sorted(tuple(sorted(g)) for g in groups)
     merged = [g for g in groups if len(g) >= method.min_merged]
-    base, fts, x, rows = prepared.cut_inputs(b, groups)
+    base, fts, x, rows = inputs
     tuned = scales or {}
     merges = _group_merges(prepared, b, x, rows, base, merged,
                            np.array([tuned.get(g, method.scale) for g in merged], np.float32)) \
@@ -405,12 +375,7 @@ def materialize(
       scales: for each block, ``{group: lambda}`` for groups whose
         :math:`\\lambda` was tuned (others use ``method.scale``).
     """
-    with prepared.in_order(cut=groups_per_block):
-        models = [
-            materialize_block(prepared, b, groups_per_block[b],
-                              None if scales is None else scales[b])
-            for b in range(len(prepared.partition))
-        ]
+    models = list(materialize_blocks(prepared, groups_per_block, scales))
     src, n, partition = prepared.source, prepared.n, prepared.partition
     unmatched = (
         src.finetuned(partition.unmatched) if partition.unmatched else [{} for _ in range(n)]

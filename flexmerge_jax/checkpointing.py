@@ -46,7 +46,7 @@ from . import _atomic as _claim
 from . import methods as methods_lib
 from ._flexmodel import BlockModel, FlexModel
 from ._plan import Plan
-from ._prepared import materialize_block
+from ._prepared import materialize_blocks
 from .blocks import Partition
 from .progress import Progress
 from .sources.sharding import check_axis as _check_axis
@@ -414,12 +414,10 @@ def save_groups(path, prepared, groups, *, task_names, n_models: float, step: in
     :func:`save_cut` and one-shot merges write; ``source``: the inputs'
     record, see :meth:`~._source.Source.describe`)."""
     def blocks():
-        with prepared.in_order(cut=groups), \
-                Progress(len(groups), "cut", progress, "blocks") as bar:
-            for b, pb in enumerate(prepared.partition.blocks):
-                yield materialize_block(prepared, b, groups[b],
-                                        None if scales is None else scales[b])
-                bar.update(1, pb.name)
+        with Progress(len(groups), "cut", progress, "blocks") as bar:
+            for blk in materialize_blocks(prepared, groups, scales):
+                yield blk
+                bar.update(1, blk.name)
 
     def write(tmp):
         src, part = prepared.source, prepared.partition

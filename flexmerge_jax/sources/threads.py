@@ -4,12 +4,13 @@ Threads here only read files and compute on host (NumPy) arrays; device
 programs stay on the main thread, so every process of a multi-host run
 issues its collectives in the same order.
 
-* :func:`read_ahead` — results of ``fn(i)`` in order, later ones computed in
-  host threads while the consumer works (merged-vector plans).
-* :func:`host_map` — per-list work on host inputs in :data:`HOST_THREADS`
-  workers (the statistics passes of :mod:`flexmerge_jax.stats.passes`).
-* :func:`host_pool` — the pool itself (also used by the one-block read-ahead
-  of :meth:`~flexmerge_jax._prepared.Prepared.in_order`).
+* :func:`ordered` — the read-ahead: results of jobs in order, later ones
+  computed in the pool while the consumer works, within a budget.
+* :func:`read_ahead` — ``ordered`` over ``fn(i)`` with at most one largest
+  block held ahead (merged-vector plans, cuts, Gram passes on device).
+* :func:`host_map` — ``ordered`` over per-list work on host inputs, a few
+  lists ahead (the statistics passes of :mod:`flexmerge_jax.stats.passes`).
+* :func:`host_pool` — the pool itself (:data:`HOST_THREADS` workers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import collections
 import concurrent.futures
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from ._source import Source, host_inputs
 
@@ -39,48 +41,70 @@ HOST_QUEUE = 4 * HOST_THREADS
 
 @functools.cache
 def host_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that read (and, in :func:`host_map`, compute on) blocks
-    beside the caller: the statistics passes' workers and the read-ahead of
-    :meth:`~flexmerge_jax._prepared.Prepared.in_order`."""
+    """The threads that read (and compute on) blocks beside the caller
+    (:func:`ordered`)."""
     return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, "flexmerge-host")
 
 
-def read_ahead(fn, sizes: Sequence[int], threads: bool = True):
-    """Yields ``fn(0), ..., fn(len(sizes) - 1)`` in order, computing later
-    ones in host threads while the consumer works (``fn(0)`` runs in the
-    caller's thread; with ``threads=False`` every call does, in turn: for
-    ``fn`` that issue device programs with collectives across processes).
+def ordered(jobs: Iterable[Callable[[], Any]], costs: Sequence[float], budget: float,
+            threads: bool = True) -> Iterator[Any]:
+    """Yields the results of ``jobs`` (thunks) in order, running later ones
+    in the host pool while the consumer works on earlier ones: the one
+    read-ahead of the package (:func:`read_ahead` and :func:`host_map` are
+    this with their budgets).
 
-    Results are computed ahead while their ``sizes`` sum to at most the
-    largest size (one result ahead at least): a run of small blocks does not
-    leave the next large one to be computed while the consumer waits, and
-    what is held ahead stays within one largest block. A consumer that
-    stops early cancels what has not started and waits for the rest; an
-    error in ``fn`` is raised when its result is due.
+    Jobs are submitted in order while the ``costs`` of those submitted and
+    not yet yielded sum to at most ``budget`` (one at least); a job is
+    taken from ``jobs`` only when it is submitted, in the consumer's thread,
+    so it may capture state the consumer has updated by then. With
+    ``threads=False`` each job runs in the consumer's thread when due (for
+    jobs that issue device programs with collectives across processes,
+    which stay on the main thread). A consumer that stops early cancels
+    what has not started and waits for the rest; a job's error is raised
+    when its result is due.
     """
+    jobs = iter(jobs)
     if not threads:
-        yield from map(fn, range(len(sizes)))
+        for job in jobs:
+            yield job()
         return
-    count, budget = len(sizes), max(sizes, default=0)
-    pending, nxt = collections.deque(), 1
+    pending: collections.deque = collections.deque()  # (cost, future), in order
+    held, nxt = 0.0, 0
+
+    def top_up():
+        nonlocal held, nxt
+        while nxt < len(costs) and (not pending or held + costs[nxt] <= budget):
+            job = next(jobs, None)
+            if job is None:
+                return
+            pending.append((costs[nxt], host_pool().submit(job)))
+            held += costs[nxt]
+            nxt += 1
+
     try:
-        if count == 0:
-            return
-        current = fn(0)
-        for _ in range(count):
-            held = sum(sizes[j] for j, _ in pending)
-            while nxt < count and (not pending or held + sizes[nxt] <= budget):
-                pending.append((nxt, host_pool().submit(fn, nxt)))
-                held += sizes[nxt]
-                nxt += 1
-            yield current
-            current = None  # the consumer's reference only, while the next is awaited
-            if pending:
-                current = pending.popleft()[1].result()
+        top_up()
+        while pending:
+            cost, future = pending.popleft()
+            out = future.result()
+            held -= cost
+            top_up()  # before the consumer takes it: the workers stay busy meanwhile
+            yield out
+            del out  # the consumer's reference only, while the next is awaited
     finally:
         for _, f in pending:
             f.cancel()
         concurrent.futures.wait([f for _, f in pending])
+
+
+def read_ahead(fn: Callable[[int], Any], sizes: Sequence[int], threads: bool = True):
+    """Yields ``fn(0), ..., fn(len(sizes) - 1)`` in order (:func:`ordered`),
+    computing later ones in host threads while their ``sizes`` sum to at
+    most the largest size (one result ahead at least): a run of small
+    blocks does not leave the next large one to be computed while the
+    consumer waits, and what is held ahead stays within one largest block.
+    """
+    return ordered((functools.partial(fn, i) for i in range(len(sizes))), sizes,
+                   max(sizes, default=0), threads)
 
 
 def host_map(source: Source, name_lists, task, first=None, ahead: int | None = None):
@@ -108,37 +132,19 @@ def host_map(source: Source, name_lists, task, first=None, ahead: int | None = N
     first = host_inputs(source, name_lists[0]) if first is None else first.pop()
     if first is None:
         return None
-    pool = host_pool()
 
-    def run(fn, names):
-        return fn(host_inputs(source, names))
+    handed = [first]  # to the first job: the caller keeps no reference to it
+    del first
 
-    def results():
-        nonlocal first
-        pending, nxt = collections.deque(), 0
+    def jobs():
+        for i, names in enumerate(name_lists):
+            fn = task(i)  # at submission, in the consumer's thread
+            yield functools.partial(fn, handed.pop()) if i == 0 else \
+                functools.partial(_run, fn, source, names)
 
-        def submit():
-            nonlocal first, nxt
-            fn, i = task(nxt), nxt
-            nxt += 1
-            if i == 0:
-                inputs, first = first, None
-                pending.append(pool.submit(fn, inputs))
-            else:
-                pending.append(pool.submit(run, fn, name_lists[i]))
+    depth = max(HOST_QUEUE if ahead is None else ahead, HOST_THREADS)
+    return ordered(jobs(), [1] * len(name_lists), depth)
 
-        try:
-            depth = max(HOST_QUEUE if ahead is None else ahead, HOST_THREADS)
-            while nxt < min(depth, len(name_lists)):
-                submit()
-            while pending:
-                out = pending.popleft().result()
-                if nxt < len(name_lists):
-                    submit()
-                yield out
-        finally:
-            for f in pending:
-                f.cancel()
-            concurrent.futures.wait(pending)
 
-    return results()
+def _run(fn, source: Source, names):
+    return fn(host_inputs(source, names))

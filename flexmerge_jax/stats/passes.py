@@ -75,12 +75,8 @@ def grams(prepared: Prepared, *, raw: bool = False, precision: str = "float64") 
             if not np.isfinite(np.diag(g)).all():
                 prepared.tau(b)  # raises on NaN/Inf (float32 products may just overflow)
         return np.stack(out)
-    out = []
-    with prepared.in_order():
-        for b in range(len(blocks)):
-            tau = prepared.tau(b)
-            out.append(block_gram(tau if raw else prepared.x(b, tau), precision))
-    return np.stack(out)
+    return np.stack([block_gram(tau if raw else prepared.x(b, tau), precision)
+                     for b, tau in enumerate(prepared.taus())])
 
 
 # |x| keys: the bits of a float32 with the sign cleared (sources._source.ABS_BITS),
