@@ -3,16 +3,15 @@ fallbacks) and the streamed Gram pass, against independent NumPy paths."""
 
 import numpy as np
 import pytest
+from conftest import random_case
 
 import flexmerge_jax as fm
 from flexmerge_jax._prepared import Prepared
 from flexmerge_jax.sources import _source, files
-from flexmerge_jax.sources import threads as host_threads
 from flexmerge_jax.sources._source import MemorySource
 from flexmerge_jax.stats import gram, order, passes
 from flexmerge_jax.stats.gram import block_gram
 from flexmerge_jax.stats.passes import grams
-from conftest import random_case
 
 BLOCKS = ["l1.", "l0."]
 
@@ -77,7 +76,8 @@ def test_sampled_bracket_path(monkeypatch, keep, dense):
     real = passes._unpack_columns
     monkeypatch.setattr(passes, "_unpack_columns", lambda *c: (kinds.append(len(c)), real(*c))[1])
     scans = _spy_scans(monkeypatch)
-    _check(MemorySource(*_case(shapes={"l1.w": (40, 30), "l0.w": (30, 40), "emb": (4,)})), keep=keep)
+    shapes = {"l1.w": (40, 30), "l0.w": (30, 40), "emb": (4,)}
+    _check(MemorySource(*_case(shapes=shapes)), keep=keep)
     assert scans == [(True, True), (True, True)]  # one pass each, the bracket held
     assert kinds and set(kinds) == {0: {3}, 3000: {1, 3}, 1 << 26: {1}}[dense]
 
@@ -184,112 +184,6 @@ def test_disk_plan_equals_memory_plan(tmp_path, monkeypatch, method, linkage, ex
     assert a.events == b.events
 
 
-def test_blocks_read_ahead_in_order(tmp_path):
-    import threading
-
-    base, fts = _case(n=3)
-    files.save_params(tmp_path / "base.safetensors", base)
-    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = files.path_source(tmp_path / "base.safetensors", paths)
-    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
-        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
-    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
-    mem = MemorySource(base, fts)
-    reads = []
-    real = src.task_vectors
-
-    def recorded(names, threshold=None):
-        reads.append(threading.current_thread().name)
-        return real(names, threshold)
-
-    src.task_vectors = recorded
-    got = list(p.taus())
-    assert len(reads) == len(part) and all(t.startswith("flexmerge-host") for t in reads)
-    for b, tau in enumerate(got):
-        want = mem.task_vectors(part.blocks[b].leaves)
-        assert list(tau) == list(want)
-        for k in tau:
-            np.testing.assert_array_equal(tau[k], want[k])
-    taus = p.taus()
-    next(taus)
-    taus.close()  # a consumer that stops early: the read-ahead is cancelled or waited for
-    assert host_threads.host_pool()._work_queue.empty()
-
-
-def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
-    """Worker threads read each list of parameters from the files and
-    compute on it: results come in order, ``task(i)`` sees the consumer's
-    state as of submission (``ahead`` lists submitted, HOST_QUEUE by
-    default, at least HOST_THREADS; at most HOST_THREADS of them read and
-    computed on at once), a read error surfaces in the consumer when its
-    result is due, naming the parameter, and a consumer that stops early
-    leaves no work running."""
-    import threading
-    import time
-
-    base, fts = _case(n=3)
-    files.save_params(tmp_path / "base.safetensors", base)
-    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = files.path_source(tmp_path / "base.safetensors", paths)
-    names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"], ["l0.attn.w"]]
-    consumed, seen, threads = [], [], set()
-
-    def task(i):
-        seen.append((i, len(consumed)))
-
-        def work(inputs):
-            threads.add(threading.current_thread().name)
-            b, fs = inputs
-            assert list(b) == names[i] and all(list(f) == names[i] for f in fs)
-            return i, fs[1][names[i][0]].copy()
-
-        return work
-
-    for ahead, w in [(None, host_threads.HOST_QUEUE), (1, host_threads.HOST_THREADS)]:
-        consumed.clear(), seen.clear()
-        for i, (j, got) in enumerate(host_threads.host_map(src, names, task, ahead=ahead)):
-            assert j == i
-            np.testing.assert_array_equal(got, fts[1][names[i][0]])
-            consumed.append(i)
-        assert seen == [(i, max(0, i - w)) for i in range(len(names))]
-    assert threads and all(t.startswith("flexmerge-host") for t in threads)
-    probe = [_source.host_inputs(src, names[0])]  # a caller's probe is handed over
-    assert [r[0] for r in host_threads.host_map(src, names, task, probe)] == [0, 1, 2, 3]
-    assert probe == []
-
-    events, lock = [], threading.Lock()  # +1 when a work starts, -1 when it ends
-
-    def counted(i):
-        def work(inputs):
-            with lock:
-                events.append(1)
-            time.sleep(0.05)
-            with lock:
-                events.append(-1)
-            return i
-        return work
-
-    assert list(host_threads.host_map(src, names * 3, counted)) == list(range(len(names) * 3))
-    running = np.cumsum(events)  # the memory bound: HOST_THREADS lists at once
-    assert running.max() == host_threads.HOST_THREADS and running[-1] == 0
-    reader = src._ft[2]
-    last = max(reader._offsets, key=reader._offsets.get)
-    with open(paths[2], "r+b") as f:
-        f.truncate(reader._offsets[last] + 4)
-    first = [n for n in reader.names if n != last][:1]
-    results = host_threads.host_map(src, [first, [last]], lambda i: lambda inputs: i)
-    assert next(results) == 0
-    with pytest.raises(ValueError, match=f"truncated data for parameter '{last}'"):
-        next(results)
-
-    events.clear()
-    results = host_threads.host_map(src, names * 3, counted)
-    assert next(results) == 0
-    results.close()  # cancels what has not started, waits for what has
-    assert sum(events) == 0 and 0 < len(events) < 2 * len(names) * 3
-    assert host_threads.host_pool()._work_queue.empty()
-
-
 @pytest.mark.parametrize("method", ["ta", "ties"])
 @pytest.mark.parametrize("where", ["l0.mlp.w", "emb"])  # in a block / unmatched
 def test_nan_is_named(method, where):
@@ -299,7 +193,8 @@ def test_nan_is_named(method, where):
     fts[3] = {**fts[3], where: bad}
     m = fm.methods.get(method, **({"keep": 0.3} if method == "ties" else {}))
     with pytest.warns(fm.blocks.UnmatchedParametersWarning):
-        with pytest.raises(ValueError, match=rf"task 3 \(task3\): the task vector of parameter '{where}' has NaN"):
+        with pytest.raises(ValueError, match=rf"task 3 \(task3\): the task vector of "
+                                             rf"parameter '{where}' has NaN"):
             fm.plan(base, fts, blocks=BLOCKS, method=m, linkage="min")
 
 
@@ -378,7 +273,8 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     cases = [np.array([0.1, 0.5, tie, 0.0], np.float32),
              np.array([-1.0, np.nan, 0.3, 1e30], np.float32)]
     for thr in cases:
-        want = {k: np.asarray(fm.tree.trim(jnp.asarray(v), jnp.asarray(thr))) for k, v in raw.items()}
+        want = {k: np.asarray(fm.tree.trim(jnp.asarray(v), jnp.asarray(thr)))
+                for k, v in raw.items()}
         host = src.task_vectors(names, thr)
         with monkeypatch.context() as m:  # the device (XLA) path
             m.setattr(_source, "_all_host", lambda *a: False)
@@ -402,52 +298,3 @@ def test_task_vectors_trimmed_as_computed_equal_trim_after(monkeypatch):
     bad = MemorySource(base, fts)
     with pytest.raises(ValueError, match=r"task 3 \(task3\).*'l1\.attn\.w'"):
         bad.task_vectors(names, cases[0])
-
-
-def test_read_ahead_holds_at_most_one_largest_result_ahead():
-    """``read_ahead`` yields every result in order and computes later ones
-    in host threads while the sizes of those held ahead fit the largest size
-    (one at least); stopping early cancels the rest; an error is raised when
-    its result is due."""
-    import threading
-    import time
-
-    sizes = [1, 10, 1, 1, 4, 4, 10, 1]
-    started, threads = [], {}
-
-    def fn(i):
-        started.append(i)
-        threads[i] = threading.current_thread().name
-        return i * i
-
-    got = []
-    for i, r in enumerate(host_threads.read_ahead(fn, sizes)):
-        got.append(r)
-        time.sleep(0.05)  # the workers start what was submitted
-        ahead = sorted(j for j in list(started) if j > i)
-        assert ahead == list(range(i + 1, i + 1 + len(ahead)))  # the next ones, in order
-        assert len(ahead) <= 1 or sum(sizes[j] for j in ahead) <= max(sizes)
-        if i + 1 < len(sizes):
-            assert ahead  # the next one at least
-    assert got == [i * i for i in range(len(sizes))]
-    assert sorted(started) == list(range(len(sizes)))
-    assert all(threads[i].startswith("flexmerge-host") for i in range(len(sizes)))
-    # [1, 1, 1, 1] ahead of a size-1 item fit a budget of 10 all at once
-    started.clear()
-    it = host_threads.read_ahead(fn, [1, 1, 1, 1, 10])
-    assert next(it) == 0
-    time.sleep(0.05)
-    assert sorted(started) == [0, 1, 2, 3]  # not 4: 1 + 1 + 1 + 10 > 10
-    it.close()  # stopping early: nothing left running, nothing more started
-    assert sorted(started) == [0, 1, 2, 3]
-    assert list(host_threads.read_ahead(fn, [])) == []
-
-    def failing(i):
-        if i == 2:
-            raise RuntimeError("block 2")
-        return i
-
-    it = host_threads.read_ahead(failing, [1, 1, 1])
-    assert [next(it), next(it)] == [0, 1]
-    with pytest.raises(RuntimeError, match="block 2"):
-        next(it)
