@@ -614,17 +614,16 @@ def _sequences(prepared: Prepared, linkage, similarity: str, structured: bool,
     # One block at a time: two blocks at once in worker threads would hold
     # twice the group vectors, past the streaming memory bound, for a small
     # gain on few cores.
-    scratch: dict = {}  # group-vector buffers reused by blocks of the same shapes
     # Every block's task vectors (and, from files, its reads) are new arrays
-    # of the shapes of a block two back: reuse_buffers recycles them instead
-    # of page-faulting fresh memory at every block.
+    # of the shapes of a block two back, and its group-vector slots those of
+    # the last block of its shapes: reuse_buffers recycles both instead of
+    # page-faulting fresh memory at every block.
     with reuse_buffers():
         if method.trims:
             prepared.trim_threshold  # noqa: B018 (computes the thresholds)
         return [
             materialized_sequence(x, singles, extra, similarity, method,
-                                  partition.blocks[b].numel, gram=gram, precision=precision,
-                                  scratch=scratch)
+                                  partition.blocks[b].numel, gram=gram, precision=precision)
             for b, (x, singles, extra, gram) in enumerate(read_ahead(
                 inputs, partition.numels, threads=not prepared.source.main_thread_only))
         ]

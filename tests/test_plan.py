@@ -234,13 +234,14 @@ def test_merged_vector_plan_with_every_group_vector_slot_in_use(method, distance
 
 def test_merged_vector_slots_are_donated_and_reused_across_blocks():
     # On the host the group-vector slots are donated to the jitted sequence
-    # and handed back through `scratch` for the next block of the same
-    # shapes (XLA's fresh buffers cost a page fault per 4 KB): the memory is
-    # reused, and stale contents (NaN here) are never read.
+    # and, inside reuse_buffers, handed back to its pool for the next block
+    # of the same shapes (XLA's fresh buffers cost a page fault per 4 KB):
+    # the memory is reused, and stale contents (NaN here) are never read.
     import jax
     import jax.numpy as jnp
 
     from flexmerge_jax.schedule.greedy import materialized_sequence
+    from flexmerge_jax.sources import reuse_buffers
     from flexmerge_jax.stats.gram import block_gram
 
     rng = np.random.default_rng(5)
@@ -250,17 +251,17 @@ def test_merged_vector_slots_are_donated_and_reused_across_blocks():
     numel = 32 * 48 + 48
     plain = [materialized_sequence(x, x, None, "cosine", m, numel, gram=block_gram(x))
              for x in blocks]
-    scratch = {}
-    materialized_sequence(blocks[0], blocks[0], None, "cosine", m, numel,
-                          gram=block_gram(blocks[0]), scratch=scratch)
-    (key, slots), = scratch.items()
-    assert len(slots) == 3  # n // 2
-    stale = jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), slots)
-    ptrs = [v.unsafe_buffer_pointer() for v in jax.tree.leaves(stale)]
-    scratch[key] = stale
-    got = materialized_sequence(blocks[1], blocks[1], None, "cosine", m, numel,
-                                gram=block_gram(blocks[1]), scratch=scratch)
-    assert [v.unsafe_buffer_pointer() for v in jax.tree.leaves(scratch[key])] == ptrs
+    with reuse_buffers() as pool:
+        materialized_sequence(blocks[0], blocks[0], None, "cosine", m, numel,
+                              gram=block_gram(blocks[0]))
+        (key, slots), = pool._handed.items()
+        assert len(slots) == 3  # n // 2
+        stale = jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), slots)
+        ptrs = [v.unsafe_buffer_pointer() for v in jax.tree.leaves(stale)]
+        pool.hand_back(key, stale)
+        got = materialized_sequence(blocks[1], blocks[1], None, "cosine", m, numel,
+                                    gram=block_gram(blocks[1]))
+        assert [v.unsafe_buffer_pointer() for v in jax.tree.leaves(pool.take_back(key))] == ptrs
     for f in ("a", "b", "root", "members_a", "members_b"):
         np.testing.assert_array_equal(getattr(got, f), getattr(plain[1], f))
     np.testing.assert_array_equal(got.sim, plain[1].sim)

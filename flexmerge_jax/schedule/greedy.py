@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sources._source import buffer_pool
 from ..stats.gram import block_gram, gram_dot
 from ..tree import canonical, host_resident
 from .pyset import set_positions
@@ -459,7 +460,7 @@ def linear_sequences(
 
 def materialized_sequence(
     x: dict, singles: dict, extra, similarity: str, method, numel: int,
-    gram: np.ndarray | None = None, precision: str = "float64", scratch: dict | None = None,
+    gram: np.ndarray | None = None, precision: str = "float64",
 ) -> BlockSequence:
     """Per-block sequence with materialized group vectors (one block).
 
@@ -476,10 +477,6 @@ def materialized_sequence(
       precision: ``"float64"`` or ``"float32"``: of the Gram computed here
         if not given (see :func:`~flexmerge_jax.stats.gram.block_gram`) and of every group
         vector comparison (see :func:`_pair`).
-      scratch: a dict the caller keeps across blocks: host-resident blocks
-        hand the buffers of their ``n // 2`` group-vector slots back in it,
-        and blocks of the same shapes reuse them (donated to XLA: no fresh
-        memory, whose first touch costs a page fault per 4 KB on the CPU).
     """
 
     x, singles = canonical(x), canonical(singles)
@@ -487,13 +484,14 @@ def materialized_sequence(
     if similarity != "sign" and gram is None:
         gram = block_gram(singles, precision)
     rows = _host_rows(singles)
-    slots = None  # device arrays: made in the jitted code (no page faults there)
+    slots = pool = None  # device arrays: made in the jitted code (no page faults there)
     if rows is not None:
         # On the host, XLA's fresh buffers cost a page fault per 4 KB: the
-        # slot buffers are donated, and handed back for the next block of
-        # the same shapes when the caller keeps a scratch dict.
-        key = (len(rows), tuple((k, v.shape, v.dtype) for k, v in rows[0].items()))
-        slots = None if scratch is None else scratch.pop(key, None)
+        # slot buffers are donated, and inside reuse_buffers handed back to
+        # its pool for the next block of the same shapes.
+        key = (__name__, len(rows), tuple((k, v.shape, v.dtype) for k, v in rows[0].items()))
+        pool = buffer_pool()
+        slots = None if pool is None else pool.take_back(key)
         if slots is None:
             slots = tuple({k: jnp.zeros(v.shape, v.dtype) for k, v in rows[0].items()}
                           for _ in range(max(1, len(rows) // 2)))
@@ -504,8 +502,8 @@ def materialized_sequence(
             similarity=similarity, method=static,
             min_merged=int(method.min_merged), numel=int(numel), precision=precision,
         )
-        if scratch is not None and rows is not None:
-            scratch[key] = slots
+        if pool is not None:
+            pool.hand_back(key, slots)
         return _to_sequences(out)[0]
 
 

@@ -306,7 +306,8 @@ _IDLE_REFS = _refs([object()], 0)
 
 
 class _BufferPool:
-    """Large host buffers, reused once nothing references them.
+    """Large host buffers, reused once nothing references them; and XLA's
+    own buffers, handed back after a donation (:meth:`hand_back`).
 
     Every first touch of fresh memory costs a page fault and the kernel's
     zeroing of the page: the task vectors of a streaming pass (a new
@@ -323,6 +324,13 @@ class _BufferPool:
     in use, so the process's peak can still rise where other allocations
     peak at another moment (cuts, whose outputs pile up, do not pool for
     that reason).
+
+    Device arrays that a program took by donation and returned (the
+    greedy loop's group-vector slots) cannot come from NumPy memory: the
+    caller hands them back under a key of its choosing (:meth:`hand_back`)
+    and the next caller with that key takes them (:meth:`take_back`). They
+    are held until the pool is dropped, outside the bound above (one set
+    per key: per block structure of a plan).
     """
 
     #: How far above the most it ever had in use at once the pool may hold:
@@ -334,6 +342,7 @@ class _BufferPool:
         self._bufs: list[np.ndarray] = []  # uint8, least recently taken first
         self._high = 0  # most bytes in use at once so far
         self.taken = self.allocated = 0  # statistics (tests, benchmarks)
+        self._handed: dict = {}
 
     def take(self, nbytes: int, align: int = 64) -> np.ndarray:
         """A ``uint8[nbytes]`` view, ``align``-byte aligned, of a buffer
@@ -362,6 +371,18 @@ class _BufferPool:
             off = -raw.ctypes.data % align
             return raw[off:off + nbytes]
 
+    def hand_back(self, key, arrays) -> None:
+        """Keeps ``arrays`` (donated to a program and returned by it) for
+        the next :meth:`take_back` of ``key``."""
+        with self._lock:
+            self._handed[key] = arrays
+
+    def take_back(self, key):
+        """The arrays last handed back under ``key`` (then no longer
+        kept), or ``None``."""
+        with self._lock:
+            return self._handed.pop(key, None)
+
     @property
     def held_bytes(self) -> int:
         """Bytes of every buffer the pool holds (busy or idle)."""
@@ -372,6 +393,11 @@ class _BufferPool:
 _pool: _BufferPool | None = None
 _pool_users = 0
 _pool_lock = threading.Lock()
+
+
+def buffer_pool() -> _BufferPool | None:
+    """The pool of the open :func:`reuse_buffers` context, if any."""
+    return _pool
 
 
 @contextlib.contextmanager
