@@ -246,12 +246,14 @@ def add_base(base: dict, v: dict, i) -> dict:
 def _as_input_dtypes(merged: dict, base: dict, block: str) -> dict:
     """A merged parameter set in the inputs' dtypes, as the per-task sets
     beside it: float64 inputs (which JAX computes and returns as float32
-    unless ``jax_enable_x64``) as float64 host arrays; float16 results
-    checked for overflow (float16's range is 65504; bfloat16 has float32's)."""
+    unless ``jax_enable_x64``), and parameters of a flat row computed in
+    another dtype than theirs (:func:`~._flat.row_dtype`), cast on the host;
+    float16 results checked for overflow (float16's range is 65504;
+    bfloat16 has float32's)."""
     out = dict(merged)
     for k, v in merged.items():
         want = np.dtype(base[k].dtype)
-        if want == np.float64 and v.dtype != want:
+        if v.dtype != want:
             out[k] = np.asarray(v).astype(want)
         elif want == np.float16 and not np.isfinite(np.asarray(v)).all():
             warnings.warn(
@@ -279,10 +281,7 @@ def _group_merges(prepared: Prepared, b: int, x: dict, rows, base: dict, merged,
         dtype = _flat.row_dtype([base[k].dtype for k in leaves])
         for mb, sc in zip(members, scales):
             params, masks, resc = _flat.merge(xf, bf, mb, method, sc, dtype)
-            params = {k: v.astype(base[k].dtype) if v.dtype != base[k].dtype
-                      and np.dtype(base[k].dtype) != np.float64 else v
-                      for k, v in layout.views(params).items()}
-            yield params, None if masks is None else layout.views(masks), resc
+            yield layout.views(params), None if masks is None else layout.views(masks), resc
         return
     gm = merge_groups(x, members, prepared.extra(b, x), method, scales)
     # Host arrays onto the device once; arrays already placed (sharded over
