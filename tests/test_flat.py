@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_case
 
 import flexmerge_jax as fm
 from flexmerge_jax import _flat
+
+from conftest import random_case
 
 M = fm.methods
 

@@ -4,13 +4,14 @@ stops, and the Prepared passes that use it reading in host threads."""
 
 import numpy as np
 import pytest
-from conftest import random_case
 
 import flexmerge_jax as fm
 from flexmerge_jax._prepared import Prepared
 from flexmerge_jax.sources import _source, files
 from flexmerge_jax.sources import threads as host_threads
 from flexmerge_jax.sources._source import MemorySource
+
+from conftest import random_case
 
 BLOCKS = ["l1.", "l0."]
 

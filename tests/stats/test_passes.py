@@ -3,7 +3,6 @@ fallbacks) and the streamed Gram pass, against independent NumPy paths."""
 
 import numpy as np
 import pytest
-from conftest import random_case
 
 import flexmerge_jax as fm
 from flexmerge_jax._prepared import Prepared
@@ -12,6 +11,8 @@ from flexmerge_jax.sources._source import MemorySource
 from flexmerge_jax.stats import gram, order, passes
 from flexmerge_jax.stats.gram import block_gram
 from flexmerge_jax.stats.passes import grams
+
+from conftest import random_case
 
 BLOCKS = ["l1.", "l0."]
 
