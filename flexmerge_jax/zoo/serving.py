@@ -20,11 +20,6 @@ from . import apply as F
 __all__ = ["vit_forward", "padded_heads"]
 
 
-def _rows(p: jax.Array, ndim: int) -> jax.Array:
-    """Per-row ``[b, *s]`` -> ``[b, 1, ..., *s]`` of rank ``ndim`` (row-aligned)."""
-    return p.reshape(p.shape[:1] + (1,) * (ndim - p.ndim) + p.shape[1:])
-
-
 def padded_heads(heads: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The zoo's per-task heads padded to the most classes: zero kernel
     columns and ``-inf`` biases, so padded logits are ``-inf`` (argmax and
@@ -42,22 +37,15 @@ def padded_heads(heads: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
-def _layer_norm_rows(r: Router, path: str, x: jax.Array, eps: float) -> jax.Array:
-    p = r.params(path)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    scale = _rows(p["scale"].astype(x.dtype), x.ndim)
-    bias = _rows(p["bias"].astype(x.dtype), x.ndim)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
-
-
 def vit_forward(r: Router, images: jax.Array, *, num_heads: int | None = None,
                 head: str | None = "head") -> jax.Array:
     """Mixed-task forward of the zoo ViT (:mod:`flexmerge_jax.zoo.apply`).
 
     Linear layers (patch embedding, qkv, attention output, MLP, ``proj``,
-    the head) are grouped matmuls; LayerNorms and the class/position
-    embeddings are per-row gathers; attention scores are parameter-free.
+    the head) are grouped matmuls; LayerNorms (``r.apply`` of the zoo's
+    :func:`~flexmerge_jax.zoo.apply.layer_norm`) and the class/position
+    embeddings are per-row gathers (two vectors a row cost less than grouping
+    the rows); attention scores are parameter-free.
     Works with any block specification of the zoo's parameters.
 
     Args:
@@ -79,11 +67,11 @@ def vit_forward(r: Router, images: jax.Array, *, num_heads: int | None = None,
     cls = r.param("embed/cls").astype(x.dtype)
     pos = r.param("embed/pos").astype(x.dtype)
     x = jnp.concatenate([cls[:, None, :], x], axis=1) + pos
-    x = _layer_norm_rows(r, "ln_pre", x, F.LN_EPS)
+    x = r.apply("ln_pre", F.layer_norm, x, mode="gather")
     depth = len({lf.split("/")[1] for lf in lb if lf.startswith("blocks/")})
     for i in range(depth):
         p = f"blocks/{i}"
-        h = _layer_norm_rows(r, f"{p}/ln_1", x, F.LN_EPS)
+        h = r.apply(f"{p}/ln_1", F.layer_norm, x, mode="gather")
         bsz, t, w = h.shape
         hd = w // nh
         qkv = r.dense(f"{p}/attn/qkv", h).reshape(bsz, t, 3, nh, hd)
@@ -91,10 +79,10 @@ def vit_forward(r: Router, images: jax.Array, *, num_heads: int | None = None,
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(hd)).astype(h.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(bsz, t, w)
         x = x + r.dense(f"{p}/attn/out", o)
-        h = _layer_norm_rows(r, f"{p}/ln_2", x, F.LN_EPS)
+        h = r.apply(f"{p}/ln_2", F.layer_norm, x, mode="gather")
         h = jax.nn.gelu(r.dense(f"{p}/mlp/fc1", h), approximate=False)
         x = x + r.dense(f"{p}/mlp/fc2", h)
-    f = _layer_norm_rows(r, "ln_post", x[:, 0], F.LN_EPS)
+    f = r.apply("ln_post", F.layer_norm, x[:, 0], mode="gather")
     f = r.dense("proj", f, bias=None)
     if head is not None and head in r.state.blocks:
         return r.dense(head, f)
