@@ -190,6 +190,11 @@ def operations(case: dict, venv: Path, status: dict, work: Path) -> list[tuple]:
                                               str(TA_SUM_SCALE * N), "--out", plan,
                                               "--overwrite"]),
         ("cut_2x", "flexmerge", lambda out: [*cli, "cut", plan, "--size", "2", "--out", out]),
+        # the same plan, cut and save in one process (one import, the
+        # inputs read twice: the plan's pass and the cut's)
+        ("merge_2x", "flexmerge", lambda out: [*cli, "merge", *inputs, "--method", "ta",
+                                               "--scale", str(TA_SUM_SCALE * N), "--size", "2",
+                                               "--out", out]),
         ("api_plan_cut", "flexmerge", lambda out: [py, "-c", API, base, *fts, blocks]),
     ]
     return ops
@@ -294,7 +299,9 @@ def main() -> None:
         ops = operations(case, Path(args.venv), status, work)
         runs: dict = {}
         outs: dict = {}
+        load: list = []  # the 1-minute load average before each round
         for r in range(repeat):
+            load.append(os.getloadavg()[0])
             for op, system, cmd in ops:
                 out = work / "out" / f"{op}_{system}"
                 out = out.with_suffix(".safetensors") if system == "fusionbench" else out
@@ -317,7 +324,7 @@ def main() -> None:
     results = {"machine": machine(), "model": model or "ViT-B/32",
                "params_per_model": case["params"], "n": N, "rounds": repeat, "peers": status,
                "runs": runs, "agreement": agree,
-               "driver_peak_rss_mb": driver_rss,
+               "driver_peak_rss_mb": driver_rss, "load_before_rounds": load,
                "reference_plan_seconds": REFERENCE_PLAN_SECONDS}
     name = "peers_quick" if args.quick else "peers"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -347,10 +354,10 @@ def report(r: dict) -> str:
         "",
         f"Whole processes, warm page cache, median of {r['rounds']} interleaved rounds (peak RSS "
         f"in brackets; a process's peak counts from its parent's at the fork, "
-        f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). The machine's "
-        "2 cores were shared with other jobs while this ran, so single timings are noisy "
-        "(all of them are in peers.json); the rounds interleave the "
-        "systems so that the noise spreads over all of them.",
+        f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). Single "
+        "timings are in peers.json; the rounds interleave the systems so that load from "
+        "other work spreads over all of them (1-minute load average before each round: "
+        + ", ".join(f"{x:.1f}" for x in r.get("load_before_rounds", [])) + ").",
         "",
     ] + ([r["note"], ""] if r.get("note") else []) + [
         "| operation | flexmerge | mergekit | FusionBench | floor |",
@@ -363,6 +370,8 @@ def report(r: dict) -> str:
         f"{cell('ties_1x/mergekit')} | {cell('ties_1x/fusionbench')} | |",
         f"| full TA plan (every size), saved | {cell('plan_ta/flexmerge')} | | | |",
         f"| cut the plan at 2x and save | {cell('cut_2x/flexmerge')} | | | |",
+        f"| plan + cut at 2x + save, one process (`merge --size 2`) | "
+        f"{cell('merge_2x/flexmerge')} | | | |",
         "",
         "Ratios (targets of issue 27):",
         "",
@@ -376,6 +385,8 @@ def report(r: dict) -> str:
         ("FusionBench's TIES / ours", g("ties_1x/fusionbench") / g("ties_1x/flexmerge"), ">= 4"),
         (f"reference plan ({r['reference_plan_seconds']} s, issue 27) / (plan + cut at 2x)",
          r["reference_plan_seconds"] / (g("plan_ta/flexmerge") + g("cut_2x/flexmerge")), ">= 10"),
+        (f"reference plan ({r['reference_plan_seconds']} s) / (merge --size 2, one process)",
+         r["reference_plan_seconds"] / g("merge_2x/flexmerge"), ">= 10"),
     ]
     if api:
         rows.append(("API plan + at_size(2): first call cold (empty cache) - warm call, s",
