@@ -12,10 +12,11 @@ The case is ``bench_plan``'s synthetic CLIP ViT-B/32 visual tower (8
 fine-tuned models + base, 87.8M float32 parameters each, one safetensors
 file per model; mergekit reads them as model directories). Every operation
 is one whole process (imports, reads, compilation, writes), timed by the
-wall clock with its peak RSS (``wait4``); the page cache is warm. Rounds
-interleave the systems (round 1: every operation of every system, then
-round 2, ...) so that load from other work on the machine spreads over all
-of them; the tables give medians. flexmerge runs with its persistent
+wall clock with its peak RSS (``wait4``), after an untimed read of the
+inputs (the page cache is warm: FusionBench's TIES would evict them).
+Rounds interleave the systems (round 1: every operation of every system,
+then round 2, ...) so that load from other work on the machine spreads
+over all of them; the tables give medians. flexmerge runs with its persistent
 compilation cache in a fresh directory: round 1 compiles (its times are
 reported as the cold start), later rounds find the programs cached.
 
@@ -297,6 +298,7 @@ def main() -> None:
                # a cache of flexmerge's own, empty at the start: round 1 is cold
                "FLEXMERGE_COMPILATION_CACHE": str(work / "xla-cache")}
         ops = operations(case, Path(args.venv), status, work)
+        inputs = [case["base"], *case["finetuned"]]
         runs: dict = {}
         outs: dict = {}
         load: list = []  # the 1-minute load average before each round
@@ -310,6 +312,9 @@ def main() -> None:
                 elif out.exists():
                     out.unlink()
                 out.parent.mkdir(parents=True, exist_ok=True)
+                # Warm the page cache (untimed): FusionBench's TIES holds
+                # most of the machine's memory and evicts the inputs.
+                subprocess.run([sys.executable, "-c", FLOOR_READ, *inputs], check=True)
                 res = run_timed(cmd(str(out)), env, work / "stderr.log")
                 runs.setdefault(f"{op}/{system}", []).append(res)
                 outs[(system, op)] = out
@@ -352,8 +357,9 @@ def report(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; jax {m['jax']}. Peers "
         f"in their own environment: " + ", ".join(f"{k} {v}" for k, v in r["peers"].items()) + ".",
         "",
-        f"Whole processes, warm page cache, median of {r['rounds']} interleaved rounds (peak RSS "
-        f"in brackets; a process's peak counts from its parent's at the fork, "
+        "Whole processes, warm page cache (the inputs read, untimed, before each), median "
+        f"of {r['rounds']} interleaved rounds (peak RSS in brackets; a process's peak counts "
+        "from its parent's at the fork, "
         f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). Single "
         "timings are in peers.json; the rounds interleave the systems so that load from "
         "other work spreads over all of them (1-minute load average before each round: "
