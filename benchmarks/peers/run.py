@@ -13,7 +13,8 @@ fine-tuned models + base, 87.8M float32 parameters each, one safetensors
 file per model; mergekit reads them as model directories). Every operation
 is one whole process (imports, reads, compilation, writes), timed by the
 wall clock with its peak RSS (``wait4``), after an untimed read of the
-inputs (the page cache is warm: FusionBench's TIES would evict them).
+inputs and import of the system's modules (the page cache is warm:
+FusionBench's TIES would evict them).
 Rounds interleave the systems (round 1: every operation of every system,
 then round 2, ...) so that load from other work on the machine spreads
 over all of them; the tables give medians. flexmerge runs with its persistent
@@ -134,6 +135,12 @@ for _ in range(2):
     times.append(time.perf_counter() - t)
 print(json.dumps({"first": times[0], "warm": times[1]}))
 """ % (TA_SUM_SCALE * N)
+
+
+# What each system imports (run untimed before its operations, see main).
+WARM = {"flexmerge": "import flexmerge_jax.cli, orbax.checkpoint",
+        "mergekit": "import torch, mergekit.merge",
+        "fusionbench": "import torch, fusion_bench"}
 
 
 def mergekit_yaml(path: Path, method: str, base: Path, models: list[Path]) -> Path:
@@ -313,8 +320,14 @@ def main() -> None:
                     out.unlink()
                 out.parent.mkdir(parents=True, exist_ok=True)
                 # Warm the page cache (untimed): FusionBench's TIES holds
-                # most of the machine's memory and evicts the inputs.
+                # most of the machine's memory and evicts the inputs and the
+                # systems' own libraries.
                 subprocess.run([sys.executable, "-c", FLOOR_READ, *inputs], check=True)
+                if system in WARM:
+                    py = sys.executable if system == "flexmerge" else \
+                        str(Path(args.venv) / "bin" / "python")
+                    subprocess.run([py, "-c", WARM[system]], check=True, env=env,
+                                   capture_output=True)
                 res = run_timed(cmd(str(out)), env, work / "stderr.log")
                 runs.setdefault(f"{op}/{system}", []).append(res)
                 outs[(system, op)] = out
@@ -357,7 +370,8 @@ def report(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; jax {m['jax']}. Peers "
         f"in their own environment: " + ", ".join(f"{k} {v}" for k, v in r["peers"].items()) + ".",
         "",
-        "Whole processes, warm page cache (the inputs read, untimed, before each), median "
+        "Whole processes, warm page cache (the inputs read and the system's modules imported, "
+        "untimed, before each), median "
         f"of {r['rounds']} interleaved rounds (peak RSS in brackets; a process's peak counts "
         "from its parent's at the fork, "
         f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). Single "
