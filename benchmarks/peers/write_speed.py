@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--before", required=True, help="the checkout to compare with")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="directory for the case and outputs")
+    ap.add_argument("--before-label", default="", help="what the old checkout does")
+    ap.add_argument("--after-label", default="", help="what this checkout changes")
     args = ap.parse_args()
     own = None if args.tmp else tempfile.TemporaryDirectory(prefix="fm-write-")
     work = Path(args.tmp or own.name)
@@ -124,6 +126,7 @@ def main() -> None:
                "rounds": args.rounds, "runs": runs, "median_seconds": med,
                "ratio_to_floor": {k: med[k] / med["floor"] for k in ("before", "after")},
                "commits": {name: _commit(systems[name][1]) for name in ("before", "after")},
+               "labels": {"before": args.before_label, "after": args.after_label},
                "save_only": saves, "save_only_median_seconds": save_med,
                "saved_bytes": saves["after"][0]["bytes"], "blocks": saves["after"][0]["blocks"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -150,16 +153,14 @@ def report(r: dict) -> str:
         f"ViT-B/32-sized case ({r['params_per_model']:,} float32 parameters per model, base + "
         f"{r['n']} fine-tuned safetensors files), `flexmerge merge --method ta --size 1`, whole "
         f"processes, warm page cache and compilation caches, {r['rounds']} interleaved rounds "
-        f"after a warm-up; {m.get('cpu')}, {m.get('cores')} cores shared with other jobs (single "
-        "timings are noisy: all are listed).",
+        f"after a warm-up; {m.get('cpu')}, {m.get('cores')} cores (single timings vary from run "
+        "to run on this machine: all are listed).",
         "",
         "| run | median | / floor | peak RSS | every round (s) |",
         "|---|---|---|---|---|",
         row("floor", "floor: read the inputs + write one model (plain Python)"),
-        row("before", f"before ({r['commits']['before']}): one Orbax checkpoint per block "
-                       "(format 2)"),
-        row("after", f"after ({r['commits']['after']}): consecutive blocks in parts of ~128 MiB "
-                     "(format 3)"),
+        *[row(k, f"{k} ({r['commits'][k]})" + (f": {r['labels'][k]}" if r["labels"][k] else ""))
+          for k in ("before", "after")],
         "",
         "Target (issue 27): one-shot TA within 1.5x of the floor.",
         "",
