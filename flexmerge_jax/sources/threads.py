@@ -54,7 +54,8 @@ def ordered(jobs: Iterable[Callable[[], Any]], costs: Sequence[float], budget: f
     this with their budgets).
 
     Jobs are submitted in order while the ``costs`` of those submitted and
-    not yet yielded sum to at most ``budget`` (one at least); a job is
+    not yet handed to the consumer sum to at most ``budget`` (one at least;
+    the result the consumer holds is not counted); a job is
     taken from ``jobs`` only when it is submitted, in the consumer's thread,
     so it may capture state the consumer has updated by then. With
     ``threads=False`` each job runs in the consumer's thread when due (for
