@@ -127,12 +127,15 @@ class Prepared:
         # The flat rows (:mod:`._flat`) are dropped block by block: reusing
         # them spares the page faults of fresh memory.
         with reuse_buffers():
-            for base, fts, tau, rows in read_ahead(lambda b: self._cut_read(b, *needs[b]),
-                                                   self.partition.numels,
-                                                   threads=self.source.prefetch):
-                if tau is not None and self.trim_threshold is None and not self.identity:
-                    tau, rows = self.preprocess(tau), None  # (trimmed ones were trimmed as read)
-                yield base, fts, tau, rows
+            reads = read_ahead(lambda b: self._cut_read(b, *needs[b]), self.partition.numels,
+                               threads=self.source.prefetch)
+            for _ in needs:  # no name holds a block's inputs while the caller works on them
+                yield self._preprocessed(*next(reads))
+
+    def _preprocessed(self, base, fts, tau, rows) -> tuple:
+        if tau is not None and self.trim_threshold is None and not self.identity:
+            tau, rows = self.preprocess(tau), None  # (trimmed ones were trimmed as read)
+        return base, fts, tau, rows
 
     def _cut_needs(self, groups) -> tuple[tuple[int, ...], bool]:
         """``(tasks kept as they are, whether some group is merged)``."""
@@ -254,8 +257,9 @@ def _as_input_dtypes(merged: dict, base: dict, block: str) -> dict:
     for k, v in merged.items():
         want = np.dtype(base[k].dtype)
         if v.dtype != want:
-            out[k] = np.asarray(v).astype(want)
-        elif want == np.float16 and not np.isfinite(np.asarray(v)).all():
+            with np.errstate(over="ignore"):  # an overflow is reported below, by name
+                out[k] = v = np.asarray(v).astype(want)
+        if want == np.float16 and not np.isfinite(np.asarray(v)).all():
             warnings.warn(
                 f"block {block!r}: the merged parameter {k!r} overflows float16 (Inf entries; "
                 "the largest float16 is 65504): merge float32 copies of the inputs instead",
@@ -310,8 +314,9 @@ def materialize_blocks(prepared: Prepared, groups_per_block, scales=None) -> Ite
         with a tuned lambda.
     """
     groups_per_block = [sorted(tuple(sorted(g)) for g in gs) for gs in groups_per_block]
-    for b, inputs in enumerate(prepared.cut_inputs(groups_per_block)):
-        yield _block_model(prepared, b, groups_per_block[b], inputs,
+    inputs = prepared.cut_inputs(groups_per_block)
+    for b, groups in enumerate(groups_per_block):  # (no name holds block b's inputs meanwhile)
+        yield _block_model(prepared, b, groups, next(inputs),
                            None if scales is None else scales[b])
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +540,15 @@ def test_float64_and_float16_inputs(small):
     with pytest.warns(UserWarning,
                       match=r"block '.*': the merged parameter '.*' overflows float16"):
         fm.plan(b16, f16, blocks="by-layer", method=ta).at_size(1.0)
+    # A block mixing float16 and float32 parameters (merged as one float32 row, then cast):
+    # the float16 one's overflow is reported by name too, and nothing else warns.
+    name = next(k for k in base if k.startswith("l0."))
+    b_mix = {**base, name: b16[name]}
+    f_mix = [{**f, name: g[name]} for f, g in zip(fts, f16)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fm.plan(b_mix, f_mix, blocks=["l0.", "l1.", "emb"], method=ta).at_size(1.0)
+    assert [str(w.message) for w in caught] == [
+        f"block 'l0.': the merged parameter {name!r} overflows float16 (Inf entries; the "
+        "largest float16 is 65504): merge float32 copies of the inputs instead"]
+    assert model.params_for_task(0)[name].dtype == np.float16

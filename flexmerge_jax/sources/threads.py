@@ -86,11 +86,13 @@ def ordered(jobs: Iterable[Callable[[], Any]], costs: Sequence[float], budget: f
         top_up()
         while pending:
             cost, future = pending.popleft()
-            out = future.result()
+            future.result()  # waits (and raises the job's error)
             held -= cost
             top_up()  # before the consumer takes it: the workers stay busy meanwhile
-            yield out
-            del out  # the consumer's reference only, while the next is awaited
+            handed = [future]
+            del future
+            # Nothing here refers to the result while the consumer works on it.
+            yield handed.pop().result()
     finally:
         for _, f in pending:
             f.cancel()

@@ -173,3 +173,42 @@ def test_blocks_read_ahead_in_order(tmp_path):
     next(taus)
     taus.close()  # a consumer that stops early: the read-ahead is cancelled or waited for
     assert host_threads.host_pool()._work_queue.empty()
+
+
+def test_a_cut_releases_each_blocks_inputs_before_handing_its_model_over(tmp_path, monkeypatch):
+    """While the consumer (a writer) works on block b's model, nothing of the
+    read-ahead or the cut still refers to block b's task vectors: a
+    streaming cut holds its outputs and what is read ahead, not also the
+    inputs of the block being written."""
+    import gc
+    import weakref
+
+    from flexmerge_jax import _prepared
+
+    base, fts = _case(n=3)
+    files.save_params(tmp_path / "base.safetensors", base)
+    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    src = files.path_source(tmp_path / "base.safetensors", paths)
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
+    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
+    refs, real = [], _prepared._block_model
+
+    def spy(prepared, b, groups, inputs, scales):
+        refs.append([weakref.ref(v) for v in inputs[2].values()])  # the task vectors
+        return real(prepared, b, groups, inputs, scales)
+
+    monkeypatch.setattr(_prepared, "_block_model", spy)
+    groups = [[(0, 1), (2,)] for _ in part.blocks]  # a merged group and a task kept as it is
+    models = []
+    for b, blk in enumerate(_prepared.materialize_blocks(p, groups)):
+        gc.collect()
+        assert refs[b] and all(r() is None for r in refs[b]), b
+        models.append(blk)
+    want = MemorySource(base, fts)
+    for blk, pb in zip(models, part.blocks):
+        tau = want.task_vectors(pb.leaves)
+        for k in pb.leaves:  # and the models are right (lambda times the mean)
+            np.testing.assert_allclose(blk.sets[0][k], base[k] + 0.5 * (tau[k][0] + tau[k][1]) / 2,
+                                       rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(blk.sets[1][k], fts[2][k])
