@@ -25,9 +25,8 @@ ROOT = Path(flexmerge_jax.__file__).parent
 PKG = "flexmerge_jax"
 
 # Third-party modules that may only be imported inside functions: optional
-# or heavy dependencies that the math core must not pull in at import time
-# (scipy: only host Gram sums use it, and it is slow to import).
-LAZY_OK = {"matplotlib", "flax", "orbax", "torch", "transformers", "scipy"}
+# or heavy dependencies that the math core must not pull in at import time.
+LAZY_OK = {"matplotlib", "flax", "orbax", "torch", "transformers"}
 
 
 def _modules() -> dict[str, Path]:

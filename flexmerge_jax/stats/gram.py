@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.linalg.blas import dgemm, sgemm  # scipy: declared in pyproject.toml
 
 from ..sources._source import tv_chunks
 from ..tree import host_resident
@@ -141,24 +142,20 @@ class GramSum:
     """
 
     def __init__(self, n: int, precision: str = "float64"):
-        # scipy (declared in pyproject.toml) is loaded when a Gram is first
-        # summed on the host, not by every process that imports the package
-        from scipy.linalg.blas import dgemm, sgemm
-
-        wide = precision == "float64"
-        self._gemm = dgemm if wide else sgemm
         self._sum = np.zeros((n, n), np.float64)
+        self._wide = precision == "float64"
         self.width = max(256, GEMM_ENTRIES // n)
-        self._buf = np.empty(n * self.width, np.float64 if wide else np.float32)
+        self._buf = np.empty(n * self.width, np.float64 if self._wide else np.float32)
 
     def add(self, a: np.ndarray) -> None:
         """Adds ``a a^T`` (``a [n, c]``)."""
         n, c = a.shape
+        gemm = dgemm if self._wide else sgemm
         for j in range(0, c, self.width):
             w = min(self.width, c - j)
             s = self._buf[:n * w].reshape(n, w)
             s[...] = a[:, j:j + w]
-            self._sum += self._gemm(1.0, s.T, s.T, trans_a=1)  # s.T: Fortran order, no copy
+            self._sum += gemm(1.0, s.T, s.T, trans_a=1)  # s.T: Fortran order, no copy
 
     def result(self) -> np.ndarray:
         """The symmetric ``f64[n, n]`` sum."""
