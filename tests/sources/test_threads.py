@@ -16,8 +16,19 @@ from conftest import random_case
 BLOCKS = ["l1.", "l0."]
 
 
-def _case(seed=7, n=5):
-    return random_case(seed, n=n)
+def _files(tmp_path):
+    """A case of 3 tasks saved as safetensors files: ``(base, fts, paths, source)``."""
+    base, fts = random_case(7, n=3)
+    files.save_params(tmp_path / "base.safetensors", base)
+    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
+    return base, fts, paths, files.path_source(tmp_path / "base.safetensors", paths)
+
+
+def _prepared_ta(src):
+    """``(partition, Prepared)`` of ``src`` in :data:`BLOCKS`, task arithmetic."""
+    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
+        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
+    return part, Prepared(src, part, fm.methods.task_arithmetic(0.5))
 
 
 def test_read_ahead_holds_at_most_one_largest_result_ahead():
@@ -80,10 +91,7 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
     import threading
     import time
 
-    base, fts = _case(n=3)
-    files.save_params(tmp_path / "base.safetensors", base)
-    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = files.path_source(tmp_path / "base.safetensors", paths)
+    base, fts, paths, src = _files(tmp_path)
     names = [["l0.mlp.w"], ["l1.mlp.w"], ["emb"], ["l0.attn.w"]]
     consumed, seen, threads = [], [], set()
 
@@ -146,13 +154,8 @@ def test_host_map_reads_and_computes_in_workers_in_order(tmp_path):
 def test_blocks_read_ahead_in_order(tmp_path):
     import threading
 
-    base, fts = _case(n=3)
-    files.save_params(tmp_path / "base.safetensors", base)
-    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = files.path_source(tmp_path / "base.safetensors", paths)
-    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
-        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
-    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
+    base, fts, _, src = _files(tmp_path)
+    part, p = _prepared_ta(src)
     mem = MemorySource(base, fts)
     reads = []
     real = src.task_vectors
@@ -185,13 +188,8 @@ def test_a_cut_releases_each_blocks_inputs_before_handing_its_model_over(tmp_pat
 
     from flexmerge_jax import _prepared
 
-    base, fts = _case(n=3)
-    files.save_params(tmp_path / "base.safetensors", base)
-    paths = [files.save_params(tmp_path / f"t{i}.safetensors", f) for i, f in enumerate(fts)]
-    src = files.path_source(tmp_path / "base.safetensors", paths)
-    with pytest.warns(fm.blocks.UnmatchedParametersWarning):
-        part = fm.blocks.resolve(BLOCKS, src.layout.names, src.layout.sizes)
-    p = Prepared(src, part, fm.methods.task_arithmetic(0.5))
+    base, fts, _, src = _files(tmp_path)
+    part, p = _prepared_ta(src)
     refs, real = [], _prepared._block_model
 
     def spy(prepared, b, groups, inputs, scales):
