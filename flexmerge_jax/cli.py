@@ -15,6 +15,7 @@ User mistakes print one line ``flexmerge: error: ...`` and exit with 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 
@@ -46,7 +48,7 @@ from ._sweep import default_sizes, sweep
 from .checkpointing import check_target, load, save, save_cut, save_groups
 from .methods import NAMES
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 DEMO_METHODS = "avg,ta,ties,emr"
 
@@ -559,5 +561,28 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> NoReturn:
+    """The ``flexmerge`` console script (and ``python -m flexmerge_jax.cli``):
+    :func:`main` on ``sys.argv``, then the process ends at once.
+
+    A command returns only once its work is done: its outputs are synced to
+    disk before they are claimed, and no host thread has work left. What a
+    normal interpreter exit would still do is tear down, object by object,
+    the modules, XLA's client and TensorStore's state: 0.2-0.4 s on a small
+    machine, a tenth of a one-shot merge, of no use to a process about to
+    end. So the standard streams are flushed, the ``atexit`` handlers run
+    (jax's own clean-up, ``jax.distributed``'s shutdown, logging's flush),
+    and ``os._exit`` ends the process with :func:`main`'s exit code.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`flexmerge inspect DIR | head`)
+            pass
+    atexit._run_exitfuncs()  # the handlers an interpreter exit runs (CPython's, undocumented)
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
