@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Method", "GroupMerge", "BlockInfo", "Traits", "Dare", "is_traced"]
 
@@ -333,7 +334,11 @@ class Method:
         compilation serves every value of the numeric hyperparameters;
         :meth:`join` rebuilds the method inside the traced function.
         """
-        hp = {k: jnp.asarray(v, jnp.float32) for k, v in self.numeric}
+        # Python and NumPy numbers become NumPy scalars: the same argument
+        # type to jit as a device scalar, without an eager XLA conversion at
+        # every call (a cut merges each group of each block in a call).
+        hp = {k: jnp.asarray(v, jnp.float32) if isinstance(v, jax.Array)
+              else np.asarray(v, np.float32) for k, v in self.numeric}
         static = dataclasses.replace(
             self, numeric=tuple((k, _placeholder(k)) for k, _ in self.numeric))
         return static, hp
