@@ -252,16 +252,21 @@ def run_job(spec: dict) -> dict:
 def machine() -> dict:
     import jax
 
-    cpu = "unknown"
+    cpu, flags = "unknown", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # VMs name their CPUs vaguely ("AMD EPYC"); the widest vector unit tells
+    # two machines of one name apart (and sets what NumPy and XLA run).
+    vector = next((v for v in ("avx512f", "avx2", "avx") if v in flags), "unknown")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
+    return {"cpu": cpu, "vector": vector, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
             "python": platform.python_version(), "jax": jax.__version__,
             "device": str(jax.devices()[0]), "dtype": "float32 (Gram: float64)"}
 

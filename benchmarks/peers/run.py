@@ -287,6 +287,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tmp", default=None, help="directory for the case and outputs")
+    ap.add_argument("--note", default="", help="a paragraph for the report (what the figures "
+                    "depend on that the tables do not say)")
     ap.add_argument("--write-case", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.write_case:
@@ -343,7 +345,8 @@ def main() -> None:
                "params_per_model": case["params"], "n": N, "rounds": repeat, "peers": status,
                "runs": runs, "agreement": agree,
                "driver_peak_rss_mb": driver_rss, "load_before_rounds": load,
-               "reference_plan_seconds": REFERENCE_PLAN_SECONDS}
+               "reference_plan_seconds": REFERENCE_PLAN_SECONDS,
+               **({"note": args.note} if args.note else {})}
     name = "peers_quick" if args.quick else "peers"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -367,7 +370,8 @@ def report(r: dict) -> str:
     lines = [
         f"# flexmerge and its peers ({r['params_per_model']:,} parameters per model, n = {r['n']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; jax {m['jax']}. Peers "
+        f"Machine: {m['cpu']} ({m.get('vector', 'vector unit not recorded')}), "
+        f"{m['cores']} cores, {m['ram_gib']} GiB RAM; jax {m['jax']}. Peers "
         f"in their own environment: " + ", ".join(f"{k} {v}" for k, v in r["peers"].items()) + ".",
         "",
         "Whole processes, warm page cache (the inputs read and the system's modules imported, "
