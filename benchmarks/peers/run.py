@@ -14,7 +14,7 @@ file per model; mergekit reads them as model directories). Every operation
 is one whole process (imports, reads, compilation, writes), timed by the
 wall clock with its peak RSS (``wait4``), after an untimed read of the
 inputs and import of the system's modules (the page cache is warm:
-FusionBench's TIES would evict them).
+FusionBench's TIES would evict them) and a sync of pending writes.
 Rounds interleave the systems (round 1: every operation of every system,
 then round 2, ...) so that load from other work on the machine spreads
 over all of them; the tables give medians. flexmerge runs with its persistent
@@ -330,6 +330,12 @@ def main() -> None:
                         str(Path(args.venv) / "bin" / "python")
                     subprocess.run([py, "-c", WARM[system]], check=True, env=env,
                                    capture_output=True)
+                # Nothing left to write back from earlier operations
+                # (untimed): flexmerge syncs its output before claiming it,
+                # and a sync also waits for whatever else is dirty (the
+                # previous operation's 351-702 MB output, written by a peer
+                # that does not sync: once 11.7 s against 3.6 s).
+                os.sync()
                 res = run_timed(cmd(str(out)), env, work / "stderr.log")
                 runs.setdefault(f"{op}/{system}", []).append(res)
                 outs[(system, op)] = out
@@ -374,8 +380,8 @@ def report(r: dict) -> str:
         f"{m['cores']} cores, {m['ram_gib']} GiB RAM; jax {m['jax']}. Peers "
         f"in their own environment: " + ", ".join(f"{k} {v}" for k, v in r["peers"].items()) + ".",
         "",
-        "Whole processes, warm page cache (the inputs read and the system's modules imported, "
-        "untimed, before each), median "
+        "Whole processes, warm page cache (the inputs read, the system's modules imported and "
+        "pending writes synced, untimed, before each), median "
         f"of {r['rounds']} interleaved rounds (peak RSS in brackets; a process's peak counts "
         "from its parent's at the fork, "
         f"{r['driver_peak_rss_mb']:.0f} MB here, so smaller peaks read as that). Single "
