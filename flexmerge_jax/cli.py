@@ -568,8 +568,8 @@ def run() -> NoReturn:
     A command returns only once its work is done: its outputs are synced to
     disk before they are claimed, and no host thread has work left. What a
     normal interpreter exit would still do is tear down, object by object,
-    the modules, XLA's client and TensorStore's state: 0.2-0.4 s on a small
-    machine, a tenth of a one-shot merge, of no use to a process about to
+    the modules, XLA's client and TensorStore's state: a noticeable part of
+    a short command (docs/performance.md), of no use to a process about to
     end. So the standard streams are flushed, the ``atexit`` handlers run
     (jax's own clean-up, ``jax.distributed``'s shutdown, logging's flush),
     and ``os._exit`` ends the process with :func:`main`'s exit code.
