@@ -552,11 +552,15 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
     try:
         with warnings_quiet():
             if place is None:  # host arrays: any process may read them on its own
-                return ocp.StandardCheckpointer(
-                    multiprocessing_options=_this_process_only()).restore(arr.absolute())
-            ckpt = ocp.StandardCheckpointer()  # every process restores its shards
+                ckpt = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+                place = lambda keys, shape: None  # noqa: E731
+            else:
+                ckpt = ocp.StandardCheckpointer()  # every process restores its shards
 
             def target(kp, m):
+                # NumPy targets restore whole on the host; without a target
+                # Orbax restores arrays saved sharded onto the saving
+                # topology, and refuses another (a pod's model on one host).
                 sharding = place(tuple(str(k.key) for k in kp), tuple(m.shape))
                 if sharding is None:
                     return np.zeros(m.shape, m.dtype)

@@ -29,16 +29,22 @@ def _free_port() -> int:
 
 
 def _run(nproc: int, devices: int, data: Path, out: Path, *extra: Path) -> None:
-    """Runs the worker in ``nproc`` processes and waits for all of them;
-    on a failure or timeout kills only the processes started here."""
+    """Runs the worker in ``nproc`` processes and waits for all of them."""
     out.mkdir()
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
     port = _free_port()
-    logs = [open(out / f"log{i}.txt", "w+") for i in range(nproc)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
-                               str(data), str(out), *map(str, extra)], env=env, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(nproc)]
+    _launch(nproc, devices, out, lambda i: [str(WORKER), str(i), str(nproc), str(port),
+                                            str(data), str(out), *map(str, extra)])
+
+
+def _launch(nproc: int, devices: int, logdir: Path, args, env=lambda i: {}) -> None:
+    """Runs ``python *args(i)`` (with ``env(i)`` added) for each process
+    ``i`` and waits for all of them, logging to ``logdir``; on a failure or
+    timeout kills only the processes started here."""
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    logs = [open(logdir / f"log{i}.txt", "w+") for i in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, *args(i)], env={**base, **env(i)},
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(nproc)]
     try:
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
     except subprocess.TimeoutExpired:
@@ -58,7 +64,8 @@ def _run(nproc: int, devices: int, data: Path, out: Path, *extra: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def inputs(tmp_path_factory):
+    """A base and 4 fine-tuned safetensors files (6 layers of 3 parameters)."""
     from safetensors.numpy import save_file
 
     data = tmp_path_factory.mktemp("multihost_inputs")
@@ -70,10 +77,47 @@ def runs(tmp_path_factory):
     for t in range(4):
         save_file({k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32)
                    for k, v in base.items()}, str(data / f"t{t}.safetensors"))
+    return data
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    data = inputs
     root = tmp_path_factory.mktemp("multihost")
     _run(1, 4, data, root / "single")
     _run(2, 2, data, root / "multi", root / "single")
     return root / "single", root / "multi"
+
+
+def test_cli_merge_in_two_processes_equals_one_process(inputs, tmp_path):
+    """``flexmerge merge --distributed --mesh all`` run by both processes
+    (the console script's module, which ends each process at once after its
+    atexit handlers: jax.distributed's shutdown) writes one directory, the
+    model one process writes without a mesh."""
+    data, blocks = inputs, tmp_path / "blocks.json"
+    blocks.write_text(json.dumps([f"layers.{i}." for i in range(6)]))
+    args = ["--base", str(data / "base.safetensors"), "--finetuned",
+            *[str(data / f"t{t}.safetensors") for t in range(4)], "--blocks", str(blocks),
+            "--method", "ties", "--size", "2", "--quiet"]
+    cli = ["-m", "flexmerge_jax.cli", "merge", *args]
+    port = _free_port()
+    _launch(2, 2, tmp_path, lambda i: [*cli, "--distributed", "--mesh", "all", "--out",
+                                       str(tmp_path / "multi")],
+            env=lambda i: {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+    _launch(1, 1, tmp_path, lambda i: [*cli, "--out", str(tmp_path / "single")])
+    import flexmerge_jax as fm
+
+    one, two = fm.load(tmp_path / "single"), fm.load(tmp_path / "multi")
+    assert two.n_models == one.n_models and 1 < one.n_models < 4
+    assert {k: b.groups for k, b in two.blocks.items()} == \
+        {k: b.groups for k, b in one.blocks.items()}
+    for t in range(4):
+        a = fm.tree.flatten(one.params_for_task(t))[1]
+        b = fm.tree.flatten(two.params_for_task(t))[1]
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["multi", "single"]
 
 
 @pytest.mark.parametrize("name", ["ta_min", "ties_min", "ties_merged", "emr_min", "cties_min"])
