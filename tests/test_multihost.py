@@ -82,10 +82,9 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(inputs, tmp_path_factory):
-    data = inputs
     root = tmp_path_factory.mktemp("multihost")
-    _run(1, 4, data, root / "single")
-    _run(2, 2, data, root / "multi", root / "single")
+    _run(1, 4, inputs, root / "single")
+    _run(2, 2, inputs, root / "multi", root / "single")
     return root / "single", root / "multi"
 
 
