@@ -566,21 +566,29 @@ def run() -> NoReturn:
     :func:`main` on ``sys.argv``, then the process ends at once.
 
     A command returns only once its work is done: its outputs are synced to
-    disk before they are claimed, and no host thread has work left. What a
-    normal interpreter exit would still do is tear down, object by object,
-    the modules, XLA's client and TensorStore's state: a noticeable part of
-    a short command (docs/performance.md), of no use to a process about to
-    end. So the standard streams are flushed, the ``atexit`` handlers run
-    (jax's own clean-up, ``jax.distributed``'s shutdown, logging's flush),
-    and ``os._exit`` ends the process with :func:`main`'s exit code.
+    disk before they are claimed. What a normal interpreter exit would still
+    do is, first, what this does too: wait for non-daemon threads (after
+    ``concurrent.futures`` lets its idle workers go) and run the ``atexit``
+    handlers (jax's own clean-up, ``jax.distributed``'s shutdown, logging's
+    flush); then tear down, object by object, the modules, XLA's client and
+    TensorStore's state: a noticeable part of a short command
+    (docs/performance.md), of no use to a process about to end. So after
+    those steps the standard streams are flushed and ``os._exit`` ends the
+    process with :func:`main`'s exit code (141 if stdout's reader is gone
+    by then, as :func:`main` returns when it notices that itself).
     """
     code = main()
+    # The interpreter's own exit steps (CPython's, undocumented), in its order.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`flexmerge inspect DIR | head`)
+            if stream is not None:  # None: the descriptor was closed at start-up
+                stream.flush()
+        except BrokenPipeError:
+            code = code or 141
+        except (OSError, ValueError):
             pass
-    atexit._run_exitfuncs()  # the handlers an interpreter exit runs (CPython's, undocumented)
     os._exit(code)
 
 

@@ -167,7 +167,7 @@ def test_console_script_entry_point(tmp_path):
 
 
 RUN = """
-import atexit, sys
+import atexit, sys, threading, time
 import flexmerge_jax.cli as cli
 
 
@@ -177,7 +177,9 @@ class Finalized:  # says so when the interpreter tears its modules down
 
 
 keep = Finalized()
-atexit.register(print, "atexit ran", flush=True)
+atexit.register(print, "atexit ran")  # unflushed: run() must flush after the handlers
+# Work a thread still does after main returns is waited for, as at any exit.
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", flush=True))).start()
 sys.argv = ["flexmerge", *sys.argv[1:]]
 cli.run()
 """
@@ -195,6 +197,7 @@ def test_run_exits_at_once_after_atexit_handlers(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"saved 1.0000x model to {out}" in r.stdout  # flushed before the exit
     assert r.stdout.rstrip().endswith("atexit ran") and "finalized" not in r.stdout
+    assert "thread done" in r.stdout
     merged = fm.tree.flatten(fm.load(out).params_for_task(0))[1]
     want = fm.tree.flatten(fm.merge(z.base, z.finetuned, "ta", blocks="vit"))[1]
     assert all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -203,6 +206,10 @@ def test_run_exits_at_once_after_atexit_handlers(tiny, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("flexmerge: error:")
     assert "atexit ran" in r.stdout
+    # stdout closed at start-up (`flexmerge ... >&-`): Python's sys.stdout is None.
+    r = subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-c", RUN, "inspect",
+                        str(out)], stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_closed_stdout_ends_quietly(tiny, tmp_path, monkeypatch):
