@@ -100,11 +100,14 @@ def test_cli_merge_in_two_processes_equals_one_process(inputs, tmp_path):
             "--method", "ties", "--size", "2", "--quiet"]
     cli = ["-m", "flexmerge_jax.cli", "merge", *args]
     port = _free_port()
-    _launch(2, 2, tmp_path, lambda i: [*cli, "--distributed", "--mesh", "all", "--out",
-                                       str(tmp_path / "multi")],
+    logs = [tmp_path / "logs-multi", tmp_path / "logs-single"]
+    for d in logs:
+        d.mkdir()
+    _launch(2, 2, logs[0], lambda i: [*cli, "--distributed", "--mesh", "all", "--out",
+                                      str(tmp_path / "multi")],
             env=lambda i: {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
-    _launch(1, 1, tmp_path, lambda i: [*cli, "--out", str(tmp_path / "single")])
+    _launch(1, 1, logs[1], lambda i: [*cli, "--out", str(tmp_path / "single")])
     import flexmerge_jax as fm
 
     one, two = fm.load(tmp_path / "single"), fm.load(tmp_path / "multi")
@@ -116,7 +119,8 @@ def test_cli_merge_in_two_processes_equals_one_process(inputs, tmp_path):
         b = fm.tree.flatten(two.params_for_task(t))[1]
         for x, y in zip(a, b):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["multi", "single"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "logs-multi", "logs-single", "multi", "single"]
 
 
 @pytest.mark.parametrize("name", ["ta_min", "ties_min", "ties_merged", "emr_min", "cties_min"])
