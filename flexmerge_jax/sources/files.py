@@ -543,7 +543,14 @@ def load_params(path) -> PyTree:
     if r.format == "orbax":
         import orbax.checkpoint as ocp
 
-        return ocp.StandardCheckpointer().restore(r.path.absolute())
+        # NumPy targets: arrays saved sharded (over any devices, by any
+        # number of processes) restore whole on the host; without a target
+        # Orbax restores them as jax.Arrays onto the saving topology, and
+        # refuses another.
+        ckpt = ocp.StandardCheckpointer()
+        md = ckpt.metadata(r.path.absolute()).item_metadata.tree
+        return ckpt.restore(r.path.absolute(),
+                            jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), md))
     flat = r.read(r.names)
     return nest(flat) if any("/" in k for k in flat) else flat
 

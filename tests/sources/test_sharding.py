@@ -232,3 +232,34 @@ def test_cli_mesh_flag_gives_the_unsharded_model(tmp_path, capsys):
     assert main(["cut", str(tmp_path / "plan"), "--size", "2", "--mesh", "all",
                  "--out", str(tmp_path / "cut")]) == 0
     assert_models_equal(fm.load(tmp_path / "plain"), fm.load(tmp_path / "cut"), 3)
+
+
+SAVE_SHARDED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((4,), ("m",))
+w = jax.device_put(jnp.arange(64.0, dtype=jnp.float32).reshape(8, 8), NamedSharding(mesh, P("m")))
+with ocp.StandardCheckpointer() as c:
+    c.save(sys.argv[1], {"w": w, "b": np.ones(3, np.float32)})
+"""
+
+
+def test_orbax_params_saved_sharded_elsewhere_load_as_numpy(tmp_path):
+    """An Orbax params checkpoint whose arrays were saved sharded over 4
+    devices (another process, another topology: this one has 8) loads
+    whole, as the NumPy arrays load_params promises (it restored
+    jax.Arrays onto the saving topology, and refused a smaller one)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "params"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", SAVE_SHARDED, str(path)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    got = fm.load_params(path)
+    assert sorted(got) == ["b", "w"] and all(type(v) is np.ndarray for v in got.values())
+    np.testing.assert_array_equal(got["w"], np.arange(64.0, dtype=np.float32).reshape(8, 8))
+    np.testing.assert_array_equal(got["b"], np.ones(3, np.float32))
