@@ -49,6 +49,7 @@ from ._plan import Plan
 from ._prepared import materialize_blocks
 from .blocks import Partition
 from .progress import Progress
+from .sources.files import restore_tree
 from .sources.sharding import check_axis as _check_axis
 from .sources.sharding import leaf_spec
 from .tree import Layout, flatten, nest
@@ -551,23 +552,11 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
         raise ValueError(f"{path} is incomplete: no arrays/{item}")
     try:
         with warnings_quiet():
-            if place is None:  # host arrays: any process may read them on its own
-                ckpt = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
-                place = lambda keys, shape: None  # noqa: E731
-            else:
-                ckpt = ocp.StandardCheckpointer()  # every process restores its shards
-
-            def target(kp, m):
-                # NumPy targets restore whole on the host; without a target
-                # Orbax restores arrays saved sharded onto the saving
-                # topology, and refuses another (a pod's model on one host).
-                sharding = place(tuple(str(k.key) for k in kp), tuple(m.shape))
-                if sharding is None:
-                    return np.zeros(m.shape, m.dtype)
-                return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
-
-            md = ckpt.metadata(arr.absolute()).item_metadata.tree
-            return ckpt.restore(arr.absolute(), jax.tree_util.tree_map_with_path(target, md))
+            # Host arrays: any process may read them on its own; sharded
+            # ones: every process restores its shards.
+            ckpt = ocp.StandardCheckpointer() if place is not None else \
+                ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+            return restore_tree(ckpt, arr, place)
     except Exception as e:  # a damaged Orbax item: one line naming it
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{arr}: cannot read this Orbax checkpoint ({msg[:300]})") from None

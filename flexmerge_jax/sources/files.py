@@ -543,16 +543,32 @@ def load_params(path) -> PyTree:
     if r.format == "orbax":
         import orbax.checkpoint as ocp
 
-        # NumPy targets: arrays saved sharded (over any devices, by any
-        # number of processes) restore whole on the host; without a target
-        # Orbax restores them as jax.Arrays onto the saving topology, and
-        # refuses another.
-        ckpt = ocp.StandardCheckpointer()
-        md = ckpt.metadata(r.path.absolute()).item_metadata.tree
-        return ckpt.restore(r.path.absolute(),
-                            jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), md))
+        return restore_tree(ocp.StandardCheckpointer(), r.path)
     flat = r.read(r.names)
     return nest(flat) if any("/" in k for k in flat) else flat
+
+
+def restore_tree(checkpointer, path, place=None) -> PyTree:
+    """The tree of the Orbax checkpoint at ``path`` (restored with
+    ``checkpointer``, an ``orbax.checkpoint.StandardCheckpointer``), each
+    leaf a NumPy array, or restored onto the sharding that ``place(keys,
+    shape)`` gives it (``keys``: the leaf's path of dict keys; ``None``:
+    NumPy).
+
+    Every leaf gets a target: without one, Orbax restores arrays saved
+    sharded as jax.Arrays on the saving topology (devices, processes), and
+    refuses any other (a pod's model on one host).
+    """
+    path = Path(path).absolute()
+
+    def target(kp, m):
+        sharding = None if place is None else place(tuple(str(k.key) for k in kp), tuple(m.shape))
+        if sharding is None:
+            return np.zeros(m.shape, m.dtype)  # zero pages, never touched: only the type
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+
+    md = checkpointer.metadata(path).item_metadata.tree
+    return checkpointer.restore(path, jax.tree_util.tree_map_with_path(target, md))
 
 
 def save_npz(file, arrays: dict[str, np.ndarray], path) -> None:
