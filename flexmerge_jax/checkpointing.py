@@ -34,6 +34,8 @@ import json
 import os
 import re
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,7 @@ class _Writer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._threads_before = set(threading.enumerate())
         # One process: no barriers. Several: all of them, process 0 primary.
         every = ocp.options.MultiprocessingOptions() if jax.process_count() > 1 \
             else _this_process_only()
@@ -332,7 +335,56 @@ class _Writer:
                     self._ckpt.close()
             except Exception:
                 if not failed:
+                    failed = True
                     raise
+            finally:
+                if failed:
+                    self._discard()
+
+    def _discard(self) -> None:
+        """Removes what a failed save wrote, once its stragglers are done.
+
+        After a failed write Orbax reports the first error it waits for and
+        no longer waits for the rest: its threads writing other arrays of
+        the part, and TensorStore's writes they had started, may still be
+        running, and a write that lands after the caller removed the
+        temporary directory recreates it (TensorStore creates missing
+        directories) and leaves it behind. So: join Orbax's threads, then
+        remove :attr:`directory` until it has stayed absent for
+        :data:`_SETTLE_S` (the writes in flight fail or finish in moments;
+        30 s at most for the threads: one waiting for another process's
+        signal would otherwise hold up a Ctrl-C until Orbax's timeout).
+        Under ``jax.distributed`` process 0 alone removes it (it owns the
+        temporary directory; the other processes' writes end at its barrier).
+        """
+        deadline = time.monotonic() + 30
+        for t in set(threading.enumerate()) - self._threads_before:
+            if type(t).__module__.startswith("orbax.") and t is not threading.current_thread():
+                with contextlib.suppress(Exception):  # Orbax's join reraises the thread's error
+                    t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if jax.process_index() == 0:
+            _remove_settled(self.directory)
+
+
+#: How long a failed save's directory must stay absent before it counts as
+#: removed (writes still in flight recreate it): see ``_Writer._discard``.
+_SETTLE_S = 0.3
+
+
+def _remove_settled(d: Path, quiet_s: float = _SETTLE_S, limit_s: float = 10.0) -> None:
+    """Removes ``d`` and again whenever it reappears, until it has stayed
+    absent for ``quiet_s`` (at most ``limit_s`` in all)."""
+    start = time.monotonic()
+    gone_since = None
+    while (now := time.monotonic()) - start < limit_s:
+        if os.path.lexists(d):
+            _claim.abandon(d)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = now
+        elif now - gone_since >= quiet_s:
+            return
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -227,6 +228,13 @@ def small_filesystem(path: Path, size: str, *options):
             subprocess.run(["umount", str(path)], check=True)
 
 
+def disk_full(path: Path):
+    """Fails as ``_Writer.write`` does when TensorStore finds the disk full."""
+    with checkpointing._os_errors(path):
+        raise ValueError(f"RESOURCE_EXHAUSTED: Error writing {path}: Failed to write 171 bytes to "
+                         "file 4: No space left on device [os_error_code='28']")
+
+
 # Orbax's and TensorStore's own threads fail too (pytest reports each as a
 # warning); the CLI prints one line.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -238,8 +246,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
     with small_filesystem(tmp_path / "disk", "256k") as mounted:
         if not mounted:  # not root: a write that fails as TensorStore's does
             def full(self, path, arrays):
-                raise ValueError(f"RESOURCE_EXHAUSTED: Error writing {path}: Failed to write 171 "
-                                 "bytes to file 4: No space left on device [os_error_code='28']")
+                disk_full(path)
             monkeypatch.setattr(checkpointing._Writer, "write", full)
         out = tmp_path / "disk" / "m"
         code = main(["merge", "--base", str(tmp_path / "base.safetensors"), "--finetuned", *paths,
@@ -251,6 +258,37 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
         with pytest.raises(OSError, match="No space left on device") as e:
             fm.save_cut(out, fm.plan(base, fts, blocks="by-layer", method="ta"), size=3)
         assert e.value.filename == str(out) and os.listdir(tmp_path / "disk") == []
+
+
+def test_a_write_landing_after_a_failure_leaves_nothing(small, tmp_path, monkeypatch):
+    # A failed Orbax save reports its first error while TensorStore may still
+    # be writing other arrays; such a write recreates the directories it
+    # writes into (here: a thread that lands one as soon as the part's
+    # directory has been removed). CI's disk-full test left
+    # `.m.tmp-*/arrays/p00000.orbax-checkpoint-tmp/ocdbt.process_0/d` so.
+    *_, plan = small
+    late = []
+
+    def full(self, path, arrays):
+        data = path.with_name(path.name + ".orbax-checkpoint-tmp") / "ocdbt.process_0" / "d"
+        data.mkdir(parents=True)
+
+        def land():
+            for _ in range(10_000):
+                if not self.directory.exists():
+                    data.mkdir(parents=True)
+                    return
+                time.sleep(0.001)
+
+        late.append(threading.Thread(target=land))
+        late[0].start()
+        disk_full(path)
+
+    monkeypatch.setattr(checkpointing._Writer, "write", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        fm.save_cut(tmp_path / "m", plan, size=3)
+    late[0].join()
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
