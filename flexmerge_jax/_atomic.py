@@ -37,11 +37,13 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_dir", "begin", "finish", "abandon", "check_target", "MANIFEST"]
+__all__ = ["write_dir", "begin", "finish", "abandon", "remove_settled", "check_target",
+           "MANIFEST"]
 
 #: File listing what a save wrote (paths relative to the directory, ``/``
 #: separated, directories with a trailing ``/``).
@@ -95,6 +97,29 @@ def abandon(p: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             p.unlink()
+
+
+#: How long a failed write's directory must stay absent before it counts as
+#: removed: see :func:`remove_settled`.
+SETTLE_S = 0.3
+
+
+def remove_settled(p: Path, quiet_s: float = SETTLE_S, limit_s: float = 10.0) -> None:
+    """Removes ``p`` (:func:`abandon`), and again whenever it reappears, until
+    it has stayed absent for ``quiet_s`` (``limit_s`` at most in all): for a
+    failed write whose last writes may still land (TensorStore creates the
+    directories it writes into)."""
+    start = time.monotonic()
+    gone_since = None
+    while (now := time.monotonic()) - start < limit_s:
+        if os.path.lexists(p):
+            abandon(p)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = now
+        elif now - gone_since >= quiet_s:
+            return
+        time.sleep(0.01)
 
 
 def _entries(d: Path) -> set[str]:

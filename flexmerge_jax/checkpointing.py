@@ -32,10 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ from ._plan import Plan
 from ._prepared import materialize_blocks
 from .blocks import Partition
 from .progress import Progress
-from .sources.files import restore_tree
+from .sources.files import discard_failed_write, os_errors, restore_tree
 from .sources.sharding import check_axis as _check_axis
 from .sources.sharding import leaf_spec
 from .tree import Layout, flatten, nest
@@ -264,7 +262,10 @@ class _Writer:
     ``<directory>/p00000``, ... in the background while the caller prepares
     the next (at most one write in flight: Orbax's ``save`` first waits for
     the previous one). Leaving the context writes the last part and waits
-    (raising the write's error, if any). ``parts``: the names in each part.
+    (raising the write's error, if any; after a failure ``directory`` is
+    removed once the writes still in flight have ended:
+    :func:`~flexmerge_jax.sources.files.discard_failed_write`). ``parts``:
+    the names in each part.
 
     Under ``jax.distributed`` every process writes each part (Orbax's
     multi-process save): the shards of the arrays it holds (:func:`_stored`),
@@ -312,7 +313,7 @@ class _Writer:
     def write(self, path: Path, tree: dict) -> None:
         """Starts writing one part (an Orbax save in the background)."""
         self._last = path
-        with _os_errors(path):
+        with os_errors(path):
             self._ckpt.save(path.absolute(), args=self._ocp.args.PyTreeSave(tree))
 
     def __exit__(self, typ, exc, tb):
@@ -323,7 +324,7 @@ class _Writer:
         try:
             if typ is None:
                 self._flush()
-            with _os_errors(self._last):
+            with os_errors(self._last):
                 self._ckpt.wait_until_finished()
         except Exception:
             failed = True
@@ -331,75 +332,19 @@ class _Writer:
                 raise
         finally:
             try:  # close() raises a failed write's error once more
-                with _os_errors(self._last):
+                with os_errors(self._last):
                     self._ckpt.close()
             except Exception:
                 if not failed:
                     failed = True
                     raise
             finally:
+                # Under jax.distributed process 0 alone removes the directory
+                # (it owns the temporary directory; the others' writes end at
+                # its barrier).
                 if failed:
-                    self._discard()
-
-    def _discard(self) -> None:
-        """Removes what a failed save wrote, once its stragglers are done.
-
-        After a failed write Orbax reports the first error it waits for and
-        no longer waits for the rest: its threads writing other arrays of
-        the part, and TensorStore's writes they had started, may still be
-        running, and a write that lands after the caller removed the
-        temporary directory recreates it (TensorStore creates missing
-        directories) and leaves it behind. So: join Orbax's threads, then
-        remove :attr:`directory` until it has stayed absent for
-        :data:`_SETTLE_S` (the writes in flight fail or finish in moments;
-        30 s at most for the threads: one waiting for another process's
-        signal would otherwise hold up a Ctrl-C until Orbax's timeout).
-        Under ``jax.distributed`` process 0 alone removes it (it owns the
-        temporary directory; the other processes' writes end at its barrier).
-        """
-        deadline = time.monotonic() + 30
-        for t in set(threading.enumerate()) - self._threads_before:
-            if type(t).__module__.startswith("orbax.") and t is not threading.current_thread():
-                with contextlib.suppress(Exception):  # Orbax's join reraises the thread's error
-                    t.join(timeout=max(0.0, deadline - time.monotonic()))
-        if jax.process_index() == 0:
-            _remove_settled(self.directory)
-
-
-#: How long a failed save's directory must stay absent before it counts as
-#: removed (writes still in flight recreate it): see ``_Writer._discard``.
-_SETTLE_S = 0.3
-
-
-def _remove_settled(d: Path, quiet_s: float = _SETTLE_S, limit_s: float = 10.0) -> None:
-    """Removes ``d`` and again whenever it reappears, until it has stayed
-    absent for ``quiet_s`` (at most ``limit_s`` in all)."""
-    start = time.monotonic()
-    gone_since = None
-    while (now := time.monotonic()) - start < limit_s:
-        if os.path.lexists(d):
-            _claim.abandon(d)
-            gone_since = None
-        elif gone_since is None:
-            gone_since = now
-        elif now - gone_since >= quiet_s:
-            return
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def _os_errors(path: Path | None):
-    """Reraises TensorStore's errors for a failed system call (a screenful
-    of JSON specification ending in ``[os_error_code='28']``) as the
-    ``OSError`` they are: ``[Errno 28] No space left on device: 'path'``."""
-    try:
-        yield
-    except Exception as e:
-        code = re.search(r"os_error_code='(\d+)'", str(e))
-        if code is None:
-            raise
-        code = int(code.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from e
+                    discard_failed_write([self.directory], self._threads_before,
+                                         remove=jax.process_index() == 0)
 
 
 def save(path: str | os.PathLike, obj, *, overwrite: bool = False) -> Path:

@@ -20,6 +20,7 @@ import pytest
 import flexmerge_jax as fm
 from flexmerge_jax import checkpointing
 from flexmerge_jax.cli import main
+from flexmerge_jax.sources import files
 
 from conftest import random_case
 
@@ -230,7 +231,7 @@ def small_filesystem(path: Path, size: str, *options):
 
 def disk_full(path: Path):
     """Fails as ``_Writer.write`` does when TensorStore finds the disk full."""
-    with checkpointing._os_errors(path):
+    with files.os_errors(path):
         raise ValueError(f"RESOURCE_EXHAUSTED: Error writing {path}: Failed to write 171 bytes to "
                          "file 4: No space left on device [os_error_code='28']")
 
@@ -258,6 +259,20 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
         with pytest.raises(OSError, match="No space left on device") as e:
             fm.save_cut(out, fm.plan(base, fts, blocks="by-layer", method="ta"), size=3)
         assert e.value.filename == str(out) and os.listdir(tmp_path / "disk") == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_save_params_to_a_full_disk_is_one_oserror_and_leaves_nothing(tmp_path):
+    base, _ = random_case(2, n=1, shapes={f"l{i}.w": (128, 128) for i in range(8)})
+    with small_filesystem(tmp_path / "disk", "256k") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a small tmpfs")
+        for name in ("p", "p.npz", "p.safetensors"):
+            with pytest.raises(OSError, match="No space left on device") as e:
+                fm.save_params(tmp_path / "disk" / name, base)
+            assert e.value.filename == str(tmp_path / "disk" / name)
+            assert os.listdir(tmp_path / "disk") == [], name
 
 
 def test_a_write_landing_after_a_failure_leaves_nothing(small, tmp_path, monkeypatch):

@@ -24,10 +24,13 @@ the same ``"/"``-joined names); Orbax trees are named by their key paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
+import threading
+import time
 import uuid
 import zipfile
 from collections.abc import Sequence
@@ -40,6 +43,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .. import _atomic
 from ..tree import Layout, flatten, layout_mismatch, nest
 from ._source import (
     MemorySource,
@@ -595,25 +599,83 @@ def save_params(path, params: PyTree) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if path.suffix == ".npz":
-            with open(tmp, "wb") as f:
-                save_npz(f, arrays, path)
-        elif path.suffix == ".safetensors":
-            save_file(arrays, str(tmp))
-        else:
-            import orbax.checkpoint as ocp
-
-            ck = ocp.StandardCheckpointer()
-            ck.save(tmp.absolute(), params)
-            ck.wait_until_finished()
+        with os_errors(path):
+            if path.suffix == ".npz":
+                with open(tmp, "wb") as f:
+                    save_npz(f, arrays, path)
+            elif path.suffix == ".safetensors":
+                save_file(arrays, str(tmp))
+            else:
+                _save_orbax(tmp, params)
         os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+    except BaseException as e:
+        _atomic.abandon(tmp)
+        if isinstance(e, OSError) and e.errno and str(e.filename or tmp).startswith(str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from e  # the user's name, not tmp's
         raise
     return path
+
+
+def _save_orbax(tmp: Path, params) -> None:
+    """Writes ``params`` as an Orbax checkpoint ``tmp``; on failure removes
+    what it wrote and raises."""
+    import orbax.checkpoint as ocp
+
+    before = set(threading.enumerate())
+    ck = ocp.StandardCheckpointer()
+    try:
+        ck.save(tmp.absolute(), params)
+        ck.wait_until_finished()
+    except BaseException:
+        with contextlib.suppress(Exception):  # raises the write's error once more
+            ck.close()
+        # Orbax writes into a sibling and renames it when done.
+        discard_failed_write([tmp, tmp.with_name(tmp.name + ".orbax-checkpoint-tmp")], before)
+        raise
+    ck.close()
+
+
+@contextlib.contextmanager
+def os_errors(path: Path | None):
+    """Reraises TensorStore's errors for a failed system call (a screenful
+    of JSON specification ending in ``[os_error_code='28']``) and
+    safetensors' (``... (os error 28)``) as the ``OSError`` they are:
+    ``[Errno 28] No space left on device: 'path'``."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError):
+            raise
+        code = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        code = int(code.group(1) or code.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def discard_failed_write(directories: Sequence[Path], threads_before: set, *,
+                         remove: bool = True) -> None:
+    """Removes what a failed Orbax save wrote, once its stragglers are done.
+
+    After a failed write Orbax reports the first error it waits for and no
+    longer waits for the rest: its threads writing other arrays, and
+    TensorStore's writes they had started, may still be running, and a write
+    that lands after the caller removed the directory recreates it
+    (TensorStore creates missing directories) and leaves it behind. So this
+    joins the Orbax threads not in ``threads_before`` (``threading.enumerate()``
+    before the save; 30 s at most in all: one waiting for another process's
+    signal would otherwise hold up a Ctrl-C until Orbax's timeout), then, with
+    ``remove``, removes each of ``directories`` until it stays absent
+    (:func:`_atomic.remove_settled`).
+    """
+    deadline = time.monotonic() + 30
+    for t in set(threading.enumerate()) - threads_before:
+        if type(t).__module__.startswith("orbax.") and t is not threading.current_thread():
+            with contextlib.suppress(Exception):  # Orbax's join reraises the thread's error
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+    if remove:
+        for d in directories:
+            _atomic.remove_settled(d)
 
 
 class PathSource(FileInputs, Source):
