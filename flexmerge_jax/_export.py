@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -115,6 +116,10 @@ def _task_dir(name: str) -> str:
 
 
 def _host(x) -> np.ndarray:
+    """``x`` whole on the host; an array spread over several processes is
+    gathered (a collective: every process exports, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
     return np.ascontiguousarray(jax.device_get(x))
 
 
@@ -122,12 +127,8 @@ def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None) ->
     """One task's checkpoint in ``dest`` (created here; an existing empty
     directory, the top-level temporary one, is reused)."""
     if format == "orbax":
-        import orbax.checkpoint as ocp
-
-        ckpt = ocp.StandardCheckpointer()
         # force: ``dest`` may be the (empty) temporary directory made for us.
-        ckpt.save(dest.absolute(), jax.tree_util.tree_map(_host, params), force=True)
-        ckpt.wait_until_finished()
+        io_lib.save_orbax(dest, jax.tree_util.tree_map(_host, params), force=True)
         return
     dest.mkdir(exist_ok=True)
     if format == "hf":

@@ -49,7 +49,7 @@ from ._plan import Plan
 from ._prepared import materialize_blocks
 from .blocks import Partition
 from .progress import Progress
-from .sources.files import discard_failed_write, os_errors, restore_tree
+from .sources.files import discard_failed_write, os_errors, restore_tree, this_process_only
 from .sources.sharding import check_axis as _check_axis
 from .sources.sharding import leaf_spec
 from .tree import Layout, flatten, nest
@@ -226,15 +226,6 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write("\n")
 
 
-def _this_process_only():
-    """Orbax options for reading or writing from this process alone (no
-    barriers with the other processes of ``jax.distributed``)."""
-    import orbax.checkpoint as ocp
-
-    me = jax.process_index()
-    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-
-
 def _nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
@@ -289,7 +280,7 @@ class _Writer:
         self._threads_before = set(threading.enumerate())
         # One process: no barriers. Several: all of them, process 0 primary.
         every = ocp.options.MultiprocessingOptions() if jax.process_count() > 1 \
-            else _this_process_only()
+            else this_process_only()
         self._ckpt = ocp.AsyncCheckpointer(
             ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=every,
                                         type_handler_registry=_handlers()),
@@ -552,7 +543,7 @@ def _read_arrays(path: Path, item: str, place=None) -> dict:
             # Host arrays: any process may read them on its own; sharded
             # ones: every process restores its shards.
             ckpt = ocp.StandardCheckpointer() if place is not None else \
-                ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+                ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
             return restore_tree(ckpt, arr, place)
     except Exception as e:  # a damaged Orbax item: one line naming it
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]

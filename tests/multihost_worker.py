@@ -158,11 +158,27 @@ def main() -> None:
     except ValueError as e:
         checks["saving over an existing directory fails"] = "exists" in str(e)
     checks["the emr cut has masks"] = any(b.masks for b in emr.blocks.values())
+    # An Orbax export: every process calls it; process 0 writes it.
+    fm.export(model, f"{out}/export", task=0, format="orbax")
+    exported = jax.tree_util.tree_leaves_with_path(fm.load_params(f"{out}/export"))
+    mine = jax.tree_util.tree_leaves_with_path(model.params_for_task(0))
+    checks["the orbax export holds task 0's params"] = [p for p, _ in exported] == [
+        p for p, _ in mine] and all(np.array_equal(x, params[f"0/{jax.tree_util.keystr(p)}"])
+                                    for p, x in exported)
     result["load_checks"] = checks
     for path, v in jax.tree_util.tree_leaves_with_path(merged):  # the one-shot merge
         params[f"merged/{jax.tree_util.keystr(path)}"] = np.asarray(
             multihost_utils.process_allgather(v, tiled=True))
     if pid == 0:
+        # One process alone writes and reads an Orbax params checkpoint: no
+        # barrier with the other process (Orbax's default waits for it).
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            w = {"a": {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}}
+            fm.save_params(f"{d}/p", w)
+            result["params_saved_and_loaded_alone"] = bool(
+                np.array_equal(fm.load_params(f"{d}/p")["a"]["w"], w["a"]["w"]))
         np.savez(f"{out}/params.npz", **params)
         with open(f"{out}/result.json", "w") as f:
             json.dump(result, f)

@@ -77,6 +77,10 @@ def inputs(tmp_path_factory):
     for t in range(4):
         save_file({k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32)
                    for k, v in base.items()}, str(data / f"t{t}.safetensors"))
+    import flexmerge_jax as fm
+
+    for name in ["base", "t0", "t1", "t2", "t3"]:  # the same models as Orbax checkpoints
+        fm.save_params(data / "orbax" / name, fm.load_params(data / f"{name}.safetensors"))
     return data
 
 
@@ -88,15 +92,20 @@ def runs(inputs, tmp_path_factory):
     return root / "single", root / "multi"
 
 
-def test_cli_merge_in_two_processes_equals_one_process(inputs, tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "orbax"])
+def test_cli_merge_in_two_processes_equals_one_process(inputs, tmp_path, fmt):
     """``flexmerge merge --distributed --mesh all`` run by both processes
     (the console script's module, which ends each process at once after its
     atexit handlers: jax.distributed's shutdown) writes one directory, the
-    model one process writes without a mesh."""
+    model one process writes without a mesh. Orbax inputs are read in the
+    prefetching threads, each process for itself: a restore with Orbax's
+    default barrier (a device collective) there broke the run."""
     data, blocks = inputs, tmp_path / "blocks.json"
     blocks.write_text(json.dumps([f"layers.{i}." for i in range(6)]))
-    args = ["--base", str(data / "base.safetensors"), "--finetuned",
-            *[str(data / f"t{t}.safetensors") for t in range(4)], "--blocks", str(blocks),
+    file = (lambda n: data / f"{n}.safetensors") if fmt == "safetensors" else \
+        (lambda n: data / "orbax" / n)
+    args = ["--base", str(file("base")), "--finetuned",
+            *[str(file(f"t{t}")) for t in range(4)], "--blocks", str(blocks),
             "--method", "ties", "--size", "2", "--quiet"]
     cli = ["-m", "flexmerge_jax.cli", "merge", *args]
     port = _free_port()
@@ -171,14 +180,24 @@ def test_each_process_reads_only_its_own_slices(runs):
 
 def test_two_processes_save_and_load_one_directory(runs):
     """save / save_cut called by both processes with one path write one
-    complete directory; load(..., mesh=) restores it sharded, equal."""
+    complete directory; load(..., mesh=) restores it sharded, equal; an
+    Orbax export called by both holds the task's params."""
     for d in runs:
         checks = json.loads((d / "result.json").read_text())["load_checks"]
         assert checks and all(checks.values()), (d.name, checks)
         for name in ("cut", "plan", "model", "emr"):
             assert (d / name / "flexmerge.json").is_file()
         # Nothing else: no temporary directories left beside them.
-        assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["cut", "emr", "model", "plan"]
+        assert sorted(p.name for p in d.iterdir() if p.is_dir()) == [
+            "cut", "emr", "export", "model", "plan"]
+
+
+def test_one_process_alone_saves_and_loads_orbax_params(runs):
+    """fm.save_params / fm.load_params of an Orbax directory called by
+    process 0 alone (a serving host, a conversion script) do not wait for
+    the other processes."""
+    for d in runs:
+        assert json.loads((d / "result.json").read_text())["params_saved_and_loaded_alone"]
 
 
 def test_each_process_writes_and_loads_only_its_own_shards(runs):

@@ -382,7 +382,8 @@ class _Reader:
             return keys, shapes, dtypes
         import orbax.checkpoint as ocp
 
-        md = ocp.StandardCheckpointer().metadata(self.path.absolute()).item_metadata
+        ck = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
+        md = ck.metadata(self.path.absolute()).item_metadata
         if md is None:
             raise ValueError("no readable tree metadata (_METADATA missing or damaged)")
         md = md.tree
@@ -505,7 +506,10 @@ class _Reader:
                 rnode = rnode.setdefault(key, {})
             node[keys[-1]] = np.zeros(shapes[k], dtypes[k])
             rnode[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-        out = ocp.PyTreeCheckpointer().restore(
+        # Read by every process for itself, possibly in a prefetching thread.
+        one = this_process_only()
+        out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=one),
+                               multiprocessing_options=one).restore(
             self.path.absolute(),
             args=ocp.args.PyTreeRestore(item=item, restore_args=rargs, partial_restore=True),
         )
@@ -547,9 +551,25 @@ def load_params(path) -> PyTree:
     if r.format == "orbax":
         import orbax.checkpoint as ocp
 
-        return restore_tree(ocp.StandardCheckpointer(), r.path)
+        return restore_tree(ocp.StandardCheckpointer(multiprocessing_options=this_process_only()),
+                            r.path)
     flat = r.read(r.names)
     return nest(flat) if any("/" in k for k in flat) else flat
+
+
+def this_process_only():
+    """Orbax options for reading or writing from this process alone.
+
+    Orbax's defaults end each restore and save with a barrier of every
+    process of ``jax.distributed``, a device collective
+    (``sync_global_devices``): issued from a reader thread, or by one process
+    alone, it hangs or meets another program's collective (Gloo: "context
+    initialization failed").
+    """
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 def restore_tree(checkpointer, path, place=None) -> PyTree:
@@ -594,8 +614,9 @@ def save_params(path, params: PyTree) -> Path:
     path = Path(path)
     if path.exists():
         raise ValueError(f"{path} exists")
-    names, leaves, _ = flatten(params)
-    arrays = {n: np.asarray(jax.device_get(x)) for n, x in zip(names, leaves)}
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    names, leaves, _ = flatten(host)
+    arrays = dict(zip(names, leaves))
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -606,7 +627,7 @@ def save_params(path, params: PyTree) -> Path:
             elif path.suffix == ".safetensors":
                 save_file(arrays, str(tmp))
             else:
-                _save_orbax(tmp, params)
+                save_orbax(tmp, host)
         os.replace(tmp, path)
     except BaseException as e:
         _atomic.abandon(tmp)
@@ -616,21 +637,24 @@ def save_params(path, params: PyTree) -> Path:
     return path
 
 
-def _save_orbax(tmp: Path, params) -> None:
-    """Writes ``params`` as an Orbax checkpoint ``tmp``; on failure removes
-    what it wrote and raises."""
+def save_orbax(dest: Path, tree: PyTree, *, force: bool = False) -> None:
+    """Writes ``tree`` (host arrays) as an Orbax checkpoint ``dest`` from
+    this process alone (:func:`this_process_only`); ``force``: ``dest`` may
+    exist (an empty directory made for it). On failure removes what it wrote,
+    once the writes still in flight have ended (:func:`discard_failed_write`),
+    and raises."""
     import orbax.checkpoint as ocp
 
     before = set(threading.enumerate())
-    ck = ocp.StandardCheckpointer()
+    ck = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
     try:
-        ck.save(tmp.absolute(), params)
+        ck.save(dest.absolute(), tree, force=force)
         ck.wait_until_finished()
     except BaseException:
         with contextlib.suppress(Exception):  # raises the write's error once more
             ck.close()
         # Orbax writes into a sibling and renames it when done.
-        discard_failed_write([tmp, tmp.with_name(tmp.name + ".orbax-checkpoint-tmp")], before)
+        discard_failed_write([dest, dest.with_name(dest.name + ".orbax-checkpoint-tmp")], before)
         raise
     ck.close()
 
