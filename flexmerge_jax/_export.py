@@ -125,17 +125,28 @@ def _host(x) -> np.ndarray:
 
 def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None) -> None:
     """One task's checkpoint in ``dest`` (created here; an existing empty
-    directory, the top-level temporary one, is reused)."""
+    directory, the top-level temporary one, is reused).
+
+    Under ``jax.distributed`` every process gathers the task's parameters
+    (collectives, in the same order everywhere) and process 0 alone writes:
+    the others' copies would be thrown away, and their Orbax saves, running
+    at the same time as process 0's, share its completion signals' keys in
+    the coordination service (one process's finished save deleted the keys
+    the other waited for: a 300 s timeout).
+    """
+    params = jax.tree_util.tree_map(_host, params)
+    if jax.process_index() != 0:
+        return
     if format == "orbax":
         # force: ``dest`` may be the (empty) temporary directory made for us.
-        io_lib.save_orbax(dest, jax.tree_util.tree_map(_host, params), force=True)
+        io_lib.save_orbax(dest, params, force=True)
         return
     dest.mkdir(exist_ok=True)
     if format == "hf":
         mirror.write(dest, params)
         return
     names, leaves, _ = flatten(params)
-    arrays = {n: _host(x) for n, x in zip(names, leaves)}
+    arrays = dict(zip(names, leaves))
     if format == "npz":
         with open(dest / "params.npz", "wb") as f:
             io_lib.save_npz(f, arrays, dest / "params.npz")
@@ -183,7 +194,7 @@ class _Mirror:
         """``{HF name: array}`` of one task: the model's, then the copied ones."""
         if self.mapping is None:
             names, leaves, _ = flatten(params)
-            out = {n: _host(x) for n, x in zip(names, leaves)}
+            out = dict(zip(names, leaves))
         else:
             out = to_hf(params, self.mapping, transpose=self.transpose, like=self.reader.names)
         out.update(self.reader.read(self.copied) if self.copied else {})

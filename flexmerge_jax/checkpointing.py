@@ -331,8 +331,10 @@ class _Writer:
                     raise
             finally:
                 # Under jax.distributed process 0 alone removes the directory
-                # (it owns the temporary directory; the others' writes end at
-                # its barrier).
+                # (it owns the temporary directory). Another process's writes
+                # may still land after that; what they recreate bears process
+                # 0's host and pid, and the next save of the same path on this
+                # host removes it once this process has ended.
                 if failed:
                     discard_failed_write([self.directory], self._threads_before,
                                          remove=jax.process_index() == 0)

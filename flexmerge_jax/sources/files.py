@@ -610,10 +610,21 @@ def save_params(path, params: PyTree) -> Path:
 
     The format follows the suffix (no suffix: Orbax). Names are the leaves'
     ``"/"``-joined key paths. The write is atomic (temporary + rename).
+    Under ``jax.distributed`` it writes from the calling process alone
+    (arrays spread over processes cannot be saved so); Orbax directories only
+    from process 0 (Orbax writes NumPy arrays from no other).
+
+    Raises:
+      ValueError: ``path`` exists, or an Orbax save on a process other than 0.
+      OSError: a failed write (a full disk), naming ``path``; nothing is left.
     """
     path = Path(path)
     if path.exists():
         raise ValueError(f"{path} exists")
+    if path.suffix not in (".npz", ".safetensors") and jax.process_index() != 0:
+        raise ValueError(f"{path}: Orbax writes NumPy arrays only from process 0 of a "
+                         f"jax.distributed run (this is process {jax.process_index()}); "
+                         "save it from process 0, or as .safetensors or .npz")
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     names, leaves, _ = flatten(host)
     arrays = dict(zip(names, leaves))
@@ -631,6 +642,7 @@ def save_params(path, params: PyTree) -> Path:
         os.replace(tmp, path)
     except BaseException as e:
         _atomic.abandon(tmp)
+        _atomic.abandon(tmp.with_name(tmp.name + ORBAX_TMP_SUFFIX))  # an interrupted Orbax save's
         if isinstance(e, OSError) and e.errno and str(e.filename or tmp).startswith(str(tmp)):
             raise OSError(e.errno, e.strerror, str(path)) from e  # the user's name, not tmp's
         raise
@@ -639,24 +651,37 @@ def save_params(path, params: PyTree) -> Path:
 
 def save_orbax(dest: Path, tree: PyTree, *, force: bool = False) -> None:
     """Writes ``tree`` (host arrays) as an Orbax checkpoint ``dest`` from
-    this process alone (:func:`this_process_only`); ``force``: ``dest`` may
-    exist (an empty directory made for it). On failure removes what it wrote,
-    once the writes still in flight have ended (:func:`discard_failed_write`),
-    and raises."""
+    this process alone (:func:`this_process_only`; Orbax writes NumPy arrays
+    only from process 0 of ``jax.distributed``, whatever the options say).
+
+    ``dest``: a new path, or with ``force`` an empty directory made for it
+    (then removed on failure too). On failure removes what it wrote
+    (:func:`discard_failed_write`) and raises.
+    """
     import orbax.checkpoint as ocp
 
+    # Orbax writes into this sibling and renames it to dest when done.
+    written = [dest.with_name(dest.name + ORBAX_TMP_SUFFIX)]
+    if force or not os.path.lexists(dest):
+        written.append(dest)
     before = set(threading.enumerate())
     ck = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
     try:
         ck.save(dest.absolute(), tree, force=force)
         ck.wait_until_finished()
     except BaseException:
-        with contextlib.suppress(Exception):  # raises the write's error once more
-            ck.close()
-        # Orbax writes into a sibling and renames it when done.
-        discard_failed_write([dest, dest.with_name(dest.name + ".orbax-checkpoint-tmp")], before)
+        try:
+            with contextlib.suppress(Exception):  # raises the write's error once more
+                ck.close()
+        finally:  # also after a second Ctrl-C during close()
+            discard_failed_write(written, before)
         raise
     ck.close()
+
+
+#: The suffix of the directory Orbax writes a checkpoint into before
+#: renaming it into place.
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 @contextlib.contextmanager
@@ -682,18 +707,21 @@ def discard_failed_write(directories: Sequence[Path], threads_before: set, *,
     """Removes what a failed Orbax save wrote, once its stragglers are done.
 
     After a failed write Orbax reports the first error it waits for and no
-    longer waits for the rest: its threads writing other arrays, and
-    TensorStore's writes they had started, may still be running, and a write
-    that lands after the caller removed the directory recreates it
-    (TensorStore creates missing directories) and leaves it behind. So this
-    joins the Orbax threads not in ``threads_before`` (``threading.enumerate()``
-    before the save; 30 s at most in all: one waiting for another process's
-    signal would otherwise hold up a Ctrl-C until Orbax's timeout), then, with
-    ``remove``, removes each of ``directories`` until it stays absent
-    (:func:`_atomic.remove_settled`).
+    longer waits for the rest: its threads writing other arrays may still be
+    running, and so may TensorStore's writes, which go on after the thread
+    that started them gave up; a write that lands after the caller removed
+    the directory recreates it (TensorStore creates missing directories) and
+    leaves it behind. So this joins the Orbax threads not in
+    ``threads_before`` (``threading.enumerate()`` before the save; 30 s at
+    most in all: one waiting for another process's signal would otherwise
+    hold up a Ctrl-C until Orbax's timeout), then, with ``remove``, removes
+    each of ``directories`` until it has stayed absent for
+    :data:`_atomic.SETTLE_S` (:func:`_atomic.remove_settled`): TensorStore's
+    last writes land within moments, but nothing tells when.
     """
     deadline = time.monotonic() + 30
     for t in set(threading.enumerate()) - threads_before:
+        # Orbax's writing threads: orbax.checkpoint._src.futures.future._SignalingThread.
         if type(t).__module__.startswith("orbax.") and t is not threading.current_thread():
             with contextlib.suppress(Exception):  # Orbax's join reraises the thread's error
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
