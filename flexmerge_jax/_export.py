@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from ._flexmodel import FlexModel
 from .adapters.hf import as_name_map, to_hf
-from .checkpointing import atomic_save, load
+from .checkpointing import _broadcast_text, atomic_save, load
 from .progress import Progress
 from .sources import files as io_lib
 from .tree import flatten
@@ -104,7 +104,8 @@ def export(model, out, *, task: int | str | None = None, format: str = "safetens
         with Progress(len(tasks), "export", progress, "tasks") as bar:
             for t in tasks:
                 dest = tmp if task is not None else tmp / dirs[t]
-                _write_task(dest, model.params_for_task(t), format, mirror)
+                _write_task(dest, model.params_for_task(t), format, mirror,
+                            f"{out}: task {model.task_names[t]!r}")
                 bar.update(1, model.task_names[t])
 
     return atomic_save(out, write, overwrite=False, manifest=False, shared=False)
@@ -115,15 +116,21 @@ def _task_dir(name: str) -> str:
     return safe if safe not in ("", ".", "..") else f"task_{safe}"
 
 
-def _host(x) -> np.ndarray:
-    """``x`` whole on the host; an array spread over several processes is
-    gathered (a collective: every process exports, in the same order)."""
+def _gathered(x):
+    """``x``, or for an array spread over several processes the whole of it,
+    gathered onto the host (a collective: every process exports, in the same
+    order). Other arrays stay where they are: writers copy them to the host
+    one at a time."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+
+def _host(x) -> np.ndarray:
     return np.ascontiguousarray(jax.device_get(x))
 
 
-def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None) -> None:
+def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None, what: str) -> None:
     """One task's checkpoint in ``dest`` (created here; an existing empty
     directory, the top-level temporary one, is reused).
 
@@ -132,21 +139,39 @@ def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None) ->
     the others' copies would be thrown away, and their Orbax saves, running
     at the same time as process 0's, share its completion signals' keys in
     the coordination service (one process's finished save deleted the keys
-    the other waited for: a 300 s timeout).
+    the other waited for: a 300 s timeout). Process 0 then tells the others
+    whether it wrote, so that an error there (``what`` names the task) fails
+    every process here instead of leaving them in the next gather.
     """
-    params = jax.tree_util.tree_map(_host, params)
-    if jax.process_index() != 0:
+    params = jax.tree_util.tree_map(_gathered, params)
+    if jax.process_count() == 1:
+        _write_host(dest, params, format, mirror)
         return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _write_host(dest, params, format, mirror)
+        except Exception as e:
+            error = e
+    got = _broadcast_text(f"!{type(error).__name__}: {error}" if error else "+")
+    if error is not None:
+        raise error
+    if got[0] == "!":
+        raise ValueError(f"{what}: process 0 could not write it ({got[1:]})")
+
+
+def _write_host(dest: Path, params: Any, format: str, mirror: _Mirror | None) -> None:
+    """Writes one task's checkpoint (its arrays readable on this host)."""
     if format == "orbax":
         # force: ``dest`` may be the (empty) temporary directory made for us.
-        io_lib.save_orbax(dest, params, force=True)
+        io_lib.save_orbax(dest, jax.tree_util.tree_map(_host, params), force=True)
         return
     dest.mkdir(exist_ok=True)
     if format == "hf":
         mirror.write(dest, params)
         return
     names, leaves, _ = flatten(params)
-    arrays = dict(zip(names, leaves))
+    arrays = {n: _host(x) for n, x in zip(names, leaves)}
     if format == "npz":
         with open(dest / "params.npz", "wb") as f:
             io_lib.save_npz(f, arrays, dest / "params.npz")
@@ -194,7 +219,7 @@ class _Mirror:
         """``{HF name: array}`` of one task: the model's, then the copied ones."""
         if self.mapping is None:
             names, leaves, _ = flatten(params)
-            out = dict(zip(names, leaves))
+            out = {n: _host(x) for n, x in zip(names, leaves)}
         else:
             out = to_hf(params, self.mapping, transpose=self.transpose, like=self.reader.names)
         out.update(self.reader.read(self.copied) if self.copied else {})

@@ -435,7 +435,7 @@ def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
     save: each process writes the shards it holds, process 0 the rest, see
     :class:`_Writer`); without (exports, written as whole files), process 0
     writes and the others run ``write`` into a scratch directory they delete
-    (its gathers are collectives). After a barrier process 0 alone claims
+    (its gathers are collectives; an export writes nothing there). After a barrier process 0 alone claims
     ``path``, and broadcasts whether it did: no process returns before the
     directory is in place, and all fail if it could not be claimed.
     """

@@ -165,6 +165,23 @@ def main() -> None:
     checks["the orbax export holds task 0's params"] = [p for p, _ in exported] == [
         p for p, _ in mine] and all(np.array_equal(x, params[f"0/{jax.tree_util.keystr(p)}"])
                                     for p, x in exported)
+    # A write failing on process 0 alone fails every process at once (the
+    # others waited in the next collective).
+    from flexmerge_jax.sources import files as io_lib
+
+    real = io_lib.save_npz
+    if pid == 0:
+        def refuse(f, arrays, path):
+            raise ValueError("refused on process 0")
+        io_lib.save_npz = refuse
+    try:
+        fm.export(model, f"{out}/export_fails", task=0, format="npz")
+        checks["an export failing on process 0 fails on every process"] = False
+    except ValueError as e:
+        checks["an export failing on process 0 fails on every process"] = \
+            "refused on process 0" in str(e)
+    finally:
+        io_lib.save_npz = real
     result["load_checks"] = checks
     for path, v in jax.tree_util.tree_leaves_with_path(merged):  # the one-shot merge
         params[f"merged/{jax.tree_util.keystr(path)}"] = np.asarray(

@@ -181,7 +181,8 @@ def test_each_process_reads_only_its_own_slices(runs):
 def test_two_processes_save_and_load_one_directory(runs):
     """save / save_cut called by both processes with one path write one
     complete directory; load(..., mesh=) restores it sharded, equal; an
-    Orbax export called by both holds the task's params."""
+    Orbax export called by both holds the task's params, and one that fails
+    on process 0 alone fails on both, leaving nothing."""
     for d in runs:
         checks = json.loads((d / "result.json").read_text())["load_checks"]
         assert checks and all(checks.values()), (d.name, checks)
