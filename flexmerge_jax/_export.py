@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from ._flexmodel import FlexModel
 from .adapters.hf import as_name_map, to_hf
-from .checkpointing import _broadcast_text, atomic_save, load
+from .checkpointing import atomic_save, broadcast_text, load
 from .progress import Progress
 from .sources import files as io_lib
 from .tree import flatten
@@ -153,7 +153,7 @@ def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None, wh
             _write_host(dest, params, format, mirror)
         except Exception as e:
             error = e
-    got = _broadcast_text(f"!{type(error).__name__}: {error}" if error else "+")
+    got = broadcast_text(f"!{type(error).__name__}: {error}" if error else "+")
     if error is not None:
         raise error
     if got[0] == "!":

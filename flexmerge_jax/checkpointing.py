@@ -435,9 +435,10 @@ def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
     save: each process writes the shards it holds, process 0 the rest, see
     :class:`_Writer`); without (exports, written as whole files), process 0
     writes and the others run ``write`` into a scratch directory they delete
-    (its gathers are collectives; an export writes nothing there). After a barrier process 0 alone claims
-    ``path``, and broadcasts whether it did: no process returns before the
-    directory is in place, and all fail if it could not be claimed.
+    (its gathers are collectives; an export writes nothing there). After a
+    barrier process 0 alone claims ``path``, and broadcasts whether it did:
+    no process returns before the directory is in place, and all fail if it
+    could not be claimed.
     """
     if jax.process_count() == 1:
         return _claim.write_dir(path, write, overwrite=overwrite, check_ours=_read_meta,
@@ -451,7 +452,7 @@ def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
         except (ValueError, OSError) as e:
             error = e
     # Every process fails alike, before any collective in ``write``.
-    got = _broadcast_text("" if not primary else f"!{error}" if error else f"+{tmp.name}")
+    got = broadcast_text("" if not primary else f"!{error}" if error else f"+{tmp.name}")
     if got[0] == "!":
         if error:
             raise error
@@ -482,7 +483,7 @@ def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
                           manifest=manifest)
         except Exception as e:
             error = e
-    got = _broadcast_text(f"!{error}" if error else "+")
+    got = broadcast_text(f"!{error}" if error else "+")
     if error:
         raise error
     if got[0] == "!":
@@ -490,7 +491,7 @@ def atomic_save(path: Path, write, overwrite: bool, *, manifest: bool = True,
     return path
 
 
-def _broadcast_text(text: str, size: int = 4096) -> str:
+def broadcast_text(text: str, size: int = 4096) -> str:
     """Process 0's ``text`` (its first ``size`` bytes) on every process (a
     collective)."""
     buf = np.zeros(size, np.uint8)
