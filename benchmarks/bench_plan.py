@@ -249,6 +249,16 @@ def run_job(spec: dict) -> dict:
 # ---------------------------------------------------------------- driver
 
 
+def write_results(name: str, results: dict, report) -> None:
+    """``results/<name>.json`` and ``results/<name>.md`` (``report(results)``,
+    also printed)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
 def machine() -> dict:
     import jax
 
@@ -296,11 +306,7 @@ def main() -> None:
     finally:
         if own is not None:
             own.cleanup()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "bench_plan_quick" if args.quick else "bench_plan"
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(report(results))
-    print(report(results))
+    write_results("bench_plan_quick" if args.quick else "bench_plan", results, report)
 
 
 def _measure(args, model: dict, shapes: dict, n: int, tmp: Path) -> dict:

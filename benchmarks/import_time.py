@@ -17,7 +17,6 @@ Writes ``benchmarks/results/import_time.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,9 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
-from bench_plan import machine  # noqa: E402
+from bench_plan import machine, write_results  # noqa: E402
 
-RESULTS = HERE / "results"
 RELEASES = ("0.6.0", "0.7.0")
 IMPORTS = {"ml_dtypes": "import ml_dtypes",
            "flexmerge_jax + orbax": "import flexmerge_jax, orbax.checkpoint"}
@@ -67,10 +65,7 @@ def main() -> None:
                 for k, code in IMPORTS.items():
                     times[r][k].append(timed(code, p))
     results = {"machine": machine(), "rounds": args.rounds, "seconds": times}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "import_time.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "import_time.md").write_text(report(results))
-    print(report(results))
+    write_results("import_time", results, report)
 
 
 def report(r: dict) -> str:

@@ -16,7 +16,6 @@ Writes ``benchmarks/results/process_exit.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,9 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
-from bench_plan import machine  # noqa: E402
+from bench_plan import machine, write_results  # noqa: E402
 
-RESULTS = HERE / "results"
 NORMAL_EXIT = "import sys; from flexmerge_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 WAYS = {"run(): os._exit after the exit steps": ["-m", "flexmerge_jax.cli"],
         "main(): normal interpreter exit": ["-c", NORMAL_EXIT]}
@@ -63,10 +61,7 @@ def main() -> None:
                 if r:
                     times[k].append(time.perf_counter() - t)
     results = {"machine": machine(), "rounds": args.rounds, "seconds": times}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "process_exit.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "process_exit.md").write_text(report(results))
-    print(report(results))
+    write_results("process_exit", results, report)
 
 
 def report(r: dict) -> str:

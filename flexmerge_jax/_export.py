@@ -17,13 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ._flexmodel import FlexModel
 from .adapters.hf import as_name_map, to_hf
-from .checkpointing import atomic_save, broadcast_text, load
+from .checkpointing import atomic_save, broadcast_text, gathered, load
 from .progress import Progress
 from .sources import files as io_lib
 from .tree import flatten
@@ -116,16 +115,6 @@ def _task_dir(name: str) -> str:
     return safe if safe not in ("", ".", "..") else f"task_{safe}"
 
 
-def _gathered(x):
-    """``x``, or for an array spread over several processes the whole of it,
-    gathered onto the host (a collective: every process exports, in the same
-    order). Other arrays stay where they are: writers copy them to the host
-    one at a time."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return multihost_utils.process_allgather(x, tiled=True)
-    return x
-
-
 def _host(x) -> np.ndarray:
     return np.ascontiguousarray(jax.device_get(x))
 
@@ -143,7 +132,9 @@ def _write_task(dest: Path, params: Any, format: str, mirror: _Mirror | None, wh
     whether it wrote, so that an error there (``what`` names the task) fails
     every process here instead of leaving them in the next gather.
     """
-    params = jax.tree_util.tree_map(_gathered, params)
+    # Arrays held whole by this process stay where they are: the writers
+    # copy them to the host one at a time.
+    params = jax.tree_util.tree_map(gathered, params)
     if jax.process_count() == 1:
         _write_host(dest, params, format, mirror)
         return

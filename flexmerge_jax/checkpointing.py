@@ -82,13 +82,19 @@ def _unpack(packed: np.ndarray, shape) -> np.ndarray:
     return np.unpackbits(np.asarray(packed), count=size).astype(bool).reshape(shape)
 
 
-def _host(x):
-    """``x`` as a NumPy array. An array spread over several processes is
-    gathered from all of them (a collective: every process calls this, in
-    the same order, from its main thread)."""
+def gathered(x):
+    """``x``, or for an array spread over several processes the whole of it,
+    gathered onto the host from all of them (a collective: every process
+    calls this, in the same order, from its main thread). Other arrays stay
+    where they are."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+
+def _host(x):
+    """``x`` as a NumPy array (:func:`gathered` first)."""
+    return np.asarray(jax.device_get(gathered(x)))
 
 
 def _stored(x):
